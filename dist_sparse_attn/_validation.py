@@ -1,0 +1,107 @@
+"""Input checks at the public boundary: every error is a ValueError naming the argument."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+_INT32_MAX = 2 ** 31 - 1
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _desc(t):
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"type {type(t).__name__}"
+
+
+def check_n_buckets(n_buckets):
+    if isinstance(n_buckets, bool) or not isinstance(n_buckets, numbers.Integral) \
+            or n_buckets < 2 or n_buckets % 2:
+        raise ValueError(f"n_buckets must be an even integer >= 2, got {n_buckets!r}")
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_qkv(q, k, v):
+    """Shapes (B, Nq, H, D), (B, Nk, Hkv, D), (B, Nk, Hkv, D); same dtype/device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {_desc(t)}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, N, heads, D), got {_desc(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, "
+                             f"got dtype {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got {_desc(t)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}.device {t.device} differs from q.device {q.device}")
+    B, Nq, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {_desc(k)} and v {_desc(v)} must have the same shape")
+    if k.shape[0] != B:
+        raise ValueError(f"batch size of k ({k.shape[0]}) differs from q ({B})")
+    if k.shape[3] != D:
+        raise ValueError(f"head dim of k/v ({k.shape[3]}) differs from q ({D})")
+    Hkv = k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv}) (GQA/MQA)")
+
+
+def check_buckets(name, b, B, N, heads, device):
+    if not isinstance(b, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {_desc(b)}")
+    if b.dtype.is_floating_point or b.dtype.is_complex or b.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {b.dtype}")
+    if tuple(b.shape) != (B, N, heads):
+        raise ValueError(f"{name} must have shape (B, N, heads) = {(B, N, heads)}, "
+                         f"got {tuple(b.shape)}")
+    if b.device != device:
+        raise ValueError(f"{name}.device {b.device} differs from q.device {device}")
+    if b.numel() and int(b.max()) >= _INT32_MAX:
+        raise ValueError(f"{name} values must be < 2**31 - 1, got max {int(b.max())}")
+
+
+def check_keep(name, keep, B, N, heads, device):
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got "
+                         f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    if tuple(keep.shape) != (B, N, heads):
+        raise ValueError(f"{name} must have shape (B, N, heads) = {(B, N, heads)}, "
+                         f"got {tuple(keep.shape)}")
+    if keep.device != device:
+        raise ValueError(f"{name}.device {keep.device} differs from q.device {device}")
+
+
+def normalize_positions(name, pos, B, N, device):
+    """None -> arange(N); (N,) or (B, N) integer -> (B, N) int64 on ``device``."""
+    if pos is None:
+        return torch.arange(N, device=device, dtype=torch.int64).expand(B, N)
+    if not isinstance(pos, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {_desc(pos)}")
+    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {pos.dtype}")
+    if tuple(pos.shape) not in ((N,), (B, N)):
+        raise ValueError(f"{name} must have shape (N,) = ({N},) or (B, N) = {(B, N)}, "
+                         f"got {tuple(pos.shape)}")
+    if pos.device != device:
+        raise ValueError(f"{name}.device {pos.device} differs from q.device {device}")
+    if pos.numel() and (int(pos.max()) >= _INT32_MAX or int(pos.min()) <= -_INT32_MAX):
+        raise ValueError(f"{name} values must fit in int32, got range "
+                         f"[{int(pos.min())}, {int(pos.max())}]")
+    pos = pos.to(torch.int64)
+    return pos.expand(B, N) if pos.dim() == 1 else pos
+
+
+def check_scale(softmax_scale):
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
+            or not softmax_scale == softmax_scale or abs(softmax_scale) == float("inf"):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")

@@ -1,0 +1,48 @@
+"""Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids."""
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_n_buckets
+
+
+def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
+                  group_size: int = 1) -> torch.Tensor:
+    """The random rotations of :func:`lsh_buckets`, float32 (heads // group_size, D, n_buckets // 2).
+
+    Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so every
+    device and every rank obtains the same matrices.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(heads // group_size, dim, n_buckets // 2, generator=gen,
+                       dtype=torch.float32)
+
+
+def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
+                group_size: int = 1) -> torch.Tensor:
+    """Angular LSH bucket of every token and head: ``argmax([xR ; -xR])``.
+
+    x: (B, N, heads, D) floating. Head ``h`` uses rotation ``h // group_size``
+    (``heads // group_size`` rotations of shape (D, n_buckets / 2)).
+    Returns (B, N, heads) int64 in ``[0, n_buckets)``. Invariant to positive
+    scaling of x.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+    check_n_buckets(n_buckets)
+    if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size:
+        raise ValueError(f"group_size must be a positive divisor of heads={x.shape[2]}, "
+                         f"got {group_size!r}")
+    B, N, Hx, D = x.shape
+    rot = lsh_rotations(Hx, D, n_buckets, seed=seed, group_size=group_size)
+    rot = rot.to(x.device).repeat_interleave(group_size, 0)                 # (heads, D, nb/2)
+    xr = torch.einsum("bnhd,hdr->bnhr", x.float(), rot)                     # (B, N, heads, nb/2)
+    return torch.cat([xr, -xr], dim=-1).argmax(dim=-1)                       # (B, N, heads)
+
+
+def keep_to_buckets(keep: torch.Tensor) -> torch.Tensor:
+    """QK-sparse keep-mask (bool) -> bucket ids: kept tokens 0, dropped -1."""
+    return torch.where(keep, 0, -1).to(torch.int64)
