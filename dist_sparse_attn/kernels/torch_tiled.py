@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import DROP, block_meta, live_ranges, pad_rows
+from ..layout import _LOW, DROP, MAX_KEY, block_keys, kv_ranges, pad_rows
 from ..plan import (AttentionPlan, from_streams, rows_from_streams, rows_to_streams,
                     to_streams)
 
@@ -34,15 +34,12 @@ class _Tiles:
 
     def __init__(self, plan: AttentionPlan):
         bs = self.block = _block_size(plan)
-        qm, km = block_meta(plan.q_streams, bs), block_meta(plan.k_streams, bs)
-        self.nqb, self.nkb = qm.n_blocks, km.n_blocks
+        qk, kk = block_keys(plan.q_streams, bs), block_keys(plan.k_streams, bs)
+        self.nqb, self.nkb = qk.n_blocks, kk.n_blocks
         Sq = plan.B * plan.H
-        # tile-row metadata: (n_tiles, block)
-        self.qb = pad_rows(plan.q_streams.bucket, self.nqb * bs, DROP).view(-1, bs)
-        self.kb = pad_rows(plan.k_streams.bucket, self.nkb * bs, DROP).view(-1, bs)
-        self.qp = pad_rows(plan.q_streams.pos, self.nqb * bs, 0).view(-1, bs)
-        self.kp = pad_rows(plan.k_streams.pos, self.nkb * bs, 0).view(-1, bs)
-        start, end = live_ranges(qm, km, plan.kv_of_q)                      # (Sq, nqb)
+        start, _, _, end = kv_ranges(qk, kk, plan.kv_of_q, causal=plan.causal,
+                                     shift=plan.shift)                      # (Sq, nqb)
+        start, end = start.long(), end.long()
         counts = (end - start).flatten()
         total = int(counts.sum())
         dev = start.device
@@ -51,9 +48,6 @@ class _Tiles:
         kblock = torch.repeat_interleave(start.flatten(), counts) \
             + torch.arange(total, device=dev) - first
         ktile = plan.kv_of_q[qtile // self.nqb] * self.nkb + kblock
-        if plan.causal:     # drop key blocks wholly in the causal future
-            live = km.pmin.flatten()[ktile] <= qm.pmax.flatten()[qtile] - plan.shift
-            qtile, ktile = qtile[live], ktile[live]
         self.qtile, self.ktile = qtile, ktile                               # sorted by qtile
         self.n_pairs = qtile.numel()
         self.n_tiles_dense = Sq * self.nqb * self.nkb
@@ -77,17 +71,15 @@ class _Tiles:
         return (kc >= self.q_lo[qt][:, :, None]) & (kc <= self.q_hi[qt][:, :, None])
 
     def _codes(self, plan: AttentionPlan):
-        # positions are validated to (-2**31 + 1, 2**31 - 1): shifted into [1, 2**32)
-        off = 2 ** 31
-        qb, kb = self.qb.long(), self.kb.long()
-        self.k_code = (kb << 32) | (self.kp.long() + off)
-        self.k_code[self.kb == DROP] = -1                        # below every q_lo
-        hi = (self.qp.long() + off - plan.shift) if plan.causal \
-            else torch.full_like(qb, 2 ** 32 - 1)
-        self.q_lo = qb << 32
-        self.q_hi = (qb << 32) | hi
-        drop = self.qb == DROP                                   # empty interval
-        self.q_lo[drop], self.q_hi[drop] = 0, -2
+        bs = self.block
+        qkey = pad_rows(plan.q_streams.key, self.nqb * bs, MAX_KEY).view(-1, bs)
+        kkey = pad_rows(plan.k_streams.key, self.nkb * bs, MAX_KEY).view(-1, bs)
+        self.k_code = torch.where(kkey >= (DROP << 32), -1, kkey)          # below every q_lo
+        self.q_lo = (qkey >> 32) << 32                                      # (bucket, -inf)
+        self.q_hi = (qkey - plan.shift) if plan.causal else (self.q_lo | _LOW)
+        drop = qkey >= (DROP << 32)                                         # empty interval
+        self.q_lo = torch.where(drop, 0, self.q_lo)
+        self.q_hi = torch.where(drop, -2, self.q_hi)
 
     def chunks(self, dtype_bytes):
         step = max(1, _CHUNK_BYTES // (self.block * self.block * dtype_bytes))
