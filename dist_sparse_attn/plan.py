@@ -5,7 +5,7 @@ and shared by the forward and backward of every backend.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class AttentionPlan:
     causal: bool
     include_self: bool
     scale: float
+    cache: dict = field(default_factory=dict)   # backend metadata, e.g. block ranges per tile shape
 
     @property
     def group(self):

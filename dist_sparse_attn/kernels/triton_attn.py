@@ -1,0 +1,494 @@
+"""Triton sparse flash attention over the sorted (bucket, position) layout.
+
+Three kernels, forward and a parallel backward:
+
+* ``_fwd_kernel``      one program per (query block, query stream)
+* ``_bwd_dkdv_kernel`` one program per (key block, kv stream): dK, dV
+* ``_bwd_dq_kernel``   one program per (query block, query stream): dQ
+
+No tensor is permuted in memory: every program reads the rows of its block
+through the sort index (``QIDX``/``KIDX``, original token numbers) straight
+from the caller's (B, N, heads, D) tensors, and writes outputs and gradients
+back to the same places. A program visits only the key (or query) blocks that
+``layout.kv_ranges`` / ``layout.q_ranges`` found by binary search, in three
+runs: partial blocks, *full* blocks (one shared bucket, wholly in the causal
+past: no element mask at all), partial blocks again.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import DROP as _DROP_INT
+from ..layout import block_keys, kv_ranges, q_ranges
+from ..plan import AttentionPlan
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634     # exp(x) = exp2(x * log2(e))
+DROP = tl.constexpr(_DROP_INT)  # bucket of dropped tokens and padding rows
+
+
+# --------------------------------------------------------------------------- #
+# Tile helpers
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _allowed(qb, qp, kb, kp, CAUSAL: tl.constexpr, SHIFT: tl.constexpr):
+    """[BM, BN] element mask from row (q) and column (k) buckets/positions."""
+    m = (qb[:, None] == kb[None, :]) & (qb[:, None] != DROP)
+    if CAUSAL:
+        m = m & (kp[None, :] <= qp[:, None] - SHIFT)
+    return m
+
+
+@triton.jit
+def _load_rows(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
+    """[len(idx), BLOCK_D] tile of rows ``idx`` (int32 token numbers)."""
+    ptrs = base + idx.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_rows_t(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
+    """[BLOCK_D, len(idx)]: the transposed tile, loaded directly."""
+    ptrs = base + idx.to(tl.int64)[None, :] * stride_n + offs_d[:, None]
+    return tl.load(ptrs, mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+
+
+# --------------------------------------------------------------------------- #
+# Forward
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, qb, qp,
+               k_base, v_base, KIDX, KB, KP, kv_row0, stride_kn, stride_vn,
+               lo, hi, Nk, qk_scale,
+               offs_n, offs_d,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
+    for j in range(lo, hi):
+        cols = j * BLOCK_N + offs_n                                   # [BN] sorted slots
+        col_ok = cols < Nk
+        kidx = tl.load(KIDX + kv_row0 + cols, mask=col_ok, other=0)
+        kt = _load_rows_t(k_base, kidx, stride_kn, offs_d, col_ok, D)  # [BD, BN]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale        # [BM, BN], log2 units
+        if MASKED:
+            kb = tl.load(KB + kv_row0 + cols, mask=col_ok, other=DROP)
+            kp = tl.load(KP + kv_row0 + cols, mask=col_ok, other=0)
+            s = tl.where(_allowed(qb, qp, kb, kp, CAUSAL, SHIFT), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # rows with nothing allowed yet keep max -inf: shift by 0 instead
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)                                  # [BM]
+        p = tl.exp2(s - m_use[:, None])                               # [BM, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, kidx, stride_vn, offs_d, col_ok, D)    # [BN, BD]
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                QIDX, KIDX, QB, QP, KB, KP,
+                R_START, R_FLO, R_FHI, R_END,
+                stride_qb, stride_qn, stride_qh,
+                stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh,
+                stride_ob, stride_on, stride_oh,
+                H, HKV, Nq, Nk, n_qblocks, qk_scale,
+                D: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)                                              # query stream b * H + h
+    b = s // H
+    h = s % H
+    kvs = b * HKV + h // (H // HKV)                                   # its kv stream
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    q_row0 = s.to(tl.int64) * Nq
+    kv_row0 = kvs.to(tl.int64) * Nk
+    qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
+    qb = tl.load(QB + q_row0 + offs_m, mask=row_ok, other=DROP)
+    qp = tl.load(QP + q_row0 + offs_m, mask=row_ok, other=0)
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + (h // (H // HKV)) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + (h // (H // HKV)) * stride_vh
+    q = _load_rows(q_base, qidx, stride_qn, offs_d, row_ok, D)        # [BM, BD]
+    if UPCAST:      # the interpreter multiplies raw bf16 bits: compute in fp32
+        q = q.to(tl.float32)
+
+    r = s * n_qblocks + pid_m
+    lo = tl.load(R_START + r)
+    f_lo = tl.load(R_FLO + r)
+    f_hi = tl.load(R_FHI + r)
+    hi = tl.load(R_END + r)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # stage 1: partial blocks before the full run (bucket edge)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qb, qp, k_base, v_base, KIDX, KB, KP,
+                               kv_row0, stride_kn, stride_vn, lo, f_lo, Nk, qk_scale,
+                               offs_n, offs_d, D, BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    # stage 2: full blocks, no element mask
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qb, qp, k_base, v_base, KIDX, KB, KP,
+                               kv_row0, stride_kn, stride_vn, f_lo, f_hi, Nk, qk_scale,
+                               offs_n, offs_d, D, BLOCK_N, False, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    # stage 3: partial blocks after it (causal diagonal, next bucket)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qb, qp, k_base, v_base, KIDX, KB, KP,
+                               kv_row0, stride_kn, stride_vn, f_hi, hi, Nk, qk_scale,
+                               offs_n, offs_d, D, BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+
+    has = l_i > 0.0                                                   # rows with an allowed key
+    o = acc / tl.where(has, l_i, 1.0)[:, None]                        # empty rows: 0
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))                                     # natural log units
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh \
+        + qidx.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE + q_row0 + qidx, lse, mask=row_ok)                   # (B, H, Nq) layout
+
+
+# --------------------------------------------------------------------------- #
+# Backward: dK, dV (one program per key block)
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp,
+                    q_base, do_base, LSE, DELTA, QIDX, QB, QP,
+                    q_row0, stride_qn, stride_don, stride_dn,
+                    delta_base, lo, hi, Nq, qk_scale,
+                    offs_m, offs_d,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    for i in range(lo, hi):
+        rows = i * BLOCK_M + offs_m                                   # [BM] sorted slots
+        row_ok = rows < Nq
+        qidx = tl.load(QIDX + q_row0 + rows, mask=row_ok, other=0)
+        q = _load_rows(q_base, qidx, stride_qn, offs_d, row_ok, D)    # [BM, BD]
+        do = _load_rows(do_base, qidx, stride_don, offs_d, row_ok, D)  # [BM, BD]
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + q_row0 + qidx, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        di = tl.load(delta_base + qidx.to(tl.int64) * stride_dn, mask=row_ok, other=0.0)
+        st = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale       # [BM, BN]
+        p = tl.exp2(st - lse[:, None])
+        if MASKED:
+            qb = tl.load(QB + q_row0 + rows, mask=row_ok, other=DROP)
+            qp = tl.load(QP + q_row0 + rows, mask=row_ok, other=0)
+            p = tl.where(_allowed(qb, qp, kb, kp, CAUSAL, SHIFT), p, 0.0)
+        # dV += P^T dO
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)                 # [BM, BN]
+        ds = p * (dp - di[:, None])
+        # dK += dS^T Q  (softmax scale applied once at the end)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                     QIDX, KIDX, QB, QP, KB, KP,
+                     R_START, R_FLO, R_FHI, R_END,
+                     stride_qb, stride_qn, stride_qh,
+                     stride_kb, stride_kn, stride_kh,
+                     stride_vb, stride_vn, stride_vh,
+                     stride_dob, stride_don, stride_doh,
+                     stride_dkb, stride_dkn, stride_dkh,
+                     stride_dvb, stride_dvn, stride_dvh,
+                     stride_db, stride_dn, stride_dh,
+                     H, HKV, Nq, Nk, n_kblocks, qk_scale, sm_scale,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    kvs = tl.program_id(1)                                            # kv stream b * HKV + hk
+    b = kvs // HKV
+    hk = kvs % HKV
+    G = H // HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < Nk
+    kv_row0 = kvs.to(tl.int64) * Nk
+    kidx = tl.load(KIDX + kv_row0 + offs_n, mask=col_ok, other=0)
+    kb = tl.load(KB + kv_row0 + offs_n, mask=col_ok, other=DROP)
+    kp = tl.load(KP + kv_row0 + offs_n, mask=col_ok, other=0)
+    kt = _load_rows_t(K + b.to(tl.int64) * stride_kb + hk * stride_kh, kidx, stride_kn,
+                      offs_d, col_ok, D)                              # [BD, BN]
+    vt = _load_rows_t(V + b.to(tl.int64) * stride_vb + hk * stride_vh, kidx, stride_vn,
+                      offs_d, col_ok, D)                              # [BD, BN]
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(G):                                                # query heads of this kv head
+        h = hk * G + g
+        s = b * H + h
+        q_row0 = s.to(tl.int64) * Nq
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        delta_base = DELTA + b.to(tl.int64) * stride_db + h * stride_dh
+        r = s * n_kblocks + pid_n
+        lo = tl.load(R_START + r)
+        f_lo = tl.load(R_FLO + r)
+        f_hi = tl.load(R_FHI + r)
+        hi = tl.load(R_END + r)
+        dk, dv = _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp, q_base, do_base, LSE, DELTA, QIDX,
+                                 QB, QP, q_row0, stride_qn, stride_don, stride_dn, delta_base,
+                                 lo, f_lo, Nq, qk_scale, offs_m, offs_d, D, BLOCK_M, True,
+                                 CAUSAL, SHIFT, DOT_PREC, UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp, q_base, do_base, LSE, DELTA, QIDX,
+                                 QB, QP, q_row0, stride_qn, stride_don, stride_dn, delta_base,
+                                 f_lo, f_hi, Nq, qk_scale, offs_m, offs_d, D, BLOCK_M, False,
+                                 CAUSAL, SHIFT, DOT_PREC, UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp, q_base, do_base, LSE, DELTA, QIDX,
+                                 QB, QP, q_row0, stride_qn, stride_don, stride_dn, delta_base,
+                                 f_hi, hi, Nq, qk_scale, offs_m, offs_d, D, BLOCK_M, True,
+                                 CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    mask = col_ok[:, None] & (offs_d[None, :] < D)
+    rows = kidx.to(tl.int64)[:, None]
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows * stride_dkn
+             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + rows * stride_dvn
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- #
+# Backward: dQ (one program per query block)
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, di, qb, qp,
+                  k_base, v_base, KIDX, KB, KP, kv_row0, stride_kn, stride_vn,
+                  lo, hi, Nk, qk_scale, offs_n, offs_d,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    for j in range(lo, hi):
+        cols = j * BLOCK_N + offs_n
+        col_ok = cols < Nk
+        kidx = tl.load(KIDX + kv_row0 + cols, mask=col_ok, other=0)
+        kt = _load_rows_t(k_base, kidx, stride_kn, offs_d, col_ok, D)  # [BD, BN]
+        vt = _load_rows_t(v_base, kidx, stride_vn, offs_d, col_ok, D)  # [BD, BN]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale        # [BM, BN]
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            kb = tl.load(KB + kv_row0 + cols, mask=col_ok, other=DROP)
+            kp = tl.load(KP + kv_row0 + cols, mask=col_ok, other=0)
+            p = tl.where(_allowed(qb, qp, kb, kp, CAUSAL, SHIFT), p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)                 # [BM, BN]
+        ds = p * (dp - di[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                   QIDX, KIDX, QB, QP, KB, KP,
+                   R_START, R_FLO, R_FHI, R_END,
+                   stride_qb, stride_qn, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_dob, stride_don, stride_doh,
+                   stride_dqb, stride_dqn, stride_dqh,
+                   stride_db, stride_dn, stride_dh,
+                   H, HKV, Nq, Nk, n_qblocks, qk_scale, sm_scale,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    b = s // H
+    h = s % H
+    hk = h // (H // HKV)
+    kvs = b * HKV + hk
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    q_row0 = s.to(tl.int64) * Nq
+    kv_row0 = kvs.to(tl.int64) * Nk
+    qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
+    qb = tl.load(QB + q_row0 + offs_m, mask=row_ok, other=DROP)
+    qp = tl.load(QP + q_row0 + offs_m, mask=row_ok, other=0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, qidx, stride_qn,
+                   offs_d, row_ok, D)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, qidx, stride_don,
+                    offs_d, row_ok, D)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + q_row0 + qidx, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    di = tl.load(DELTA + b.to(tl.int64) * stride_db + h * stride_dh
+                 + qidx.to(tl.int64) * stride_dn, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    r = s * n_qblocks + pid_m
+    lo = tl.load(R_START + r)
+    f_lo = tl.load(R_FLO + r)
+    f_hi = tl.load(R_FHI + r)
+    hi = tl.load(R_END + r)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, di, qb, qp, k_base, v_base, KIDX, KB, KP, kv_row0,
+                       stride_kn, stride_vn, lo, f_lo, Nk, qk_scale, offs_n, offs_d, D,
+                       BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    dq = _bwd_dq_inner(dq, q, do, lse, di, qb, qp, k_base, v_base, KIDX, KB, KP, kv_row0,
+                       stride_kn, stride_vn, f_lo, f_hi, Nk, qk_scale, offs_n, offs_d, D,
+                       BLOCK_N, False, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    dq = _bwd_dq_inner(dq, q, do, lse, di, qb, qp, k_base, v_base, KIDX, KB, KP, kv_row0,
+                       stride_kn, stride_vn, f_hi, hi, Nk, qk_scale, offs_n, offs_d, D,
+                       BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh
+             + qidx.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# --------------------------------------------------------------------------- #
+# Host side: block sizes, metadata, launches
+# --------------------------------------------------------------------------- #
+def _config(D: int, dtype: torch.dtype, kind: str):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tuned on H100 for bf16/fp16."""
+    big = dtype == torch.float32 or D > 128
+    if _INTERPRET:
+        return 32, 32, 4, 1
+    if kind == "fwd":
+        return (64, 64, 4, 2) if big else (128, 64, 4 if D <= 64 else 8, 3)
+    if kind == "dkdv":
+        return (32, 64, 4, 2) if big else (64, 128, 8, 2)
+    return (64, 32, 4, 2) if big else (128, 64, 8, 2)                  # dq
+
+
+def _dot_precision(dtype):
+    # fp32 inputs promise ~1e-5 relative error: no tf32
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _streams_i32(plan: AttentionPlan):
+    """Sort indices as int32 for the kernels (N < 2**31)."""
+    cache = plan.cache
+    if "qidx" not in cache:
+        cache["qidx"] = plan.q_streams.index.to(torch.int32)
+        cache["kidx"] = plan.k_streams.index.to(torch.int32)
+    return cache["qidx"], cache["kidx"]
+
+
+def _ranges(plan: AttentionPlan, bm: int, bn: int, transposed: bool):
+    key = ("q" if transposed else "kv", bm, bn)
+    if key not in plan.cache:
+        qk, kk = block_keys(plan.q_streams, bm), block_keys(plan.k_streams, bn)
+        fn = q_ranges if transposed else kv_ranges
+        plan.cache[key] = tuple(t.contiguous() for t in fn(
+            qk, kk, plan.kv_of_q, causal=plan.causal, shift=plan.shift))
+    return plan.cache[key]
+
+
+def _check_head_dim(D):
+    if D > 256:
+        raise ValueError(f"the Triton backend supports head dims up to 256, got D={D}")
+
+
+def triton_forward(q, k, v, plan: AttentionPlan):
+    """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32."""
+    _check_head_dim(plan.D)
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    bm, bn, warps, stages = _config(D, q.dtype, "fwd")
+    qidx, kidx = _streams_i32(plan)
+    start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    n_qblocks = triton.cdiv(Nq, bm)
+    grid = (n_qblocks, B * H)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, qidx, kidx,
+        plan.q_streams.bucket, plan.q_streams.pos, plan.k_streams.bucket, plan.k_streams.pos,
+        start, flo, fhi, end,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, Hkv, Nq, Nk, n_qblocks, plan.scale * _LOG2E,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
+        CAUSAL=plan.causal, SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def triton_backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
+    """(dq, dk, dv) of :func:`triton_forward`; ``dlse`` may be None."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
+    # delta_i = rowsum(dO_i * O_i) - dlse_i, (B, Nq, H) float32
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.transpose(1, 2).float()
+    lse = lse.contiguous()
+    qidx, kidx = _streams_i32(plan)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=plan.causal,
+                  SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
+                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
+    qk_scale = plan.scale * _LOG2E
+    sq = (plan.q_streams.bucket, plan.q_streams.pos, plan.k_streams.bucket, plan.k_streams.pos)
+
+    bm, bn, warps, stages = _config(D, q.dtype, "dkdv")
+    r = _ranges(plan, bm, bn, transposed=True)
+    n_kblocks = triton.cdiv(Nk, bn)
+    _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, qidx, kidx, *sq, *r,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        delta.stride(0), delta.stride(1), delta.stride(2),
+        H, Hkv, Nq, Nk, n_kblocks, qk_scale, plan.scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    bm, bn, warps, stages = _config(D, q.dtype, "dq")
+    r = _ranges(plan, bm, bn, transposed=False)
+    n_qblocks = triton.cdiv(Nq, bm)
+    _bwd_dq_kernel[(n_qblocks, B * H)](
+        q, k, v, do, dq, lse, delta, qidx, kidx, *sq, *r,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), delta.stride(0), delta.stride(1),
+        delta.stride(2),
+        H, Hkv, Nq, Nk, n_qblocks, qk_scale, plan.scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    return dq, dk, dv
+
+
+def tile_fraction(plan: AttentionPlan, bm: int = 128, bn: int = 64):
+    """Computed tiles / all tiles, and the full (mask-free) share, at the forward blocks."""
+    start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
+    n_q, n_k = triton.cdiv(plan.Nq, bm), triton.cdiv(plan.Nk, bn)
+    live = int((end - start).sum())
+    full = int((fhi - flo).sum())
+    return {"live_tiles": live, "full_tiles": full,
+            "all_tiles": plan.B * plan.H * n_q * n_k,
+            "fraction": live / max(1, plan.B * plan.H * n_q * n_k)}
