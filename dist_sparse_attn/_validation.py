@@ -64,8 +64,21 @@ def check_buckets(name, b, B, N, heads, device):
                          f"got {tuple(b.shape)}")
     if b.device != device:
         raise ValueError(f"{name}.device {b.device} differs from q.device {device}")
-    if b.numel() and int(b.max()) >= _INT32_MAX:
-        raise ValueError(f"{name} values must be < 2**31 - 1, got max {int(b.max())}")
+    if b.dtype in (torch.int64, torch.uint32, torch.uint64):
+        _check_range(name, b, -(2 ** 63), _INT32_MAX - 1, "< 2**31 - 1")
+
+
+def _check_range(name, t, lo, hi, what):
+    """Value-range check without a host sync on accelerators (an async device
+    assert there, an exact ValueError on the CPU)."""
+    if t.numel() == 0:
+        return
+    if t.device.type != "cpu":
+        torch._assert_async(((t >= lo) & (t <= hi)).all(), f"{name} values must be {what}")
+        return
+    tmin, tmax = int(t.min()), int(t.max())
+    if tmin < lo or tmax > hi:
+        raise ValueError(f"{name} values must be {what}, got range [{tmin}, {tmax}]")
 
 
 def check_keep(name, keep, B, N, heads, device):
@@ -92,9 +105,9 @@ def normalize_positions(name, pos, B, N, device):
                          f"got {tuple(pos.shape)}")
     if pos.device != device:
         raise ValueError(f"{name}.device {pos.device} differs from q.device {device}")
-    if pos.numel() and (int(pos.max()) >= _INT32_MAX or int(pos.min()) <= -_INT32_MAX):
-        raise ValueError(f"{name} values must fit in int32, got range "
-                         f"[{int(pos.min())}, {int(pos.max())}]")
+    if pos.dtype in (torch.int64, torch.uint32, torch.uint64):
+        _check_range(name, pos, -_INT32_MAX + 1, _INT32_MAX - 1,
+                     "in (-2**31 + 1, 2**31 - 1)")
     pos = pos.to(torch.int64)
     return pos.expand(B, N) if pos.dim() == 1 else pos
 

@@ -74,8 +74,9 @@ def time_ms(fn, device: torch.device, *, repeats: int, warmup: int = 1) -> float
 def fwd_and_fwdbwd_ms(attn, q, k, v, *, repeats: int, warmup: int = 1):
     """(forward ms, forward+backward ms) of ``o = attn(q, k, v)``, q/k/v leaf tensors.
 
-    Forward alone runs under ``no_grad`` (no autograd state saved); the
-    backward pass gets a fixed random upstream gradient.
+    ``warmup`` untimed forward+backward calls come first (they warm both
+    passes). Forward alone runs under ``no_grad`` (no autograd state saved);
+    the backward pass gets a fixed random upstream gradient.
     """
     do = torch.randn_like(q)
 
@@ -89,8 +90,8 @@ def fwd_and_fwdbwd_ms(attn, q, k, v, *, repeats: int, warmup: int = 1):
         attn(q, k, v).backward(do)
 
     dev = q.device
-    return (time_ms(fwd, dev, repeats=repeats, warmup=warmup),
-            time_ms(fwd_bwd, dev, repeats=repeats, warmup=warmup))
+    fb = time_ms(fwd_bwd, dev, repeats=repeats, warmup=warmup)
+    return time_ms(fwd, dev, repeats=repeats, warmup=0), fb
 
 
 def sdpa_causal(q, k, v):

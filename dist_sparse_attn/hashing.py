@@ -1,6 +1,8 @@
 """Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._validation import check_n_buckets
@@ -16,6 +18,13 @@ def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randn(heads // group_size, dim, n_buckets // 2, generator=gen,
                        dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
+    """Per-head rotations on ``device``, drawn once (no host-device copy per call)."""
+    rot = lsh_rotations(heads, dim, n_buckets, seed=seed, group_size=group_size)
+    return rot.to(device).repeat_interleave(group_size, 0)
 
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
@@ -37,8 +46,7 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
         raise ValueError(f"group_size must be a positive divisor of heads={x.shape[2]}, "
                          f"got {group_size!r}")
     B, N, Hx, D = x.shape
-    rot = lsh_rotations(Hx, D, n_buckets, seed=seed, group_size=group_size)
-    rot = rot.to(x.device).repeat_interleave(group_size, 0)                 # (heads, D, nb/2)
+    rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)  # (heads, D, nb/2)
     xr = torch.einsum("bnhd,hdr->bnhr", x.float(), rot)                     # (B, N, heads, nb/2)
     return torch.cat([xr, -xr], dim=-1).argmax(dim=-1)                       # (B, N, heads)
 

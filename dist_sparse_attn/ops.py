@@ -38,16 +38,16 @@ class BucketedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: AttentionPlan, impl):
         fwd, _ = impl
-        o, lse = fwd(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse, aux = fwd(q, k, v, plan)      # aux: what the backend's backward needs
+        ctx.save_for_backward(q, k, v, o, lse, aux)
         ctx.plan, ctx.impl = plan, impl
-        return o, lse.float()
+        return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, aux = ctx.saved_tensors
         _, bwd = ctx.impl
-        dq, dk, dv = bwd(do.contiguous(), dlse, q, k, v, o, lse, ctx.plan)
+        dq, dk, dv = bwd(do.contiguous(), dlse, q, k, v, o, lse, aux, ctx.plan)
         return dq, dk, dv, None, None
 
 

@@ -88,7 +88,7 @@ class _Tiles:
 
 
 def tiled_forward(q, k, v, plan: AttentionPlan):
-    """Returns o (B, Nq, H, D) in q.dtype and lse (B, H, Nq) in the compute dtype."""
+    """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32 and the lse in the compute dtype."""
     cdt = _compute_dtype(q.dtype)
     t = _Tiles(plan)
     bs, D = t.block, plan.D
@@ -122,12 +122,18 @@ def tiled_forward(q, k, v, plan: AttentionPlan):
     Sq = plan.B * plan.H
     o = o.view(Sq, -1, D)[:, :plan.Nq]
     lse = lse.view(Sq, -1)[:, :plan.Nq]
-    return (from_streams(o, plan.q_streams, plan.B).to(q.dtype),
-            rows_from_streams(lse, plan.q_streams, plan.B))
+    lse = rows_from_streams(lse, plan.q_streams, plan.B)
+    return from_streams(o, plan.q_streams, plan.B).to(q.dtype), lse.float(), lse
 
 
-def tiled_backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
-    """Gradients (dq, dk, dv) of :func:`tiled_forward`; ``dlse`` may be None."""
+def tiled_backward(do, dlse, q, k, v, o, lse, lse_c, plan: AttentionPlan):
+    """Gradients (dq, dk, dv) of :func:`tiled_forward`; ``dlse`` may be None.
+
+    ``lse_c`` is the lse in the compute dtype (float64 inputs keep float64)."""
+    return _backward(do, dlse, q, k, v, o, lse_c, plan)
+
+
+def _backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
     cdt = _compute_dtype(q.dtype)
     t = _Tiles(plan)
     bs, D = t.block, plan.D

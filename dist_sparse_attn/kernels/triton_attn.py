@@ -45,6 +45,15 @@ def _allowed(qb, qp, kb, kp, CAUSAL: tl.constexpr, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _allowed_t(kb, kp, qb, qp, CAUSAL: tl.constexpr, SHIFT: tl.constexpr):
+    """[BN, BM] transposed element mask."""
+    m = (kb[:, None] == qb[None, :]) & (qb[None, :] != DROP)
+    if CAUSAL:
+        m = m & (kp[:, None] <= qp[None, :] - SHIFT)
+    return m
+
+
+@triton.jit
 def _load_rows(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
     """[len(idx), BLOCK_D] tile of rows ``idx`` (int32 token numbers)."""
     ptrs = base + idx.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
@@ -100,7 +109,7 @@ def _fwd_inner(acc, m_i, l_i, q, qb, qp,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
+def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
                 QIDX, KIDX, QB, QP, KB, KP,
                 R_START, R_FLO, R_FHI, R_END,
                 stride_qb, stride_qn, stride_qh,
@@ -162,49 +171,53 @@ def _fwd_kernel(Q, K, V, O, LSE,
         + qidx.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(LSE + q_row0 + qidx, lse, mask=row_ok)                   # (B, H, Nq) layout
+    # for the backward: sorted order, log2 units, 0 for empty rows (all masked there)
+    tl.store(LSE_S + q_row0 + offs_m, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), 0.0),
+             mask=row_ok)
 
 
 # --------------------------------------------------------------------------- #
 # Backward: dK, dV (one program per key block)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp,
-                    q_base, do_base, LSE, DELTA, QIDX, QB, QP,
-                    q_row0, stride_qn, stride_don, stride_dn,
-                    delta_base, lo, hi, Nq, qk_scale,
+def _bwd_dkdv_inner(dk, dv, k, v, kb, kp,
+                    q_base, do_base, LSE_S, DELTA_S, QIDX, QB, QP,
+                    q_row0, stride_qn, stride_don,
+                    lo, hi, Nq, qk_scale,
                     offs_m, offs_d,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
                     UPCAST: tl.constexpr):
+    # Everything is computed transposed ([BN, BM]) so that no register tile
+    # needs a layout transpose: S^T = K Q^T, dV += P^T dO, dK += dS^T Q.
     for i in range(lo, hi):
         rows = i * BLOCK_M + offs_m                                   # [BM] sorted slots
         row_ok = rows < Nq
         qidx = tl.load(QIDX + q_row0 + rows, mask=row_ok, other=0)
-        q = _load_rows(q_base, qidx, stride_qn, offs_d, row_ok, D)    # [BM, BD]
+        qt = _load_rows_t(q_base, qidx, stride_qn, offs_d, row_ok, D)  # [BD, BM]
         do = _load_rows(do_base, qidx, stride_don, offs_d, row_ok, D)  # [BM, BD]
         if UPCAST:
-            q = q.to(tl.float32)
+            qt = qt.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(LSE + q_row0 + qidx, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-        di = tl.load(delta_base + qidx.to(tl.int64) * stride_dn, mask=row_ok, other=0.0)
-        st = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale       # [BM, BN]
-        p = tl.exp2(st - lse[:, None])
+        # lse (log2 units, 0 for empty rows) and delta, stored in sorted order
+        lse = tl.load(LSE_S + q_row0 + rows, mask=row_ok, other=0.0)
+        di = tl.load(DELTA_S + q_row0 + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale       # [BN, BM]
+        pt = tl.exp2(st - lse[None, :])
         if MASKED:
             qb = tl.load(QB + q_row0 + rows, mask=row_ok, other=DROP)
             qp = tl.load(QP + q_row0 + rows, mask=row_ok, other=0)
-            p = tl.where(_allowed(qb, qp, kb, kp, CAUSAL, SHIFT), p, 0.0)
-        # dV += P^T dO
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dp = tl.dot(do, vt, input_precision=DOT_PREC)                 # [BM, BN]
-        ds = p * (dp - di[:, None])
-        # dK += dS^T Q  (softmax scale applied once at the end)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=DOT_PREC)
+            pt = tl.where(_allowed_t(kb, kp, qb, qp, CAUSAL, SHIFT), pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)       # [BN, BM]
+        dst = pt * (dpt - di[None, :])
+        # softmax scale applied once at the end
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
                      QIDX, KIDX, QB, QP, KB, KP,
                      R_START, R_FLO, R_FHI, R_END,
                      stride_qb, stride_qn, stride_qh,
@@ -213,7 +226,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_dob, stride_don, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh,
                      stride_dvb, stride_dvn, stride_dvh,
-                     stride_db, stride_dn, stride_dh,
                      H, HKV, Nq, Nk, n_kblocks, qk_scale, sm_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -232,13 +244,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     kidx = tl.load(KIDX + kv_row0 + offs_n, mask=col_ok, other=0)
     kb = tl.load(KB + kv_row0 + offs_n, mask=col_ok, other=DROP)
     kp = tl.load(KP + kv_row0 + offs_n, mask=col_ok, other=0)
-    kt = _load_rows_t(K + b.to(tl.int64) * stride_kb + hk * stride_kh, kidx, stride_kn,
-                      offs_d, col_ok, D)                              # [BD, BN]
-    vt = _load_rows_t(V + b.to(tl.int64) * stride_vb + hk * stride_vh, kidx, stride_vn,
-                      offs_d, col_ok, D)                              # [BD, BN]
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, kidx, stride_kn,
+                   offs_d, col_ok, D)                                 # [BN, BD]
+    v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, kidx, stride_vn,
+                   offs_d, col_ok, D)                                 # [BN, BD]
     if UPCAST:
-        kt = kt.to(tl.float32)
-        vt = vt.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(G):                                                # query heads of this kv head
@@ -247,24 +259,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
         q_row0 = s.to(tl.int64) * Nq
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-        delta_base = DELTA + b.to(tl.int64) * stride_db + h * stride_dh
         r = s * n_kblocks + pid_n
         lo = tl.load(R_START + r)
         f_lo = tl.load(R_FLO + r)
         f_hi = tl.load(R_FHI + r)
         hi = tl.load(R_END + r)
-        dk, dv = _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp, q_base, do_base, LSE, DELTA, QIDX,
-                                 QB, QP, q_row0, stride_qn, stride_don, stride_dn, delta_base,
-                                 lo, f_lo, Nq, qk_scale, offs_m, offs_d, D, BLOCK_M, True,
-                                 CAUSAL, SHIFT, DOT_PREC, UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp, q_base, do_base, LSE, DELTA, QIDX,
-                                 QB, QP, q_row0, stride_qn, stride_don, stride_dn, delta_base,
-                                 f_lo, f_hi, Nq, qk_scale, offs_m, offs_d, D, BLOCK_M, False,
-                                 CAUSAL, SHIFT, DOT_PREC, UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, kt, vt, kb, kp, q_base, do_base, LSE, DELTA, QIDX,
-                                 QB, QP, q_row0, stride_qn, stride_don, stride_dn, delta_base,
-                                 f_hi, hi, Nq, qk_scale, offs_m, offs_d, D, BLOCK_M, True,
-                                 CAUSAL, SHIFT, DOT_PREC, UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kb, kp, q_base, do_base, LSE_S, DELTA_S, QIDX,
+                                 QB, QP, q_row0, stride_qn, stride_don, lo, f_lo, Nq, qk_scale,
+                                 offs_m, offs_d, D, BLOCK_M, True, CAUSAL, SHIFT, DOT_PREC,
+                                 UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kb, kp, q_base, do_base, LSE_S, DELTA_S, QIDX,
+                                 QB, QP, q_row0, stride_qn, stride_don, f_lo, f_hi, Nq, qk_scale,
+                                 offs_m, offs_d, D, BLOCK_M, False, CAUSAL, SHIFT, DOT_PREC,
+                                 UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kb, kp, q_base, do_base, LSE_S, DELTA_S, QIDX,
+                                 QB, QP, q_row0, stride_qn, stride_don, f_hi, hi, Nq, qk_scale,
+                                 offs_m, offs_d, D, BLOCK_M, True, CAUSAL, SHIFT, DOT_PREC,
+                                 UPCAST)
     mask = col_ok[:, None] & (offs_d[None, :] < D)
     rows = kidx.to(tl.int64)[:, None]
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows * stride_dkn
@@ -305,7 +316,7 @@ def _bwd_dq_inner(dq, q, do, lse, di, qb, qp,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE_S, DELTA_S,
                    QIDX, KIDX, QB, QP, KB, KP,
                    R_START, R_FLO, R_FHI, R_END,
                    stride_qb, stride_qn, stride_qh,
@@ -313,7 +324,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_vb, stride_vn, stride_vh,
                    stride_dob, stride_don, stride_doh,
                    stride_dqb, stride_dqn, stride_dqh,
-                   stride_db, stride_dn, stride_dh,
                    H, HKV, Nq, Nk, n_qblocks, qk_scale, sm_scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -341,10 +351,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + q_row0 + qidx, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    di = tl.load(DELTA + b.to(tl.int64) * stride_db + h * stride_dh
-                 + qidx.to(tl.int64) * stride_dn, mask=row_ok, other=0.0)
+    lse = tl.load(LSE_S + q_row0 + offs_m, mask=row_ok, other=0.0)   # sorted order
+    di = tl.load(DELTA_S + q_row0 + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     r = s * n_qblocks + pid_m
@@ -371,16 +379,25 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # --------------------------------------------------------------------------- #
 # Host side: block sizes, metadata, launches
 # --------------------------------------------------------------------------- #
+CONFIG_OVERRIDE: dict = {}     # kind -> (BLOCK_M, BLOCK_N, warps, stages), for tuning runs
+
+
 def _config(D: int, dtype: torch.dtype, kind: str):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tuned on H100 for bf16/fp16."""
     big = dtype == torch.float32 or D > 128
     if _INTERPRET:
         return 32, 32, 4, 1
+    if kind in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE[kind]
     if kind == "fwd":
         return (64, 64, 4, 2) if big else (128, 64, 4 if D <= 64 else 8, 3)
     if kind == "dkdv":
         return (32, 64, 4, 2) if big else (64, 128, 8, 2)
     return (64, 32, 4, 2) if big else (128, 64, 8, 2)                  # dq
+
+
+def _block_d(D):
+    return max(16, triton.next_power_of_2(D))
 
 
 def _dot_precision(dtype):
@@ -413,7 +430,8 @@ def _check_head_dim(D):
 
 
 def triton_forward(q, k, v, plan: AttentionPlan):
-    """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32."""
+    """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32, and for the backward
+    the lse in sorted order and log2 units (S_q, Nq)."""
     _check_head_dim(plan.D)
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -423,35 +441,35 @@ def triton_forward(q, k, v, plan: AttentionPlan):
     start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    lse_s = torch.empty((B * H, Nq), device=q.device, dtype=torch.float32)
     n_qblocks = triton.cdiv(Nq, bm)
-    grid = (n_qblocks, B * H)
-    _fwd_kernel[grid](
-        q, k, v, o, lse, qidx, kidx,
+    _fwd_kernel[(n_qblocks, B * H)](
+        q, k, v, o, lse, lse_s, qidx, kidx,
         plan.q_streams.bucket, plan.q_streams.pos, plan.k_streams.bucket, plan.k_streams.pos,
         start, flo, fhi, end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, Hkv, Nq, Nk, n_qblocks, plan.scale * _LOG2E,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
+        D=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=plan.causal, SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         num_warps=warps, num_stages=stages)
-    return o, lse
+    return o, lse, lse_s
 
 
-def triton_backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
+def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan):
     """(dq, dk, dv) of :func:`triton_forward`; ``dlse`` may be None."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
-    # delta_i = rowsum(dO_i * O_i) - dlse_i, (B, Nq, H) float32
-    delta = (do.float() * o.float()).sum(-1)
+    # delta_i = rowsum(dO_i * O_i) - dlse_i, in sorted order (S_q, Nq) float32
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)          # (B, H, Nq)
     if dlse is not None:
-        delta = delta - dlse.transpose(1, 2).float()
-    lse = lse.contiguous()
+        delta = delta - dlse.float()
+    delta_s = torch.gather(delta.reshape(B * H, Nq), 1, plan.q_streams.index)
     qidx, kidx = _streams_i32(plan)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=plan.causal,
+    common = dict(D=D, BLOCK_D=_block_d(D), CAUSAL=plan.causal,
                   SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
                   UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
     qk_scale = plan.scale * _LOG2E
@@ -461,11 +479,10 @@ def triton_backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
     r = _ranges(plan, bm, bn, transposed=True)
     n_kblocks = triton.cdiv(Nk, bn)
     _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, qidx, kidx, *sq, *r,
+        q, k, v, do, dk, dv, lse_s, delta_s, qidx, kidx, *sq, *r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        delta.stride(0), delta.stride(1), delta.stride(2),
         H, Hkv, Nq, Nk, n_kblocks, qk_scale, plan.scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
@@ -473,11 +490,10 @@ def triton_backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
     r = _ranges(plan, bm, bn, transposed=False)
     n_qblocks = triton.cdiv(Nq, bm)
     _bwd_dq_kernel[(n_qblocks, B * H)](
-        q, k, v, do, dq, lse, delta, qidx, kidx, *sq, *r,
+        q, k, v, do, dq, lse_s, delta_s, qidx, kidx, *sq, *r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), delta.stride(0), delta.stride(1),
-        delta.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
         H, Hkv, Nq, Nk, n_qblocks, qk_scale, plan.scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
