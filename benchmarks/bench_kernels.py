@@ -75,7 +75,7 @@ def _flex_setup(q, k, v, qb, kb):
         return (qbk[b, h, qi] == kbk[b, h, ki]) & (kps[b, h, ki] <= qps[b, h, qi])
 
     def build():
-        return create_block_mask(mask_mod, B, H, N, N, device=q.device)
+        return create_block_mask(mask_mod, B, H, N, N, device=q.device, _compile=True)
     bm = build()
     flex = torch.compile(flex_attention, dynamic=False)
     return (lambda: flex(qs, ks, vs, block_mask=bm)), build, [qs, ks, vs]
