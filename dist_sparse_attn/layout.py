@@ -25,8 +25,16 @@ class SortedStreams:
     """Streams of shape (S, N) with S = B * heads, stream s = b * heads + h."""
     index: torch.Tensor     # (S, N) int64, original token index of each sorted slot
     key: torch.Tensor       # (S, N) int64, ascending: bucket' << 32 | (pos + 2**31)
-    bucket: torch.Tensor    # (S, N) int32, sorted bucket ids, DROP for dropped tokens
-    pos: torch.Tensor       # (S, N) int32, positions in sorted order
+
+    @property
+    def bucket(self) -> torch.Tensor:
+        """(S, N) int32 sorted bucket ids, DROP for dropped tokens."""
+        return (self.key >> 32).to(torch.int32)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """(S, N) int32 positions in sorted order."""
+        return ((self.key & _LOW) - _POS_OFF).to(torch.int32)
 
 
 def sort_streams(buckets: torch.Tensor, positions: torch.Tensor) -> SortedStreams:
@@ -42,9 +50,7 @@ def sort_streams(buckets: torch.Tensor, positions: torch.Tensor) -> SortedStream
     pos = positions[:, None, :].expand(B, heads, N)                          # (B, heads, N)
     key = ((b << 32) | (pos + _POS_OFF)).reshape(B * heads, N).contiguous()  # (S, N)
     key, index = torch.sort(key, dim=-1, stable=True)
-    bucket = (key >> 32).to(torch.int32)
-    spos = ((key & _LOW) - _POS_OFF).to(torch.int32)
-    return SortedStreams(index=index, key=key, bucket=bucket, pos=spos)
+    return SortedStreams(index=index, key=key)
 
 
 def pad_rows(x: torch.Tensor, n: int, value) -> torch.Tensor:

@@ -81,11 +81,25 @@ def bucketed_attention(q, k, v, q_buckets, k_buckets, *, q_positions=None,
     q_positions = V.normalize_positions("q_positions", q_positions, B, Nq, q.device)
     k_positions = V.normalize_positions("k_positions", k_positions, B, Nk, q.device)
     V.check_scale(softmax_scale)
+    return _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
+                      include_self=include_self, softmax_scale=softmax_scale,
+                      return_lse=return_lse, backend=backend)
+
+
+def _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, *, causal,
+               include_self, softmax_scale, return_lse, backend):
+    """bucketed_attention on validated inputs (positions already (B, N) int64)."""
     impl = _backend_impl(backend, q.device)
     plan = make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
                      include_self=include_self, softmax_scale=softmax_scale)
     o, lse = BucketedAttentionFunction.apply(q, k, v, plan, impl)
     return (o, lse) if return_lse else o
+
+
+def _default_positions(q, k):
+    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
+    return (V.normalize_positions("q_positions", None, B, Nq, q.device),
+            V.normalize_positions("k_positions", None, B, Nk, q.device))
 
 
 def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_self=True,
@@ -97,15 +111,18 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
     Equals ``bucketed_attention(q, k, v, lsh_buckets(q, n, seed=seed,
     group_size=H // Hkv), lsh_buckets(k, n, seed=seed), ...)``.
     """
+    V.check_backend(backend)
     V.check_qkv(q, k, v)
     V.check_n_buckets(n_buckets)
+    V.check_scale(softmax_scale)
     g = q.shape[2] // k.shape[2]
     with torch.no_grad():
         qb = lsh_buckets(q, n_buckets, seed=seed, group_size=g)
         kb = lsh_buckets(k, n_buckets, seed=seed)
-    return bucketed_attention(q, k, v, qb, kb, causal=causal, include_self=include_self,
-                              softmax_scale=softmax_scale, return_lse=return_lse,
-                              backend=backend)
+    # buckets made here are in range: skip their validation (no extra launches)
+    return _attention(q, k, v, qb, kb, *_default_positions(q, k), causal=causal,
+                      include_self=include_self, softmax_scale=softmax_scale,
+                      return_lse=return_lse, backend=backend)
 
 
 def qk_sparse_attention(q, k, v, q_keep, k_keep, *, causal=True, softmax_scale=None,
@@ -116,10 +133,12 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, causal=True, softmax_scale=N
     k_keep (B, Nk, Hkv) bool. Dropped queries output 0 (lse -inf) and dropped
     keys are never attended. Causality uses the original token positions.
     """
+    V.check_backend(backend)
     V.check_qkv(q, k, v)
     B, Nq, H, _ = q.shape
     V.check_keep("q_keep", q_keep, B, Nq, H, q.device)
     V.check_keep("k_keep", k_keep, B, k.shape[1], k.shape[2], q.device)
-    return bucketed_attention(q, k, v, keep_to_buckets(q_keep), keep_to_buckets(k_keep),
-                              causal=causal, softmax_scale=softmax_scale,
-                              return_lse=return_lse, backend=backend)
+    V.check_scale(softmax_scale)
+    return _attention(q, k, v, keep_to_buckets(q_keep), keep_to_buckets(k_keep),
+                      *_default_positions(q, k), causal=causal, include_self=True,
+                      softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)

@@ -24,33 +24,40 @@ import triton
 import triton.language as tl
 
 from ..layout import DROP as _DROP_INT
-from ..layout import block_keys, kv_ranges, q_ranges
 from ..plan import AttentionPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634     # exp(x) = exp2(x * log2(e))
-DROP = tl.constexpr(_DROP_INT)  # bucket of dropped tokens and padding rows
 
 
 # --------------------------------------------------------------------------- #
 # Tile helpers
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _allowed(qb, qp, kb, kp, CAUSAL: tl.constexpr, SHIFT: tl.constexpr):
-    """[BM, BN] element mask from row (q) and column (k) buckets/positions."""
-    m = (qb[:, None] == kb[None, :]) & (qb[:, None] != DROP)
+def _row_bounds(qkey, CAUSAL: tl.constexpr, SHIFT: tl.constexpr):
+    """Per query row, the interval [lo, hi] of key sort keys it may attend:
+    same bucket, position <= its own - SHIFT (any position if not causal).
+    Dropped and padding rows get an empty interval."""
+    DROPKEY: tl.constexpr = 2147483647 << 32
+    lo = (qkey >> 32) << 32
     if CAUSAL:
-        m = m & (kp[None, :] <= qp[:, None] - SHIFT)
-    return m
+        hi = qkey - SHIFT
+    else:
+        hi = lo | 4294967295
+    hi = tl.where(qkey < DROPKEY, hi, -1)
+    return lo, hi
 
 
 @triton.jit
-def _allowed_t(kb, kp, qb, qp, CAUSAL: tl.constexpr, SHIFT: tl.constexpr):
+def _allowed(lo, hi, kkey):
+    """[BM, BN] element mask; dropped/padding keys lie above every valid hi."""
+    return (kkey[None, :] >= lo[:, None]) & (kkey[None, :] <= hi[:, None])
+
+
+@triton.jit
+def _allowed_t(kkey, lo, hi):
     """[BN, BM] transposed element mask."""
-    m = (kb[:, None] == qb[None, :]) & (qb[None, :] != DROP)
-    if CAUSAL:
-        m = m & (kp[:, None] <= qp[None, :] - SHIFT)
-    return m
+    return (kkey[:, None] >= lo[None, :]) & (kkey[:, None] <= hi[None, :])
 
 
 @triton.jit
@@ -71,8 +78,8 @@ def _load_rows_t(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
 # Forward
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, qb, qp,
-               k_base, v_base, KIDX, KB, KP, kv_row0, stride_kn, stride_vn,
+def _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi,
+               k_base, v_base, KIDX, KKEY, kv_row0, stride_kn, stride_vn,
                lo, hi, Nk, qk_scale,
                offs_n, offs_d,
                D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -87,9 +94,8 @@ def _fwd_inner(acc, m_i, l_i, q, qb, qp,
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale        # [BM, BN], log2 units
         if MASKED:
-            kb = tl.load(KB + kv_row0 + cols, mask=col_ok, other=DROP)
-            kp = tl.load(KP + kv_row0 + cols, mask=col_ok, other=0)
-            s = tl.where(_allowed(qb, qp, kb, kp, CAUSAL, SHIFT), s, float("-inf"))
+            kkey = tl.load(KKEY + kv_row0 + cols, mask=col_ok, other=9223372036854775807)
+            s = tl.where(_allowed(q_lo, q_hi, kkey), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows with nothing allowed yet keep max -inf: shift by 0 instead
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -110,7 +116,7 @@ def _fwd_inner(acc, m_i, l_i, q, qb, qp,
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
-                QIDX, KIDX, QB, QP, KB, KP,
+                QIDX, KIDX, QKEY, KKEY,
                 R_START, R_FLO, R_FHI, R_END,
                 stride_qb, stride_qn, stride_qh,
                 stride_kb, stride_kn, stride_kh,
@@ -133,8 +139,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
     q_row0 = s.to(tl.int64) * Nq
     kv_row0 = kvs.to(tl.int64) * Nk
     qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
-    qb = tl.load(QB + q_row0 + offs_m, mask=row_ok, other=DROP)
-    qp = tl.load(QP + q_row0 + offs_m, mask=row_ok, other=0)
+    q_lo, q_hi = _row_bounds(tl.load(QKEY + q_row0 + offs_m, mask=row_ok, other=9223372036854775807),
+                             CAUSAL, SHIFT)
     q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + (h // (H // HKV)) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + (h // (H // HKV)) * stride_vh
@@ -151,15 +157,15 @@ def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # stage 1: partial blocks before the full run (bucket edge)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qb, qp, k_base, v_base, KIDX, KB, KP,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, k_base, v_base, KIDX, KKEY,
                                kv_row0, stride_kn, stride_vn, lo, f_lo, Nk, qk_scale,
                                offs_n, offs_d, D, BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
     # stage 2: full blocks, no element mask
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qb, qp, k_base, v_base, KIDX, KB, KP,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, k_base, v_base, KIDX, KKEY,
                                kv_row0, stride_kn, stride_vn, f_lo, f_hi, Nk, qk_scale,
                                offs_n, offs_d, D, BLOCK_N, False, CAUSAL, SHIFT, DOT_PREC, UPCAST)
     # stage 3: partial blocks after it (causal diagonal, next bucket)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, qb, qp, k_base, v_base, KIDX, KB, KP,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, k_base, v_base, KIDX, KKEY,
                                kv_row0, stride_kn, stride_vn, f_hi, hi, Nk, qk_scale,
                                offs_n, offs_d, D, BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
 
@@ -208,8 +214,8 @@ def _bwd_preprocess(O, DO, DLSE, DELTA_S, QIDX,
 # Backward: dK, dV (one program per key block)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, kb, kp,
-                    q_base, do_base, LSE_S, DELTA_S, QIDX, QB, QP,
+def _bwd_dkdv_inner(dk, dv, k, v, kkey,
+                    q_base, do_base, LSE_S, DELTA_S, QIDX, QKEY,
                     q_row0, stride_qn, stride_don,
                     lo, hi, Nq, qk_scale,
                     offs_m, offs_d,
@@ -233,9 +239,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, kb, kp,
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale       # [BN, BM]
         pt = tl.exp2(st - lse[None, :])
         if MASKED:
-            qb = tl.load(QB + q_row0 + rows, mask=row_ok, other=DROP)
-            qp = tl.load(QP + q_row0 + rows, mask=row_ok, other=0)
-            pt = tl.where(_allowed_t(kb, kp, qb, qp, CAUSAL, SHIFT), pt, 0.0)
+            q_lo, q_hi = _row_bounds(tl.load(QKEY + q_row0 + rows, mask=row_ok, other=9223372036854775807),
+                                     CAUSAL, SHIFT)
+            pt = tl.where(_allowed_t(kkey, q_lo, q_hi), pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)       # [BN, BM]
         dst = pt * (dpt - di[None, :])
@@ -246,7 +252,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, kb, kp,
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
-                     QIDX, KIDX, QB, QP, KB, KP,
+                     QIDX, KIDX, QKEY, KKEY,
                      R_START, R_FLO, R_FHI, R_END,
                      stride_qb, stride_qn, stride_qh,
                      stride_kb, stride_kn, stride_kh,
@@ -270,8 +276,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
     col_ok = offs_n < Nk
     kv_row0 = kvs.to(tl.int64) * Nk
     kidx = tl.load(KIDX + kv_row0 + offs_n, mask=col_ok, other=0)
-    kb = tl.load(KB + kv_row0 + offs_n, mask=col_ok, other=DROP)
-    kp = tl.load(KP + kv_row0 + offs_n, mask=col_ok, other=0)
+    kkey = tl.load(KKEY + kv_row0 + offs_n, mask=col_ok, other=9223372036854775807)
     k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, kidx, stride_kn,
                    offs_d, col_ok, D)                                 # [BN, BD]
     v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, kidx, stride_vn,
@@ -292,16 +297,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
         f_lo = tl.load(R_FLO + r)
         f_hi = tl.load(R_FHI + r)
         hi = tl.load(R_END + r)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kb, kp, q_base, do_base, LSE_S, DELTA_S, QIDX,
-                                 QB, QP, q_row0, stride_qn, stride_don, lo, f_lo, Nq, qk_scale,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, q_base, do_base, LSE_S, DELTA_S, QIDX,
+                                 QKEY, q_row0, stride_qn, stride_don, lo, f_lo, Nq, qk_scale,
                                  offs_m, offs_d, D, BLOCK_M, True, CAUSAL, SHIFT, DOT_PREC,
                                  UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kb, kp, q_base, do_base, LSE_S, DELTA_S, QIDX,
-                                 QB, QP, q_row0, stride_qn, stride_don, f_lo, f_hi, Nq, qk_scale,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, q_base, do_base, LSE_S, DELTA_S, QIDX,
+                                 QKEY, q_row0, stride_qn, stride_don, f_lo, f_hi, Nq, qk_scale,
                                  offs_m, offs_d, D, BLOCK_M, False, CAUSAL, SHIFT, DOT_PREC,
                                  UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kb, kp, q_base, do_base, LSE_S, DELTA_S, QIDX,
-                                 QB, QP, q_row0, stride_qn, stride_don, f_hi, hi, Nq, qk_scale,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, q_base, do_base, LSE_S, DELTA_S, QIDX,
+                                 QKEY, q_row0, stride_qn, stride_don, f_hi, hi, Nq, qk_scale,
                                  offs_m, offs_d, D, BLOCK_M, True, CAUSAL, SHIFT, DOT_PREC,
                                  UPCAST)
     mask = col_ok[:, None] & (offs_d[None, :] < D)
@@ -316,8 +321,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
 # Backward: dQ (one program per query block)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, di, qb, qp,
-                  k_base, v_base, KIDX, KB, KP, kv_row0, stride_kn, stride_vn,
+def _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi,
+                  k_base, v_base, KIDX, KKEY, kv_row0, stride_kn, stride_vn,
                   lo, hi, Nk, qk_scale, offs_n, offs_d,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                   CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -334,9 +339,8 @@ def _bwd_dq_inner(dq, q, do, lse, di, qb, qp,
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale        # [BM, BN]
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            kb = tl.load(KB + kv_row0 + cols, mask=col_ok, other=DROP)
-            kp = tl.load(KP + kv_row0 + cols, mask=col_ok, other=0)
-            p = tl.where(_allowed(qb, qp, kb, kp, CAUSAL, SHIFT), p, 0.0)
+            kkey = tl.load(KKEY + kv_row0 + cols, mask=col_ok, other=9223372036854775807)
+            p = tl.where(_allowed(q_lo, q_hi, kkey), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)                 # [BM, BN]
         ds = p * (dp - di[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
@@ -345,7 +349,7 @@ def _bwd_dq_inner(dq, q, do, lse, di, qb, qp,
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE_S, DELTA_S,
-                   QIDX, KIDX, QB, QP, KB, KP,
+                   QIDX, KIDX, QKEY, KKEY,
                    R_START, R_FLO, R_FHI, R_END,
                    stride_qb, stride_qn, stride_qh,
                    stride_kb, stride_kn, stride_kh,
@@ -370,8 +374,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE_S, DELTA_S,
     q_row0 = s.to(tl.int64) * Nq
     kv_row0 = kvs.to(tl.int64) * Nk
     qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
-    qb = tl.load(QB + q_row0 + offs_m, mask=row_ok, other=DROP)
-    qp = tl.load(QP + q_row0 + offs_m, mask=row_ok, other=0)
+    q_lo, q_hi = _row_bounds(tl.load(QKEY + q_row0 + offs_m, mask=row_ok, other=9223372036854775807),
+                             CAUSAL, SHIFT)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, qidx, stride_qn,
                    offs_d, row_ok, D)
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, qidx, stride_don,
@@ -389,19 +393,107 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE_S, DELTA_S,
     f_hi = tl.load(R_FHI + r)
     hi = tl.load(R_END + r)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, di, qb, qp, k_base, v_base, KIDX, KB, KP, kv_row0,
+    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, k_base, v_base, KIDX, KKEY, kv_row0,
                        stride_kn, stride_vn, lo, f_lo, Nk, qk_scale, offs_n, offs_d, D,
                        BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse, di, qb, qp, k_base, v_base, KIDX, KB, KP, kv_row0,
+    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, k_base, v_base, KIDX, KKEY, kv_row0,
                        stride_kn, stride_vn, f_lo, f_hi, Nk, qk_scale, offs_n, offs_d, D,
                        BLOCK_N, False, CAUSAL, SHIFT, DOT_PREC, UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse, di, qb, qp, k_base, v_base, KIDX, KB, KP, kv_row0,
+    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, k_base, v_base, KIDX, KKEY, kv_row0,
                        stride_kn, stride_vn, f_hi, hi, Nk, qk_scale, offs_n, offs_d, D,
                        BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh
              + qidx.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# --------------------------------------------------------------------------- #
+# Block ranges: the binary searches of layout.kv_ranges / layout.q_ranges, fused
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _edge_key(KEY, row0, blk, BS, N):
+    """(first, last) sort key of blocks ``blk`` of BS rows; padding rows = max int64."""
+    first = tl.load(KEY + row0 + blk * BS, mask=blk * BS < N, other=9223372036854775807)
+    li = blk * BS + BS - 1
+    last = tl.load(KEY + row0 + li, mask=li < N, other=9223372036854775807)
+    return first, last
+
+
+@triton.jit
+def _search(KEY, row0, BS, N, nb, x, n_iter, LAST: tl.constexpr, RIGHT: tl.constexpr):
+    """Vectorised searchsorted over the ascending first (or last) keys of the
+    nb blocks of one stream: how many blocks have edge key < x (<= x if RIGHT)."""
+    lo = tl.zeros(x.shape, tl.int32)
+    hi = tl.zeros(x.shape, tl.int32) + nb
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        idx = mid * BS + (BS - 1 if LAST else 0)
+        a = tl.load(KEY + row0 + idx, mask=active & (idx < N), other=9223372036854775807)
+        go_right = (a <= x) if RIGHT else (a < x)
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & (~go_right), mid, hi)
+    return lo
+
+
+@triton.jit
+def _ranges_kernel(SELF_KEY, OTHER_KEY, NVALID, R_START, R_FLO, R_FHI, R_END,
+                   H, HKV, N_self, N_other, BS_self, BS_other, nb_self, nb_other, n_iter,
+                   TRANSPOSED: tl.constexpr, CAUSAL: tl.constexpr, SHIFT: tl.constexpr,
+                   VB: tl.constexpr):
+    """Grid (cdiv(nb_self, VB), S_q). Not transposed: the blocks are query
+    blocks of query stream s, searched among its kv stream's key blocks.
+    Transposed: key blocks of s's kv stream, searched among s's query blocks."""
+    s = tl.program_id(1)
+    kvs = (s // H) * HKV + (s % H) // (H // HKV)
+    if TRANSPOSED:
+        self_stream = kvs
+        other_stream = s
+    else:
+        self_stream = s
+        other_stream = kvs
+    srow0 = self_stream.to(tl.int64) * N_self
+    orow0 = other_stream.to(tl.int64) * N_other
+    blk = tl.program_id(0) * VB + tl.arange(0, VB)
+    ok = blk < nb_self
+    first, last = _edge_key(SELF_KEY, srow0, blk, BS_self, N_self)
+    # largest valid key of the block: rows [blk*BS, nvalid) are valid
+    nvalid = tl.load(NVALID + self_stream)
+    lv_i = tl.minimum(blk * BS_self + BS_self - 1, nvalid - 1)
+    last_valid = tl.load(SELF_KEY + srow0 + lv_i, mask=ok & (blk * BS_self < nvalid), other=-1)
+    DROPKEY: tl.constexpr = 2147483647 << 32
+    LOW: tl.constexpr = 4294967295
+    no_rows = first >= DROPKEY
+    uniform = (last < DROPKEY) & ((first >> 32) == (last >> 32))
+    bucket0 = (first >> 32) << 32
+    if TRANSPOSED:      # self = key block, other = query blocks
+        start = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other,
+                        (first + SHIFT) if CAUSAL else bucket0, n_iter, True, False)
+        end = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other,
+                      ((last_valid >> 32) << 32) | LOW, n_iter, False, True)
+        f_lo = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other,
+                       (last + SHIFT) if CAUSAL else bucket0, n_iter, False, False)
+        f_hi = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other,
+                       bucket0 | LOW, n_iter, True, True)
+    else:               # self = query block, other = key blocks
+        start = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other, bucket0, n_iter,
+                        True, False)
+        end = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other,
+                      (last_valid - SHIFT) if CAUSAL else (((last_valid >> 32) << 32) | LOW),
+                      n_iter, False, True)
+        f_lo = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other, bucket0, n_iter,
+                       False, False)
+        f_hi = _search(OTHER_KEY, orow0, BS_other, N_other, nb_other,
+                       (first - SHIFT) if CAUSAL else (bucket0 | LOW), n_iter, True, True)
+    end = tl.where(no_rows, start, tl.maximum(start, end))
+    f_lo = tl.minimum(tl.where(uniform, tl.maximum(f_lo, start), end), end)
+    f_hi = tl.minimum(tl.maximum(tl.where(uniform, f_hi, end), f_lo), end)
+    out = s.to(tl.int64) * nb_self + blk
+    tl.store(R_START + out, start, mask=ok)
+    tl.store(R_FLO + out, f_lo, mask=ok)
+    tl.store(R_FHI + out, f_hi, mask=ok)
+    tl.store(R_END + out, end, mask=ok)
 
 
 # --------------------------------------------------------------------------- #
@@ -442,20 +534,40 @@ def _streams_i32(plan: AttentionPlan):
     return cache["qidx"], cache["kidx"]
 
 
-def _block_keys(plan: AttentionPlan, side: str, block: int):
-    key = ("keys", side, block)
+def _nvalid(plan: AttentionPlan, side: str):
+    """Valid (non-dropped) rows per stream, int32 (S,)."""
+    key = ("nvalid", side)
     if key not in plan.cache:
-        plan.cache[key] = block_keys(plan.q_streams if side == "q" else plan.k_streams, block)
+        st = plan.q_streams if side == "q" else plan.k_streams
+        plan.cache[key] = (st.key < (_DROP_INT << 32)).sum(-1, dtype=torch.int32)
     return plan.cache[key]
 
 
 def _ranges(plan: AttentionPlan, bm: int, bn: int, transposed: bool):
+    """Block ranges (start, full_lo, full_hi, end), each (S_q, nb) int32, from one
+    launch of ``_ranges_kernel`` (``layout.kv_ranges`` / ``q_ranges`` compute the
+    same in PyTorch)."""
     key = ("q" if transposed else "kv", bm, bn)
-    if key not in plan.cache:
-        qk, kk = _block_keys(plan, "q", bm), _block_keys(plan, "k", bn)
-        fn = q_ranges if transposed else kv_ranges
-        plan.cache[key] = tuple(t.contiguous() for t in fn(
-            qk, kk, plan.kv_of_q, causal=plan.causal, shift=plan.shift))
+    if key in plan.cache:
+        return plan.cache[key]
+    qs, ks = plan.q_streams, plan.k_streams
+    if transposed:
+        self_key, other_key, bs_self, bs_other = ks.key, qs.key, bn, bm
+        n_self, n_other, side = plan.Nk, plan.Nq, "k"
+    else:
+        self_key, other_key, bs_self, bs_other = qs.key, ks.key, bm, bn
+        n_self, n_other, side = plan.Nq, plan.Nk, "q"
+    nb_self, nb_other = triton.cdiv(n_self, bs_self), triton.cdiv(n_other, bs_other)
+    S = plan.B * plan.H
+    out = [torch.empty((S, nb_self), device=self_key.device, dtype=torch.int32)
+           for _ in range(4)]
+    vb = 64 if _INTERPRET else 128
+    _ranges_kernel[(triton.cdiv(nb_self, vb), S)](
+        self_key, other_key, _nvalid(plan, side), *out,
+        plan.H, plan.Hkv, n_self, n_other, bs_self, bs_other, nb_self, nb_other,
+        max(1, nb_other.bit_length()),
+        TRANSPOSED=transposed, CAUSAL=plan.causal, SHIFT=plan.shift, VB=vb)
+    plan.cache[key] = tuple(out)
     return plan.cache[key]
 
 
@@ -480,8 +592,7 @@ def triton_forward(q, k, v, plan: AttentionPlan):
     n_qblocks = triton.cdiv(Nq, bm)
     _fwd_kernel[(n_qblocks, B * H)](
         q, k, v, o, lse, lse_s, qidx, kidx,
-        plan.q_streams.bucket, plan.q_streams.pos, plan.k_streams.bucket, plan.k_streams.pos,
-        start, flo, fhi, end,
+        plan.q_streams.key, plan.k_streams.key, start, flo, fhi, end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, Hkv, Nq, Nk, n_qblocks, plan.scale * _LOG2E,
@@ -511,7 +622,7 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan):
                   SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
                   UPCAST=_INTERPRET and q.dtype == torch.bfloat16)
     qk_scale = plan.scale * _LOG2E
-    sq = (plan.q_streams.bucket, plan.q_streams.pos, plan.k_streams.bucket, plan.k_streams.pos)
+    sq = (plan.q_streams.key, plan.k_streams.key)
 
     bm, bn, warps, stages = _config(D, q.dtype, "dkdv")
     r = _ranges(plan, bm, bn, transposed=True)
