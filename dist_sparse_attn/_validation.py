@@ -7,6 +7,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 _INT32_MAX = 2 ** 31 - 1
+_WIDE_INTS = (torch.int32, torch.int64, torch.uint32, torch.uint64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -64,7 +65,7 @@ def check_buckets(name, b, B, N, heads, device):
                          f"got {tuple(b.shape)}")
     if b.device != device:
         raise ValueError(f"{name}.device {b.device} differs from q.device {device}")
-    if b.dtype in (torch.int64, torch.uint32, torch.uint64):
+    if b.dtype in _WIDE_INTS:   # narrower types cannot reach the DROP sentinel
         _check_range(name, b, -(2 ** 63), _INT32_MAX - 1, "< 2**31 - 1")
 
 
@@ -105,9 +106,8 @@ def normalize_positions(name, pos, B, N, device):
                          f"got {tuple(pos.shape)}")
     if pos.device != device:
         raise ValueError(f"{name}.device {pos.device} differs from q.device {device}")
-    if pos.dtype in (torch.int64, torch.uint32, torch.uint64):
-        _check_range(name, pos, -_INT32_MAX + 1, _INT32_MAX - 1,
-                     "in (-2**31 + 1, 2**31 - 1)")
+    if pos.dtype in (torch.int64, torch.uint32, torch.uint64):   # int32 always fits
+        _check_range(name, pos, -_INT32_MAX - 1, _INT32_MAX, "in [-2**31, 2**31 - 1] (int32)")
     pos = pos.to(torch.int64)
     return pos.expand(B, N) if pos.dim() == 1 else pos
 

@@ -1,6 +1,6 @@
 """Demo: the public API on random data, checked and timed against dense SDPA.
 
-    python -m dist_sparse_attn.demo                      # CPU: ~30 s on 2 cores
+    python -m dist_sparse_attn.demo                      # CPU: ~45 s on 2 idle cores
     python -m dist_sparse_attn.demo --seqlens 16384 --buckets 16,64 --device cuda
 
 1. A small case (GQA, odd length) is checked against
@@ -45,7 +45,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_backend(device: torch.device) -> str:
-    """"auto" unless it would pick Triton kernels that are not in this checkout yet."""
+    """``"auto"``, or ``"torch"`` on CUDA when this checkout has no Triton kernels yet."""
     if device.type == "cuda" and importlib.util.find_spec(
             "dist_sparse_attn.kernels.triton_attn") is None:
         return "torch"

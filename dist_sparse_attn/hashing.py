@@ -22,9 +22,13 @@ def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
 
 @functools.lru_cache(maxsize=64)
 def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
-    """Per-head rotations on ``device``, drawn once (no host-device copy per call)."""
-    rot = lsh_rotations(heads, dim, n_buckets, seed=seed, group_size=group_size)
-    return rot.to(device).repeat_interleave(group_size, 0)
+    """Per-head rotations on ``device``, drawn once (no host-device copy per call).
+
+    Built outside inference mode, so a first call under ``torch.inference_mode()``
+    does not cache a tensor that autograd later refuses."""
+    with torch.inference_mode(False):
+        rot = lsh_rotations(heads, dim, n_buckets, seed=seed, group_size=group_size)
+        return rot.to(device).repeat_interleave(group_size, 0)
 
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,

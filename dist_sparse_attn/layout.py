@@ -15,7 +15,7 @@ import torch
 DROP = 2 ** 31 - 1          # bucket id of dropped tokens and padding: sorts last, never matches
 
 
-_POS_OFF = 2 ** 31           # positions (validated to int32) shifted to [1, 2**32)
+_POS_OFF = 2 ** 31           # positions (validated to int32) shifted to [0, 2**32)
 _LOW = 2 ** 32 - 1           # all position bits set: "any position" within a bucket
 MAX_KEY = torch.iinfo(torch.int64).max
 

@@ -169,6 +169,6 @@ def _backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
 
 
 def tile_stats(plan: AttentionPlan):
-    """Live tiles, dense-causal-equivalent tiles, block size (for reporting)."""
+    """Live (computed) tiles, all tiles of the full Nq x Nk grid, block size (for reporting)."""
     t = _Tiles(plan)
     return {"block": t.block, "live_tiles": t.n_pairs, "all_tiles": t.n_tiles_dense}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root (if missing) and install dist_sparse_attn into it.
+#
+#   bash launch/setup.sh            # idempotent: only installs what is missing
+#
+# Order matters (see shared/ENVIRONMENT.md): torch first, so that nothing later
+# makes pip resolve a newer torch (a multi-GB CUDA download).
+#   * If the interpreter that creates the venv already has torch (GPU hosts:
+#     torch + Triton preinstalled), the venv sees its site-packages and that
+#     torch is used as is; otherwise the CPU wheel torch==2.13.0 is installed.
+#   * Each later step installs only the packages that do not import yet.
+#   * Offline host: PIP_NO_INDEX=1 bash launch/setup.sh (pip then uses only
+#     --find-links, e.g. the wheels in ../shared/wheels, added when present).
+# Env: PYTHON (interpreter creating the venv, default python3), VENV (default .venv).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+t0=$(date +%s)
+
+say() { echo "[setup] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if "$PYTHON" -c "import torch" 2>/dev/null; then
+        say "creating $VENV with system site-packages (reusing the host's torch)"
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        say "creating $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+fi
+case "$VENV" in
+    /*) PY="$VENV/bin/python" ;;
+    *)  PY="$ROOT/$VENV/bin/python" ;;
+esac
+
+PIP_ARGS=(-q)
+for d in "$ROOT/../shared/wheels" "$ROOT/shared/wheels"; do
+    if [ -d "$d" ]; then PIP_ARGS+=(--find-links "$d"); fi
+done
+# pip warns once per project about every configured local index that lacks it;
+# drop those lines only (errors and other warnings stay visible).
+pip_install() {
+    "$PY" -m pip install "${PIP_ARGS[@]}" "$@" 2>&1 \
+        | { grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory" || true; }
+}
+
+# Print the pip names of the modules (given as module=pip-name) that do not import.
+missing() {
+    local spec out=()
+    for spec in "$@"; do
+        "$PY" -c "import ${spec%%=*}" >/dev/null 2>&1 || out+=("${spec#*=}")
+    done
+    echo "${out[@]:-}"
+}
+
+install_missing() {     # install_missing mod=pip-name ...
+    local pkgs
+    pkgs="$(missing "$@")"
+    if [ -n "$pkgs" ]; then
+        say "pip install $pkgs"
+        # shellcheck disable=SC2086  # word splitting of the package list is intended
+        pip_install $pkgs
+    fi
+}
+
+# 1. torch first (CPU wheel), only where none imports.
+install_missing torch=torch==2.13.0
+# 2. the Triton that torch 2.13 pins (plain `pip install triton` gives 3.9, which lacks APIs we use).
+install_missing triton=triton==3.7.1
+# 3. test, benchmark and distributed dependencies.
+install_missing numpy=numpy pytest=pytest pytest_timeout=pytest-timeout matplotlib=matplotlib
+install_missing deepspeed=deepspeed
+install_missing mpi4py.MPI="mpich mpi4py"     # mpi4py.MPI fails to import without an MPI library
+# 4. the package itself, editable, without letting pip touch torch/triton.
+say "pip install --no-deps -e ."
+if "$PY" -c "import setuptools, sys; v = tuple(int(x) for x in setuptools.__version__.split('.')[:2]); sys.exit(v < (70, 1))" 2>/dev/null; then
+    pip_install --no-deps --no-build-isolation -e .       # works offline
+else
+    pip_install --no-deps -e .
+fi
+
+"$PY" - <<'PY'
+import torch, triton, dist_sparse_attn
+print(f"[setup] ok: torch {torch.__version__} (cuda {torch.cuda.is_available()}), "
+      f"triton {triton.__version__}, dist_sparse_attn {dist_sparse_attn.__version__}")
+PY
+say "done in $(( $(date +%s) - t0 )) s; python: $PY"

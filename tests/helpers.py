@@ -1,0 +1,90 @@
+"""Input builders and comparison helpers shared by the tests."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def rand_qkv(B, Nq, Nk, H, Hkv, D, dtype=torch.float32, device="cpu", requires_grad=False):
+    """Random q (B, Nq, H, D), k and v (B, Nk, Hkv, D) from randn (never zeros).
+
+    Drawn in float32 and rounded to ``dtype``, so every dtype sees the same
+    distribution.
+    """
+    def one(n, heads):
+        x = torch.randn(B, n, heads, D, device=device).to(dtype)
+        return x.requires_grad_(requires_grad)
+    return one(Nq, H), one(Nk, Hkv), one(Nk, Hkv)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (absolute norm when expected is 0)."""
+    a, e = actual.double(), expected.double()
+    diff = torch.linalg.vector_norm(a - e).item()
+    ref = torch.linalg.vector_norm(e).item()
+    return diff / ref if ref > 0 else diff
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str,
+                     *, max_rtol: Optional[float] = None, atol: float = 0.0):
+    """Assert ``||a - e|| <= rtol * ||e|| + atol`` and ``max|a - e| <= max_rtol * max|e| + atol``.
+
+    ``max_rtol`` defaults to ``10 * rtol``: the worst element of a tensor is
+    allowed to be off by more than the norm-wise average, but relative to the
+    tensor's scale. Infinite entries of ``expected`` must be matched exactly;
+    ``actual`` must be finite wherever ``expected`` is. ``atol`` covers
+    tensors that are zero in exact arithmetic (e.g. dq when every row has a
+    single key), where any relative criterion is meaningless.
+    """
+    assert actual.shape == expected.shape, \
+        f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    e_fin = torch.isfinite(e)
+    bad = e_fin & ~torch.isfinite(a)
+    assert not bad.any(), (f"{name}: {int(bad.sum())} non-finite values where the "
+                           f"expected values are finite (first at {bad.nonzero()[0].tolist()})")
+    if not e_fin.all():
+        same = (a == e) | e_fin
+        assert same.all(), (f"{name}: {int((~same).sum())} entries differ where the expected "
+                            f"value is infinite (first at {(~same).nonzero()[0].tolist()})")
+        a, e = a[e_fin], e[e_fin]
+    if e.numel() == 0:
+        return
+    diff = (a - e).abs()
+    ref = torch.linalg.vector_norm(e).item()
+    err = torch.linalg.vector_norm(a - e).item()
+    assert err <= rtol * ref + atol, (
+        f"{name}: ||a-e|| = {err:.3e}, ||e|| = {ref:.3e}, relative error "
+        f"{err / ref if ref > 0 else float('inf'):.3e} > rtol {rtol:.1e} (+ atol {atol:.1e}); "
+        f"max abs diff {diff.max().item():.3e}")
+    max_rtol = 10 * rtol if max_rtol is None else max_rtol
+    scale = e.abs().max().item()
+    worst = diff.max().item()
+    assert worst <= max_rtol * scale + atol, (
+        f"{name}: max abs diff {worst:.3e} at {diff.argmax().item()} (flattened) "
+        f"> {max_rtol:.1e} * max|e| ({scale:.3e}) + atol {atol:.1e}")
+
+
+def grads(fn: Callable, inputs: Sequence[torch.Tensor], do, *, return_out: bool = False):
+    """Gradients of ``fn(*inputs)`` with respect to ``inputs`` for upstream gradient ``do``.
+
+    ``fn`` may return one tensor or a tuple (e.g. ``(o, lse)``); ``do`` is
+    then one tensor or a tuple of the same length, where ``None`` means no
+    upstream gradient for that output. The inputs are detached copies, so the
+    caller's tensors are untouched. Returns the tuple of gradients, or
+    ``(outputs, gradients)`` when ``return_out``.
+    """
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    dos = do if isinstance(do, tuple) else (do,)
+    assert len(outs) == len(dos), f"{len(outs)} outputs but {len(dos)} upstream gradients"
+    pairs = [(o, d.to(o.dtype)) for o, d in zip(outs, dos) if d is not None]
+    g = torch.autograd.grad([o for o, _ in pairs], xs, [d for _, d in pairs],
+                            allow_unused=True)
+    g = tuple(torch.zeros_like(x) if gi is None else gi for x, gi in zip(xs, g))
+    if not return_out:
+        return g
+    det = tuple(o.detach() for o in outs)
+    return (det if isinstance(out, tuple) else det[0]), g

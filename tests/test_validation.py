@@ -1,0 +1,189 @@
+"""Every invalid input at the public boundary raises a ValueError naming the argument."""
+import re
+
+import pytest
+import torch
+
+import dist_sparse_attn as dsa
+
+B, NQ, NK, H, HKV, D = 2, 5, 6, 4, 2, 8
+
+
+def base():
+    """A valid bucketed_attention call: dict of its arguments."""
+    return dict(q=torch.randn(B, NQ, H, D), k=torch.randn(B, NK, HKV, D),
+                v=torch.randn(B, NK, HKV, D), q_buckets=torch.randint(0, 2, (B, NQ, H)),
+                k_buckets=torch.randint(0, 2, (B, NK, HKV)))
+
+
+def call_bucketed(**over):
+    a = base()
+    a.update(over)
+    q, k, v, qb, kb = (a.pop(n) for n in ("q", "k", "v", "q_buckets", "k_buckets"))
+    a.setdefault("backend", "torch")
+    return dsa.bucketed_attention(q, k, v, qb, kb, **a)
+
+
+def call_hash(n_buckets=4, **over):
+    a = base()
+    del a["q_buckets"], a["k_buckets"]
+    a.update(over)
+    q, k, v = (a.pop(n) for n in "qkv")
+    a.setdefault("backend", "torch")
+    return dsa.hash_sparse_attention(q, k, v, n_buckets, **a)
+
+
+def call_qk(**over):
+    a = dict(q=torch.randn(B, NQ, H, D), k=torch.randn(B, NK, HKV, D),
+             v=torch.randn(B, NK, HKV, D), q_keep=torch.rand(B, NQ, H) < 0.5,
+             k_keep=torch.rand(B, NK, HKV) < 0.5)
+    a.update(over)
+    q, k, v, qk, kk = (a.pop(n) for n in ("q", "k", "v", "q_keep", "k_keep"))
+    a.setdefault("backend", "torch")
+    return dsa.qk_sparse_attention(q, k, v, qk, kk, **a)
+
+
+def test_valid_calls_run():
+    assert call_bucketed().shape == (B, NQ, H, D)
+    assert call_hash().shape == (B, NQ, H, D)
+    assert call_qk().shape == (B, NQ, H, D)
+
+
+META = torch.device("meta")
+
+# (id, keyword overrides of the valid call, regex the message must contain)
+QKV_ERRORS = [
+    ("q-3d", dict(q=torch.randn(NQ, H, D)), r"q must be 4-D"),
+    ("k-5d", dict(k=torch.randn(B, NK, HKV, D, 1)), r"k must be 4-D"),
+    ("v-3d", dict(v=torch.randn(NK, HKV, D)), r"v must be 4-D"),
+    ("q-not-tensor", dict(q=[[[[1.0]]]]), r"q must be a torch\.Tensor"),
+    ("batch-mismatch", dict(k=torch.randn(B + 1, NK, HKV, D), v=torch.randn(B + 1, NK, HKV, D)),
+     r"batch size of k \(3\) differs from q \(2\)"),
+    ("kv-shape-mismatch", dict(v=torch.randn(B, NK + 1, HKV, D)), r"k .* and v .* same shape"),
+    ("k-dtype-mismatch", dict(k=torch.randn(B, NK, HKV, D, dtype=torch.float64)),
+     r"k\.dtype torch\.float64 differs from q\.dtype torch\.float32"),
+    ("v-dtype-mismatch", dict(v=torch.randn(B, NK, HKV, D, dtype=torch.bfloat16)), r"v\.dtype"),
+    ("k-device-mismatch", dict(k=torch.randn(B, NK, HKV, D, device=META)), r"k\.device meta"),
+    ("heads-not-multiple", dict(k=torch.randn(B, NK, 3, D), v=torch.randn(B, NK, 3, D)),
+     r"q heads \(4\) must be a multiple of k/v heads \(3\)"),
+    ("head-dim-mismatch", dict(k=torch.randn(B, NK, HKV, D // 2),
+                               v=torch.randn(B, NK, HKV, D // 2)), r"head dim of k/v"),
+    ("q-int", dict(q=torch.randint(0, 3, (B, NQ, H, D))), r"q must be float16.*int64"),
+    ("k-int", dict(k=torch.randint(0, 3, (B, NK, HKV, D))), r"k must be float16"),
+    ("v-bool", dict(v=torch.ones(B, NK, HKV, D, dtype=torch.bool)), r"v must be float16"),
+    ("q-empty-seq", dict(q=torch.randn(B, 0, H, D)), r"q must not be empty"),
+    ("kv-empty-seq", dict(k=torch.randn(B, 0, HKV, D), v=torch.randn(B, 0, HKV, D)),
+     r"k must not be empty"),
+    ("empty-batch", dict(q=torch.randn(0, NQ, H, D)), r"q must not be empty"),
+    ("bad-backend", dict(backend="cuda"), r"backend must be one of .*'cuda'"),
+    ("backend-none", dict(backend=None), r"backend must be one of"),
+    ("scale-str", dict(softmax_scale="0.1"), r"softmax_scale .*'0\.1'"),
+    ("scale-nan", dict(softmax_scale=float("nan")), r"softmax_scale .*nan"),
+    ("scale-inf", dict(softmax_scale=float("inf")), r"softmax_scale .*inf"),
+    ("scale-bool", dict(softmax_scale=True), r"softmax_scale"),
+    ("scale-tensor", dict(softmax_scale=torch.tensor([0.1, 0.2])), r"softmax_scale"),
+]
+
+BUCKETED_ERRORS = QKV_ERRORS + [
+    ("q_buckets-shape", dict(q_buckets=torch.zeros(B, NQ, HKV, dtype=torch.int64)),
+     r"q_buckets must have shape \(B, N, heads\) = \(2, 5, 4\), got \(2, 5, 2\)"),
+    ("k_buckets-shape", dict(k_buckets=torch.zeros(B, NK + 1, HKV, dtype=torch.int64)),
+     r"k_buckets must have shape"),
+    ("q_buckets-2d", dict(q_buckets=torch.zeros(B, NQ, dtype=torch.int64)), r"q_buckets"),
+    ("q_buckets-float", dict(q_buckets=torch.zeros(B, NQ, H)),
+     r"q_buckets must have an integer dtype, got torch\.float32"),
+    ("k_buckets-bool", dict(k_buckets=torch.zeros(B, NK, HKV, dtype=torch.bool)),
+     r"k_buckets must have an integer dtype"),
+    ("q_buckets-not-tensor", dict(q_buckets=[[0]]), r"q_buckets must be a torch\.Tensor"),
+    ("k_buckets-device", dict(k_buckets=torch.zeros(B, NK, HKV, dtype=torch.int64, device=META)),
+     r"k_buckets\.device"),
+    ("q_buckets-too-large", dict(q_buckets=torch.full((B, NQ, H), 2 ** 31 - 1)),
+     r"q_buckets values must be < 2\*\*31 - 1"),
+    ("q_positions-length", dict(q_positions=torch.arange(NQ + 1)),
+     r"q_positions must have shape \(N,\) = \(5,\) or \(B, N\) = \(2, 5\)"),
+    ("k_positions-batch", dict(k_positions=torch.zeros(B + 1, NK, dtype=torch.int64)),
+     r"k_positions must have shape"),
+    ("k_positions-float", dict(k_positions=torch.arange(NK).float()),
+     r"k_positions must have an integer dtype"),
+    ("q_positions-bool", dict(q_positions=torch.ones(NQ, dtype=torch.bool)), r"q_positions"),
+    ("q_positions-list", dict(q_positions=list(range(NQ))), r"q_positions must be a torch\.Tensor"),
+    ("k_positions-device", dict(k_positions=torch.arange(NK, device=META)), r"k_positions\.device"),
+    ("k_positions-int32-overflow", dict(k_positions=torch.arange(NK) + 2 ** 31),
+     r"k_positions values must be"),
+    ("q_positions-int32-underflow", dict(q_positions=torch.arange(NQ) - 2 ** 31 - 1),
+     r"q_positions values must be"),
+]
+
+
+@pytest.mark.parametrize("over,match", [c[1:] for c in BUCKETED_ERRORS],
+                         ids=[c[0] for c in BUCKETED_ERRORS])
+def test_bucketed_attention_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        call_bucketed(**over)
+
+
+HASH_ERRORS = QKV_ERRORS + [
+    ("n_buckets-odd", dict(n_buckets=5), r"n_buckets must be an even integer >= 2, got 5"),
+    ("n_buckets-one", dict(n_buckets=1), r"n_buckets"),
+    ("n_buckets-zero", dict(n_buckets=0), r"n_buckets"),
+    ("n_buckets-float", dict(n_buckets=4.0), r"n_buckets"),
+    ("n_buckets-none", dict(n_buckets=None), r"n_buckets"),
+]
+
+
+@pytest.mark.parametrize("over,match", [c[1:] for c in HASH_ERRORS],
+                         ids=[c[0] for c in HASH_ERRORS])
+def test_hash_sparse_attention_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        call_hash(**over)
+
+
+QK_ERRORS = QKV_ERRORS + [
+    ("q_keep-int", dict(q_keep=torch.ones(B, NQ, H, dtype=torch.int64)),
+     r"q_keep must be a bool tensor, got torch\.int64"),
+    ("k_keep-float", dict(k_keep=torch.ones(B, NK, HKV)), r"k_keep must be a bool tensor"),
+    ("q_keep-list", dict(q_keep=[True]), r"q_keep must be a bool tensor, got list"),
+    ("q_keep-shape", dict(q_keep=torch.ones(B, NQ, HKV, dtype=torch.bool)),
+     r"q_keep must have shape \(B, N, heads\) = \(2, 5, 4\)"),
+    ("k_keep-shape", dict(k_keep=torch.ones(B, NK, H, dtype=torch.bool)),
+     r"k_keep must have shape \(B, N, heads\) = \(2, 6, 2\)"),
+    ("k_keep-device", dict(k_keep=torch.ones(B, NK, HKV, dtype=torch.bool, device=META)),
+     r"k_keep\.device"),
+]
+
+
+@pytest.mark.parametrize("over,match", [c[1:] for c in QK_ERRORS], ids=[c[0] for c in QK_ERRORS])
+def test_qk_sparse_attention_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        call_qk(**over)
+
+
+@pytest.mark.parametrize("fn", [call_bucketed, call_hash, call_qk],
+                         ids=["bucketed", "hash", "qk"])
+def test_triton_on_cpu_needs_interpreter(fn, monkeypatch):
+    """backend='triton' on CPU tensors is an error unless TRITON_INTERPRET=1 (read at call time)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=re.escape("TRITON_INTERPRET=1")):
+        fn(backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        fn(backend="triton")
+
+
+def test_int32_bucket_at_drop_sentinel():
+    """Bucket 2**31 - 1 is rejected for int64 tensors; in int32 tensors it must be
+    rejected too, or else attend like any other bucket -- never be silently dropped."""
+    a = base()
+    qb = torch.full(a["q_buckets"].shape, 2 ** 31 - 1, dtype=torch.int32)
+    kb = torch.full(a["k_buckets"].shape, 2 ** 31 - 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q_buckets"):
+        call_bucketed(q_buckets=qb.long(), k_buckets=kb.long())
+    try:
+        o = dsa.bucketed_attention(a["q"], a["k"], a["v"], qb, kb, backend="torch")
+    except ValueError as e:
+        assert "q_buckets" in str(e)
+        return
+    o_ref = dsa.reference_attention(a["q"], a["k"], a["v"], qb, kb)
+    assert o_ref.abs().max() > 0
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6,
+                               msg=lambda m: "int32 bucket 2**31 - 1 was silently dropped: " + m)
