@@ -89,11 +89,12 @@ def test_triton_long_bf16(N, nb):
                for _ in range(3))
     g = torch.randn_like(q)
     _poison_allocator()
-    o = dsa.hash_sparse_attention(q, k, v, nb, backend="triton")
+    if nb > 1:
+        qb, kb = dsa.lsh_buckets(q, nb), dsa.lsh_buckets(k, nb)
+    else:       # the dense special case
+        qb = kb = torch.zeros(B, N, H, dtype=torch.long, device=DEV)
+    o = dsa.bucketed_attention(q, k, v, qb, kb, backend="triton")
     o.backward(g)
-    qb = dsa.lsh_buckets(q, max(nb, 2), group_size=1) if nb > 1 else \
-        torch.zeros(B, N, H, dtype=torch.long, device=DEV)
-    kb = dsa.lsh_buckets(k, max(nb, 2)) if nb > 1 else qb
     # oracle: the tiled PyTorch backend in float32 (checked against the dense
     # reference in test_torch_backend.py); float64 at 32k is too slow here
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
