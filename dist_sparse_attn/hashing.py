@@ -22,13 +22,41 @@ def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
 
 @functools.lru_cache(maxsize=64)
 def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
-    """Per-head rotations on ``device``, drawn once (no host-device copy per call).
+    """The rotations (heads // group_size, D, nb/2) on ``device``, drawn once
+    (no host-device copy per call).
 
     Built outside inference mode, so a first call under ``torch.inference_mode()``
     does not cache a tensor that autograd later refuses."""
     with torch.inference_mode(False):
-        rot = lsh_rotations(heads, dim, n_buckets, seed=seed, group_size=group_size)
-        return rot.to(device).repeat_interleave(group_size, 0)
+        return lsh_rotations(heads, dim, n_buckets, seed=seed,
+                             group_size=group_size).to(device)
+
+
+def _check_lsh_args(x, n_buckets, group_size):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+    check_n_buckets(n_buckets)
+    if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size:
+        raise ValueError(f"group_size must be a positive divisor of heads={x.shape[2]}, "
+                         f"got {group_size!r}")
+
+
+def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
+                  group_size: int = 1) -> torch.Tensor:
+    """Sort keys (B * heads, N) int64 of ``layout.sort_streams`` for the LSH
+    buckets of x at default positions, fused into one kernel on CUDA."""
+    _check_lsh_args(x, n_buckets, group_size)
+    B, N, Hx, D = x.shape
+    if x.is_cuda:
+        from .kernels.triton_hash import lsh_triton
+        rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)
+        return lsh_triton(x, rot, n_buckets, group_size, write_keys=True)
+    from .layout import bucket_keys
+    pos = torch.arange(N, device=x.device).expand(B, N)
+    return bucket_keys(lsh_buckets(x, n_buckets, seed=seed, group_size=group_size), pos)
 
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
@@ -40,17 +68,13 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     Returns (B, N, heads) int64 in ``[0, n_buckets)``. Invariant to positive
     scaling of x.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
-    check_n_buckets(n_buckets)
-    if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size:
-        raise ValueError(f"group_size must be a positive divisor of heads={x.shape[2]}, "
-                         f"got {group_size!r}")
+    _check_lsh_args(x, n_buckets, group_size)
     B, N, Hx, D = x.shape
-    rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)  # (heads, D, nb/2)
+    rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)  # (Hx/g, D, nb/2)
+    if x.is_cuda:       # fused kernel (one launch, no float copy of x)
+        from .kernels.triton_hash import lsh_triton
+        return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
+    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, nb/2)
     xr = torch.einsum("bnhd,hdr->bnhr", x.float(), rot)                     # (B, N, heads, nb/2)
     return torch.cat([xr, -xr], dim=-1).argmax(dim=-1)                       # (B, N, heads)
 

@@ -44,11 +44,20 @@ def sort_streams(buckets: torch.Tensor, positions: torch.Tensor) -> SortedStream
     bucket' is the bucket, or DROP when negative. Within a bucket the key
     orders by position, so key comparisons answer causal questions too.
     """
+    return sort_keys(bucket_keys(buckets, positions))
+
+
+def bucket_keys(buckets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unsorted stream keys (S, N) int64 from buckets (B, N, heads) and positions (B, N)."""
     B, N, heads = buckets.shape
     b = buckets.permute(0, 2, 1).to(torch.int64)                             # (B, heads, N)
     b = torch.where(b < 0, torch.full_like(b, DROP), b)
     pos = positions[:, None, :].expand(B, heads, N)                          # (B, heads, N)
-    key = ((b << 32) | (pos + _POS_OFF)).reshape(B * heads, N).contiguous()  # (S, N)
+    return ((b << 32) | (pos + _POS_OFF)).reshape(B * heads, N).contiguous()  # (S, N)
+
+
+def sort_keys(key: torch.Tensor) -> SortedStreams:
+    """Stable sort of stream keys (S, N) -> SortedStreams."""
     key, index = torch.sort(key, dim=-1, stable=True)
     return SortedStreams(index=index, key=key)
 

@@ -41,14 +41,21 @@ class AttentionPlan:
 def make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, *, causal,
               include_self, softmax_scale):
     """q (B, Nq, H, D), k (B, Nk, Hkv, D); buckets (B, N, heads); positions (B, N) int64."""
+    return plan_from_streams(q, k, sort_streams(q_buckets, q_positions),
+                             sort_streams(k_buckets, k_positions), causal=causal,
+                             include_self=include_self, softmax_scale=softmax_scale)
+
+
+def plan_from_streams(q, k, q_streams: SortedStreams, k_streams: SortedStreams, *, causal,
+                      include_self, softmax_scale):
+    """The plan for already sorted streams (e.g. from fused hashing)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     s = torch.arange(B * H, device=q.device)
     kv_of_q = (s // H) * Hkv + (s % H) // (H // Hkv)
     return AttentionPlan(
         B=B, Nq=Nq, Nk=Nk, H=H, Hkv=Hkv, D=D,
-        q_streams=sort_streams(q_buckets, q_positions),
-        k_streams=sort_streams(k_buckets, k_positions),
+        q_streams=q_streams, k_streams=k_streams,
         kv_of_q=kv_of_q, causal=bool(causal), include_self=bool(include_self),
         scale=D ** -0.5 if softmax_scale is None else float(softmax_scale))
 

@@ -62,7 +62,7 @@ def _allowed_t(kkey, lo, hi):
 
 @triton.jit
 def _load_rows(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
-    """[len(idx), BLOCK_D] tile of rows ``idx`` (int32 token numbers)."""
+    """[len(idx), BLOCK_D] tile of rows ``idx`` (token numbers)."""
     ptrs = base + idx.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
     return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
@@ -525,13 +525,9 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _streams_i32(plan: AttentionPlan):
-    """Sort indices as int32 for the kernels (N < 2**31)."""
-    cache = plan.cache
-    if "qidx" not in cache:
-        cache["qidx"] = plan.q_streams.index.to(torch.int32)
-        cache["kidx"] = plan.k_streams.index.to(torch.int32)
-    return cache["qidx"], cache["kidx"]
+def _stream_index(plan: AttentionPlan):
+    """Sort indices (int64 token numbers) of the query and key streams."""
+    return plan.q_streams.index, plan.k_streams.index
 
 
 def _nvalid(plan: AttentionPlan, side: str):
@@ -584,7 +580,7 @@ def triton_forward(q, k, v, plan: AttentionPlan):
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     bm, bn, warps, stages = _config(D, q.dtype, "fwd")
-    qidx, kidx = _streams_i32(plan)
+    qidx, kidx = _stream_index(plan)
     start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
@@ -608,7 +604,7 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan):
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
-    qidx, kidx = _streams_i32(plan)
+    qidx, kidx = _stream_index(plan)
     # delta_i = rowsum(dO_i * O_i) - dlse_i, in sorted order (S_q, Nq) float32
     delta_s = torch.empty((B * H, Nq), device=q.device, dtype=torch.float32)
     dlse_c = dlse.float().contiguous() if dlse is not None else delta_s
