@@ -10,8 +10,10 @@ import os
 import torch
 
 from . import _validation as V
-from .hashing import keep_to_buckets, lsh_buckets
-from .plan import AttentionPlan, make_plan
+from . import compile_ops
+from .hashing import keep_to_buckets, lsh_buckets, lsh_sort_keys
+from .layout import sort_keys
+from .plan import AttentionPlan, make_plan, plan_from_streams
 
 
 def _interpreting() -> bool:
@@ -89,6 +91,11 @@ def bucketed_attention(q, k, v, q_buckets, k_buckets, *, q_positions=None,
 def _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, *, causal,
                include_self, softmax_scale, return_lse, backend):
     """bucketed_attention on validated inputs (positions already (B, N) int64)."""
+    if torch.compiler.is_compiling():   # opaque custom ops: traceable, no graph break
+        o, lse = compile_ops.attention(q, k, v, q_buckets, k_buckets, q_positions,
+                                       k_positions, causal=causal, include_self=include_self,
+                                       softmax_scale=softmax_scale, backend=backend)
+        return (o, lse) if return_lse else o
     impl = _backend_impl(backend, q.device)
     plan = make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
                      include_self=include_self, softmax_scale=softmax_scale)
@@ -116,6 +123,16 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
     V.check_n_buckets(n_buckets)
     V.check_scale(softmax_scale)
     g = q.shape[2] // k.shape[2]
+    if q.is_cuda and not torch.compiler.is_compiling():
+        # fused hashing writes the sort keys directly: one launch per side
+        with torch.no_grad():
+            q_streams = sort_keys(lsh_sort_keys(q, n_buckets, seed=seed, group_size=g))
+            k_streams = sort_keys(lsh_sort_keys(k, n_buckets, seed=seed))
+        plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
+                                 include_self=include_self, softmax_scale=softmax_scale)
+        o, lse = BucketedAttentionFunction.apply(q, k, v, plan,
+                                                 _backend_impl(backend, q.device))
+        return (o, lse) if return_lse else o
     with torch.no_grad():
         qb = lsh_buckets(q, n_buckets, seed=seed, group_size=g)
         kb = lsh_buckets(k, n_buckets, seed=seed)
@@ -142,3 +159,77 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, causal=True, softmax_scale=N
     return _attention(q, k, v, keep_to_buckets(q_keep), keep_to_buckets(k_keep),
                       *_default_positions(q, k), causal=causal, include_self=True,
                       softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)
+
+
+def _check_cu_seqlens(name, cu, total, device):
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 \
+            or cu.dtype.is_floating_point or cu.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor of length n_segments + 1, got "
+                         f"{getattr(cu, 'shape', type(cu).__name__)}")
+    if cu.device != device:
+        raise ValueError(f"{name}.device {cu.device} differs from q.device {device}")
+    c = cu.tolist()
+    if c[0] != 0 or c[-1] != total or any(a > b for a, b in zip(c, c[1:])):
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the number "
+                         f"of tokens ({total}), got {c if len(c) <= 8 else c[:4] + ['...']}")
+    return cu.long()
+
+
+def bucketed_attention_varlen(q, k, v, q_buckets, k_buckets, cu_seqlens_q, cu_seqlens_k, *,
+                              q_positions=None, k_positions=None, causal=True,
+                              include_self=True, softmax_scale=None, return_lse=False,
+                              backend="auto"):
+    """bucketed_attention over packed variable-length sequences.
+
+    Args:
+        q: (Tq, H, D); k, v: (Tk, Hkv, D): segments packed one after another.
+        q_buckets: (Tq, H), k_buckets: (Tk, Hkv) integer (negative: dropped).
+        cu_seqlens_q, cu_seqlens_k: (n_segments + 1,) integer offsets, starting
+            at 0 and ending at Tq (Tk). Queries of segment s attend only keys of
+            segment s.
+        q_positions, k_positions: (T,) integer positions; default the index
+            of each token within its segment.
+    Returns o (Tq, H, D), or (o, lse (H, Tq) float32).
+
+    Implemented by giving every segment its own range of bucket ids, so one
+    sorted stream per head holds all segments and the kernels are unchanged.
+    """
+    V.check_backend(backend)
+    for name, t, rank in (("q", q, 3), ("k", k, 3), ("v", v, 3)):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            raise ValueError(f"{name} must be a 3-D tensor (T, heads, D) for varlen input, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+    V.check_qkv(q[None], k[None], v[None])
+    Tq, H, _ = q.shape
+    Tk, Hkv = k.shape[0], k.shape[1]
+    V.check_buckets("q_buckets", q_buckets[None] if isinstance(q_buckets, torch.Tensor)
+                    else q_buckets, 1, Tq, H, q.device)
+    V.check_buckets("k_buckets", k_buckets[None] if isinstance(k_buckets, torch.Tensor)
+                    else k_buckets, 1, Tk, Hkv, q.device)
+    cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, q.device)
+    ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk, q.device)
+    if cq.numel() != ck.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of "
+                         f"segments, got {cq.numel() - 1} and {ck.numel() - 1}")
+    V.check_scale(softmax_scale)
+    seg_q = torch.searchsorted(cq[1:], torch.arange(Tq, device=q.device), right=True)
+    seg_k = torch.searchsorted(ck[1:], torch.arange(Tk, device=q.device), right=True)
+    if q_positions is None:
+        q_positions = torch.arange(Tq, device=q.device) - cq[seg_q]
+    if k_positions is None:
+        k_positions = torch.arange(Tk, device=q.device) - ck[seg_k]
+    qpos = V.normalize_positions("q_positions", q_positions, 1, Tq, q.device)
+    kpos = V.normalize_positions("k_positions", k_positions, 1, Tk, q.device)
+    # segment s owns bucket ids [s * span, (s + 1) * span)
+    span = int(max(q_buckets.max(), k_buckets.max(), 0)) + 1
+    if (cq.numel() - 1) * span >= 2 ** 31 - 1:
+        raise ValueError(f"too many segments ({cq.numel() - 1}) for bucket ids up to {span - 1}: "
+                         "segment * bucket range must stay below 2**31 - 1")
+    qb = torch.where(q_buckets < 0, -1, q_buckets.long() + seg_q[:, None] * span)
+    kb = torch.where(k_buckets < 0, -1, k_buckets.long() + seg_k[:, None] * span)
+    out = _attention(q[None], k[None], v[None], qb[None], kb[None], qpos, kpos, causal=causal,
+                     include_self=include_self, softmax_scale=softmax_scale,
+                     return_lse=return_lse, backend=backend)
+    if return_lse:
+        return out[0][0], out[1][0]
+    return out[0]

@@ -22,11 +22,19 @@ class AttentionPlan:
     D: int
     q_streams: SortedStreams    # S_q = B * H streams of length Nq
     k_streams: SortedStreams    # S_k = B * Hkv streams of length Nk
-    kv_of_q: torch.Tensor       # (S_q,) int64, the kv stream each query stream reads
     causal: bool
     include_self: bool
     scale: float
     cache: dict = field(default_factory=dict)   # backend metadata, e.g. block ranges per tile shape
+
+    @property
+    def kv_of_q(self) -> torch.Tensor:
+        """(S_q,) int64, the kv stream each query stream reads (built on first use:
+        the Triton kernels compute it themselves)."""
+        if "kv_of_q" not in self.cache:
+            s = torch.arange(self.B * self.H, device=self.q_streams.key.device)
+            self.cache["kv_of_q"] = (s // self.H) * self.Hkv + (s % self.H) // self.group
+        return self.cache["kv_of_q"]
 
     @property
     def group(self):
@@ -51,12 +59,9 @@ def plan_from_streams(q, k, q_streams: SortedStreams, k_streams: SortedStreams, 
     """The plan for already sorted streams (e.g. from fused hashing)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
-    s = torch.arange(B * H, device=q.device)
-    kv_of_q = (s // H) * Hkv + (s % H) // (H // Hkv)
     return AttentionPlan(
         B=B, Nq=Nq, Nk=Nk, H=H, Hkv=Hkv, D=D,
-        q_streams=q_streams, k_streams=k_streams,
-        kv_of_q=kv_of_q, causal=bool(causal), include_self=bool(include_self),
+        q_streams=q_streams, k_streams=k_streams, causal=bool(causal), include_self=bool(include_self),
         scale=D ** -0.5 if softmax_scale is None else float(softmax_scale))
 
 

@@ -438,8 +438,9 @@ def _search(KEY, row0, BS, N, nb, x, n_iter, LAST: tl.constexpr, RIGHT: tl.const
 
 
 @triton.jit
-def _ranges_kernel(SELF_KEY, OTHER_KEY, NVALID, R_START, R_FLO, R_FHI, R_END,
+def _ranges_kernel(SELF_KEY, OTHER_KEY, R_START, R_FLO, R_FHI, R_END,
                    H, HKV, N_self, N_other, BS_self, BS_other, nb_self, nb_other, n_iter,
+                   n_iter_self,
                    TRANSPOSED: tl.constexpr, CAUSAL: tl.constexpr, SHIFT: tl.constexpr,
                    VB: tl.constexpr):
     """Grid (cdiv(nb_self, VB), S_q). Not transposed: the blocks are query
@@ -458,11 +459,19 @@ def _ranges_kernel(SELF_KEY, OTHER_KEY, NVALID, R_START, R_FLO, R_FHI, R_END,
     blk = tl.program_id(0) * VB + tl.arange(0, VB)
     ok = blk < nb_self
     first, last = _edge_key(SELF_KEY, srow0, blk, BS_self, N_self)
+    # valid rows come first (dropped keys sort last): count them by binary search
+    DROPKEY: tl.constexpr = 2147483647 << 32
+    lo = 0
+    hi = N_self
+    for _ in range(n_iter_self):
+        mid = (lo + hi) // 2
+        a = tl.load(SELF_KEY + srow0 + mid, mask=lo < hi, other=DROPKEY)
+        lo = tl.where((lo < hi) & (a < DROPKEY), mid + 1, lo)
+        hi = tl.where((lo < hi) & (a >= DROPKEY), mid, hi)
+    nvalid = lo
     # largest valid key of the block: rows [blk*BS, nvalid) are valid
-    nvalid = tl.load(NVALID + self_stream)
     lv_i = tl.minimum(blk * BS_self + BS_self - 1, nvalid - 1)
     last_valid = tl.load(SELF_KEY + srow0 + lv_i, mask=ok & (blk * BS_self < nvalid), other=-1)
-    DROPKEY: tl.constexpr = 2147483647 << 32
     LOW: tl.constexpr = 4294967295
     no_rows = first >= DROPKEY
     uniform = (last < DROPKEY) & ((first >> 32) == (last >> 32))
@@ -530,15 +539,6 @@ def _stream_index(plan: AttentionPlan):
     return plan.q_streams.index, plan.k_streams.index
 
 
-def _nvalid(plan: AttentionPlan, side: str):
-    """Valid (non-dropped) rows per stream, int32 (S,)."""
-    key = ("nvalid", side)
-    if key not in plan.cache:
-        st = plan.q_streams if side == "q" else plan.k_streams
-        plan.cache[key] = (st.key < (_DROP_INT << 32)).sum(-1, dtype=torch.int32)
-    return plan.cache[key]
-
-
 def _ranges(plan: AttentionPlan, bm: int, bn: int, transposed: bool):
     """Block ranges (start, full_lo, full_hi, end), each (S_q, nb) int32, from one
     launch of ``_ranges_kernel`` (``layout.kv_ranges`` / ``q_ranges`` compute the
@@ -549,19 +549,19 @@ def _ranges(plan: AttentionPlan, bm: int, bn: int, transposed: bool):
     qs, ks = plan.q_streams, plan.k_streams
     if transposed:
         self_key, other_key, bs_self, bs_other = ks.key, qs.key, bn, bm
-        n_self, n_other, side = plan.Nk, plan.Nq, "k"
+        n_self, n_other = plan.Nk, plan.Nq
     else:
         self_key, other_key, bs_self, bs_other = qs.key, ks.key, bm, bn
-        n_self, n_other, side = plan.Nq, plan.Nk, "q"
+        n_self, n_other = plan.Nq, plan.Nk
     nb_self, nb_other = triton.cdiv(n_self, bs_self), triton.cdiv(n_other, bs_other)
     S = plan.B * plan.H
     out = [torch.empty((S, nb_self), device=self_key.device, dtype=torch.int32)
            for _ in range(4)]
     vb = 64 if _INTERPRET else 128
     _ranges_kernel[(triton.cdiv(nb_self, vb), S)](
-        self_key, other_key, _nvalid(plan, side), *out,
+        self_key, other_key, *out,
         plan.H, plan.Hkv, n_self, n_other, bs_self, bs_other, nb_self, nb_other,
-        max(1, nb_other.bit_length()),
+        max(1, nb_other.bit_length()), max(1, n_self.bit_length()),
         TRANSPOSED=transposed, CAUSAL=plan.causal, SHIFT=plan.shift, VB=vb)
     plan.cache[key] = tuple(out)
     return plan.cache[key]
