@@ -32,6 +32,19 @@ def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
                              group_size=group_size).to(device)
 
 
+def _fused(x, n_buckets):
+    """Use the fused Triton hashing kernel? On CUDA, for the shapes where it was
+    measured fast on an H100 (head dim x half the buckets, padded, <= 2048; at
+    D=128 with 64 buckets it ran ~20x slower than the PyTorch ops, presumably
+    register spills). Both lsh_buckets and lsh_sort_keys decide here, so they
+    always agree."""
+    if not x.is_cuda:
+        return False
+    bd = max(16, 1 << (x.shape[-1] - 1).bit_length())
+    br = max(16, 1 << (n_buckets // 2 - 1).bit_length())
+    return bd * br <= 2048
+
+
 def _check_lsh_args(x, n_buckets, group_size):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
@@ -50,7 +63,7 @@ def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     buckets of x at default positions, fused into one kernel on CUDA."""
     _check_lsh_args(x, n_buckets, group_size)
     B, N, Hx, D = x.shape
-    if x.is_cuda:
+    if _fused(x, n_buckets):
         from .kernels.triton_hash import lsh_triton
         rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)
         return lsh_triton(x, rot, n_buckets, group_size, write_keys=True)
@@ -71,7 +84,7 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     _check_lsh_args(x, n_buckets, group_size)
     B, N, Hx, D = x.shape
     rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)  # (Hx/g, D, nb/2)
-    if x.is_cuda:       # fused kernel (one launch, no float copy of x)
+    if _fused(x, n_buckets):       # one launch, no float copy of x
         from .kernels.triton_hash import lsh_triton
         return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
     rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, nb/2)

@@ -9,6 +9,8 @@ from helpers import assert_close_rel
 
 BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1"
                         or torch.cuda.is_available() else [])
+# the Triton path runs on CUDA tensors, or on CPU tensors under the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _segments(lengths):
@@ -21,13 +23,14 @@ def _segments(lengths):
 @pytest.mark.parametrize("lengths", [[5, 40, 1, 77], [63], [0, 30, 0, 20]], ids=str)
 def test_varlen_equals_per_segment(backend, lengths):
     H, Hkv, D, nb = 4, 2, 16, 3
-    cu = _segments(lengths)
+    dev = DEVICE if backend == "triton" else "cpu"
+    cu = _segments(lengths).to(dev)
     T = int(cu[-1])
-    q = torch.randn(T, H, D, requires_grad=True)
-    k = torch.randn(T, Hkv, D, requires_grad=True)
-    v = torch.randn(T, Hkv, D, requires_grad=True)
-    qb = torch.randint(-1, nb, (T, H))
-    kb = torch.randint(-1, nb, (T, Hkv))
+    q = torch.randn(T, H, D, device=dev, requires_grad=True)
+    k = torch.randn(T, Hkv, D, device=dev, requires_grad=True)
+    v = torch.randn(T, Hkv, D, device=dev, requires_grad=True)
+    qb = torch.randint(-1, nb, (T, H), device=dev)
+    kb = torch.randint(-1, nb, (T, Hkv), device=dev)
     o, lse = dsa.bucketed_attention_varlen(q, k, v, qb, kb, cu, cu, return_lse=True,
                                            backend=backend)
     g = torch.randn_like(o)
@@ -42,8 +45,10 @@ def test_varlen_equals_per_segment(backend, lengths):
         assert_close_rel(o[a:b], ro[0], 1e-5, f"o seg {s}", atol=1e-6)
         assert torch.equal(torch.isinf(lse[:, a:b]), torch.isinf(rlse[0]))
         rq, rk, rv = torch.autograd.grad((ro[0] * g[a:b].double()).sum(), (qs, ks, vs))
+        # atol scaled to the segment: a gradient can be exactly 0 analytically
+        # (a row whose only key is itself), leaving float32 rounding residue
         for name, x, y in (("dq", dq[a:b], rq), ("dk", dk[a:b], rk), ("dv", dv[a:b], rv)):
-            assert_close_rel(x, y, 1e-5, f"{name} seg {s}", atol=1e-6)
+            assert_close_rel(x, y, 1e-5, f"{name} seg {s}", atol=1e-5 * (b - a) ** 0.5)
 
 
 def test_varlen_explicit_positions_and_errors():
