@@ -38,7 +38,8 @@ def _fused(x, n_buckets):
     D=128 with 64 buckets it ran ~20x slower than the PyTorch ops, presumably
     register spills). Both lsh_buckets and lsh_sort_keys decide here, so they
     always agree."""
-    if not x.is_cuda:
+    if not x.is_cuda or torch.compiler.is_compiling():
+        # (under torch.compile the PyTorch ops trace; the raw kernel launch may not)
         return False
     bd = max(16, 1 << (x.shape[-1] - 1).bit_length())
     br = max(16, 1 << (n_buckets // 2 - 1).bit_length())
