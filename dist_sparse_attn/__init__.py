@@ -3,6 +3,7 @@ from .hashing import keep_to_buckets, lsh_buckets
 from .ops import (bucketed_attention, bucketed_attention_varlen, hash_sparse_attention,
                   qk_sparse_attention)
 from .reference import reference_attention
+from . import parallel
 
 __version__ = "0.1.0"
 

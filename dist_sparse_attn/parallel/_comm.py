@@ -1,0 +1,122 @@
+"""Collectives shared by the sequence-parallel strategies.
+
+Only ``all_to_all_single`` (uneven and zero splits work on gloo and NCCL) and
+``all_gather`` of equal-sized tensors are used: gloo cannot gather unequal
+sizes. Every differentiable exchange goes through :class:`_AllToAllSingle`,
+whose backward is the same exchange in the opposite direction.
+
+Each strategy packs everything that travels in one direction into ONE flat
+buffer, so the forward and the backward run exactly one collective per
+exchange, in the same order on every rank (several independent collectives in
+a backward could be run in a different order on different ranks by the
+autograd engine and deadlock).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .. import _validation as V
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+class _AllToAllSingle(torch.autograd.Function):
+    """out = all_to_all_single(inp) along dim 0; backward sends the gradient back."""
+
+    @staticmethod
+    def forward(ctx, inp, send_splits: List[int], recv_splits: List[int], group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = inp.new_empty((sum(recv_splits),) + tuple(inp.shape[1:]))
+        dist.all_to_all_single(out, inp.contiguous(), output_split_sizes=recv_splits,
+                               input_split_sizes=send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_in = grad_out.new_empty((sum(ctx.send_splits),) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(),
+                               output_split_sizes=ctx.send_splits,
+                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(inp: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+               group) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` along dim 0 with (uneven) split sizes."""
+    send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    if inp.requires_grad:
+        return _AllToAllSingle.apply(inp, send_splits, recv_splits, group)
+    out = inp.new_empty((sum(recv_splits),) + tuple(inp.shape[1:]))
+    dist.all_to_all_single(out, inp.contiguous(), output_split_sizes=recv_splits,
+                           input_split_sizes=send_splits, group=group)
+    return out
+
+
+def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """counts (P, c) int64, row s = what this rank sends to rank s -> (P, c), row s =
+    what rank s sends to this rank."""
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    return out
+
+
+def all_gather_equal(t: torch.Tensor, group) -> torch.Tensor:
+    """Equal-shaped ``all_gather`` -> (P, *t.shape)."""
+    P = dist.get_world_size(group)
+    out = [torch.empty_like(t) for _ in range(P)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.stack(out)
+
+
+# metadata row: [ok, B, H, Hkv, D, dtype, n, max bucket, causal, include_self, strategy]
+_META = 11
+
+
+def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, strategies,
+                             causal, include_self, softmax_scale, backend):
+    """Validate this rank's inputs and check that all ranks agree, with ONE all_gather.
+
+    A local error is not raised at once (the other ranks would wait forever in
+    the gather): it travels as ``ok = 0`` and every rank raises a ValueError.
+
+    Returns (lengths: list of every rank's shard length, global max bucket).
+    """
+    dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    row = torch.full((_META,), -1, dtype=torch.int64)
+    error = None
+    try:
+        if strategy not in strategies:
+            raise ValueError(f"strategy must be one of {tuple(strategies)}, got {strategy!r}")
+        V.check_backend(backend)
+        V.check_qkv(q, k, v)
+        B, n, H, D = q.shape
+        if k.shape[1] != n:
+            raise ValueError(f"q and k/v shards must have the same length on every rank, got "
+                             f"{n} and {k.shape[1]}")
+        V.check_buckets("q_buckets", q_buckets, B, n, H, q.device)
+        V.check_buckets("k_buckets", k_buckets, B, n, k.shape[2], q.device)
+        V.check_scale(softmax_scale)
+        mb = max(int(q_buckets.max()), int(k_buckets.max()))
+        row = torch.tensor([1, B, H, k.shape[2], D, _DTYPE_CODES[q.dtype], n, mb, int(causal),
+                            int(include_self), list(strategies).index(strategy)],
+                           dtype=torch.int64)
+    except ValueError as e:
+        error = e
+    if dist.get_backend(group) == "nccl":
+        row = row.to(dev)
+    rows = all_gather_equal(row, group).cpu()                                 # (P, _META)
+    if error is not None:
+        raise error
+    bad = (rows[:, 0] != 1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"sequence_parallel_attention: invalid inputs on rank(s) {bad} of the "
+                         "group (see the error raised there)")
+    names = ("B", "H", "Hkv", "D", "dtype", None, None, "causal", "include_self", "strategy")
+    for col, name in enumerate(names, start=1):
+        if name is not None and not (rows[:, col] == rows[0, col]).all():
+            raise ValueError(f"sequence_parallel_attention: {name} differs between ranks: "
+                             f"{rows[:, col].tolist()} (rank order)")
+    return rows[:, 6].tolist(), int(rows[:, 7].max())

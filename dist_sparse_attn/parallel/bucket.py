@@ -1,0 +1,202 @@
+"""Bucket-routed sequence parallelism (DESIGN §3).
+
+Hash-sparse attention only connects tokens of the same bucket, so every
+(batch b, kv head j, bucket) *group* is an independent attention problem.
+Groups are assigned to owner ranks by cost (``n_q * n_k / 2``, longest
+processing time first), every q item (token, query head) and k item (token,
+kv head) travels to its group's owner with its global position and group id,
+the owner runs the local kernel on everything it received as one stream
+(the group id as the bucket, so attention stays inside each group), and the
+outputs travel back. Backward runs the same exchanges in reverse (autograd).
+
+Communication per call, in this order on every rank:
+    forward  1 all_reduce (group sizes), 1 all_to_all (item counts),
+             1 all_to_all (int64 positions + group ids), 1 all_to_all (q, k, v rows),
+             1 all_to_all (outputs back)
+    backward 1 all_to_all (output gradients), 1 all_to_all (q, k, v gradients)
+(+ 2 all_gathers to number the groups when bucket ids are too sparse for a
+dense table, see ``_group_index``.)
+"""
+from __future__ import annotations
+
+import heapq
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from ..ops import bucketed_attention
+from . import _comm
+
+_DENSE_GROUPS_MAX = 2 ** 22     # dense (b, j, bucket) tables up to 4M entries (64 MiB of counts)
+
+
+def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
+                              include_self=True, softmax_scale=None, backend="auto",
+                              _meta=None):
+    """Bucket-routed sequence-parallel ``bucketed_attention``.
+
+    Args:
+        q: (B, n_r, H, D) this rank's contiguous shard (rank order = sequence order).
+        k, v: (B, n_r, Hkv, D); q_buckets (B, n_r, H); k_buckets (B, n_r, Hkv) integer
+            (negative: dropped).
+        group: process group (None: the default group).
+    Returns this rank's shard (B, n_r, H, D) of the single-device result.
+    """
+    if _meta is None:
+        _meta = _comm.validate_and_gather_meta(
+            q, k, v, q_buckets, k_buckets, group=group, strategy="bucket",
+            strategies=("bucket",), causal=causal, include_self=include_self,
+            softmax_scale=softmax_scale, backend=backend)
+    lengths, max_bucket = _meta
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    B, n, H, D = q.shape
+    Hkv = k.shape[2]
+    g = H // Hkv
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if max_bucket < 0:              # every token of every rank dropped: output 0
+        return q * 0
+    dev = q.device
+    offset = sum(lengths[:rank])
+
+    # ---- items and their group keys (b * Hkv + j) * nb + bucket --------------------------
+    nb = max_bucket + 1
+    t_q = torch.arange(n, device=dev)[None, :, None].expand(B, n, H)          # (B, n, H)
+    j_q = (torch.arange(H, device=dev) // g)[None, None, :]                   # (1, 1, H)
+    b_q = torch.arange(B, device=dev)[:, None, None]                          # (B, 1, 1)
+    qb = q_buckets.long()
+    key_q = ((b_q * Hkv + j_q) * nb + qb).reshape(-1)                         # (B*n*H,)
+    valid_q = (qb >= 0).reshape(-1)
+    pos_q = (t_q + offset).reshape(-1)
+    j_k = torch.arange(Hkv, device=dev)[None, None, :]                        # (1, 1, Hkv)
+    kb = k_buckets.long()
+    key_k = ((b_q * Hkv + j_k) * nb + kb).reshape(-1)                         # (B*n*Hkv,)
+    valid_k = (kb >= 0).reshape(-1)
+    pos_k = (torch.arange(n, device=dev)[None, :, None].expand(B, n, Hkv) + offset).reshape(-1)
+
+    idx_q = valid_q.nonzero().flatten()
+    idx_k = valid_k.nonzero().flatten()
+    gid_q, gid_k, n_groups = _group_index(key_q[idx_q], key_k[idx_k], B * Hkv * nb, group)
+
+    # ---- global group sizes and the owner of every group ---------------------------------
+    sizes = torch.stack([torch.bincount(gid_q, minlength=n_groups),
+                         torch.bincount(gid_k, minlength=n_groups)])          # (2, G)
+    dist.all_reduce(sizes, group=group)
+    owner = _lpt_owners(sizes[0].cpu(), sizes[1].cpu(), P).to(dev)            # (G,), -1 unrouted
+
+    # ---- route the items: sort by owner, then one exchange each ------------------------
+    dest_q, dest_k = owner[gid_q], owner[gid_k]
+    keep_q, keep_k = dest_q >= 0, dest_k >= 0
+    idx_q, gid_q, dest_q = idx_q[keep_q], gid_q[keep_q], dest_q[keep_q]
+    idx_k, gid_k, dest_k = idx_k[keep_k], gid_k[keep_k], dest_k[keep_k]
+    order_q = torch.sort(dest_q, stable=True).indices
+    order_k = torch.sort(dest_k, stable=True).indices
+    idx_q, gid_q, dest_q = idx_q[order_q], gid_q[order_q], dest_q[order_q]
+    idx_k, gid_k, dest_k = idx_k[order_k], gid_k[order_k], dest_k[order_k]
+    send = torch.stack([torch.bincount(dest_q, minlength=P),
+                        torch.bincount(dest_k, minlength=P)], 1)              # (P, 2)
+    recv = _comm.exchange_counts(send, group)                                 # (P, 2)
+    sq, sk = send[:, 0].tolist(), send[:, 1].tolist()
+    rq, rk = recv[:, 0].tolist(), recv[:, 1].tolist()
+
+    # int64 metadata, per destination [pos_q | gid_q | pos_k | gid_k]
+    meta_send = _interleave([pos_q[idx_q], gid_q, pos_k[idx_k], gid_k],
+                            [sq, sq, sk, sk])
+    meta_recv = _comm.all_to_all(meta_send, [2 * a + 2 * b for a, b in zip(sq, sk)],
+                                 [2 * a + 2 * b for a, b in zip(rq, rk)], group)
+    rpos_q, rgid_q, rpos_k, rgid_k = _deinterleave(meta_recv, [rq, rq, rk, rk])
+
+    # rows, per destination [q rows | k rows | v rows], flattened to one buffer
+    q_rows = q.reshape(-1, D)[idx_q]                                          # (Sq, D)
+    k_rows = k.reshape(-1, D)[idx_k]                                          # (Sk, D)
+    v_rows = v.reshape(-1, D)[idx_k]                                          # (Sk, D)
+    x_send = _interleave([q_rows.reshape(-1), k_rows.reshape(-1), v_rows.reshape(-1)],
+                         [[a * D for a in sq], [a * D for a in sk], [a * D for a in sk]])
+    x_recv = _comm.all_to_all(x_send, [(a + 2 * b) * D for a, b in zip(sq, sk)],
+                              [(a + 2 * b) * D for a, b in zip(rq, rk)], group)
+    qr, kr, vr = _deinterleave(x_recv, [[a * D for a in rq], [a * D for a in rk],
+                                        [a * D for a in rk]])
+    qr, kr, vr = qr.view(-1, D), kr.view(-1, D), vr.view(-1, D)              # (Mq|Mk, D)
+
+    # ---- the owner's groups as one stream: bucket = group id ---------------------------
+    if qr.shape[0] and kr.shape[0]:
+        o_r = bucketed_attention(qr[None, :, None, :], kr[None, :, None, :],
+                                 vr[None, :, None, :], rgid_q[None, :, None],
+                                 rgid_k[None, :, None], q_positions=rpos_q[None],
+                                 k_positions=rpos_k[None], causal=causal,
+                                 include_self=include_self, softmax_scale=scale,
+                                 backend=backend)[0, :, 0, :]                 # (Mq, D)
+    else:
+        # nothing to compute here; keep q, k, v in the graph so that this rank's backward
+        # runs the same collectives as the others'
+        o_r = qr * 0 + (kr.sum() + vr.sum()) * 0
+
+    # ---- outputs back home, scattered into (B, n, H, D); unrouted items stay 0 ----------
+    o_back = _comm.all_to_all(o_r.reshape(-1), [a * D for a in rq], [a * D for a in sq], group)
+    out = q.new_zeros(B * n * H, D).index_copy(0, idx_q, o_back.view(-1, D))
+    return out.view(B, n, H, D)
+
+
+def _group_index(key_q, key_k, n_dense: int, group):
+    """Number the (b, j, bucket) groups identically on every rank.
+
+    Dense keys are used as they are when the table is small; otherwise the
+    distinct keys of all ranks are gathered (padded to equal sizes) and
+    numbered in sorted order. Returns (gid_q, gid_k, number of groups), ids < 2**31 - 1.
+    """
+    if n_dense <= _DENSE_GROUPS_MAX:
+        return key_q, key_k, n_dense
+    local = torch.unique(torch.cat([key_q, key_k]))                           # sorted
+    counts = _comm.all_gather_equal(torch.tensor([local.numel()], device=local.device),
+                                    group).flatten()
+    width = max(int(counts.max()), 1)
+    padded = torch.full((width,), -1, dtype=torch.int64, device=local.device)
+    padded[:local.numel()] = local
+    every = _comm.all_gather_equal(padded, group).flatten()
+    keys = torch.unique(every[every >= 0])                                    # (G,) sorted
+    if keys.numel() >= 2 ** 31 - 1:
+        raise ValueError(f"too many (batch, kv head, bucket) groups: {keys.numel()}")
+    return (torch.searchsorted(keys, key_q), torch.searchsorted(keys, key_k), keys.numel())
+
+
+def _lpt_owners(n_q: torch.Tensor, n_k: torch.Tensor, P: int) -> torch.Tensor:
+    """Owner rank of every group by longest-processing-time-first on cost n_q * n_k / 2.
+
+    Deterministic (integer costs, ties broken by group id and then by rank),
+    so every rank computes the same assignment. Groups without queries or
+    without keys are not routed (-1): their outputs are 0.
+    """
+    owner = torch.full_like(n_q, -1)
+    live = ((n_q > 0) & (n_k > 0)).nonzero().flatten()
+    if live.numel() == 0:
+        return owner
+    cost = n_q[live] * n_k[live]                                              # 2 * the cost
+    # descending cost, ascending group id for ties (stable sort of ids ascending)
+    order = torch.sort(cost, descending=True, stable=True).indices
+    gids, costs = live[order].tolist(), cost[order].tolist()
+    loads = [(0, r) for r in range(P)]                                       # (load, rank) heap
+    assign: List[int] = []
+    for c in costs:
+        load, r = heapq.heappop(loads)
+        assign.append(r)
+        heapq.heappush(loads, (load + c, r))
+    owner[torch.tensor(gids, dtype=torch.long)] = torch.tensor(assign, dtype=owner.dtype)
+    return owner
+
+
+def _interleave(parts, splits):
+    """Concatenate per destination: [parts[0][dest 0], parts[1][dest 0], ...,
+    parts[0][dest 1], ...].
+
+    parts: 1-D tensors, splits[i] the per-destination sizes of parts[i]."""
+    chunks = [torch.split(p, s) for p, s in zip(parts, splits)]
+    return torch.cat([c[d] for d in range(len(splits[0])) for c in chunks])
+
+
+def _deinterleave(buf, splits):
+    """Inverse of :func:`_interleave`: the list of parts."""
+    P = len(splits[0])
+    sizes = [splits[i][d] for d in range(P) for i in range(len(splits))]
+    pieces = torch.split(buf, sizes)
+    m = len(splits)
+    return [torch.cat([pieces[d * m + i] for d in range(P)]) for i in range(m)]
