@@ -6,6 +6,12 @@ inputs from a shared seed, takes its shard (uneven lengths), runs the strategy
 and compares its output shard and its q/k/v gradient shards (backward of
 sum(o * g)) with ``reference_attention`` on the full tensors in float64. A
 worker writes "ok" or its traceback per case; the tests read those files.
+Cases of kind "hash" / "module" check the conveniences and
+``SequenceParallelSparseAttention`` against the functional API.
+
+``test_failed_rank_raises_within_timeout`` makes one rank of a 3-rank group
+exit (or stall) before a collective and checks that the others raise within
+the process-group timeout.
 """
 from __future__ import annotations
 
@@ -46,6 +52,28 @@ CASES = {
                                     dtype=torch.float32),
     "ulysses_w3_indivisible": dict(lengths=[37, 64, 11], kind="ulysses_error"),
     # world 4
+    # world 2: allgather (QK-sparse), conveniences, module
+    "allgather_w2_keep_gqa": dict(lengths=[57, 70], B=2, H=4, Hkv=2, buckets="keep",
+                                  strategy="allgather"),
+    "allgather_w2_rank0_dropped": dict(lengths=[45, 80], B=1, H=2, Hkv=1, buckets="keep",
+                                       drop_rank=0, strategy="allgather"),
+    "hash_convenience_w2": dict(lengths=[64, 63], B=2, H=4, Hkv=2, nb=4, kind="hash"),
+    "module_w2": dict(lengths=[45, 80], B=1, H=4, Hkv=2, nb=4, kind="module"),
+    # world 3: allgather
+    "allgather_w3_keep_gqa": dict(lengths=[37, 64, 11], B=2, H=4, Hkv=2, buckets="keep",
+                                  strategy="allgather"),
+    "allgather_w3_rank1_dropped_f32": dict(lengths=[50, 13, 44], B=1, H=2, Hkv=2,
+                                           buckets="keep", drop_rank=1, strategy="allgather",
+                                           dtype=torch.float32),
+    "allgather_w3_buckets_exclude_self": dict(lengths=[37, 64, 11], B=1, H=3, Hkv=1,
+                                              buckets="dropped", nb=3, include_self=False,
+                                              strategy="allgather"),
+    "allgather_w3_noncausal": dict(lengths=[20, 41, 33], B=1, H=2, Hkv=2, buckets="keep",
+                                   causal=False, strategy="allgather"),
+    "allgather_w3_no_keys": dict(lengths=[10, 5, 7], B=1, H=2, Hkv=1, buckets="no_keys",
+                                 strategy="allgather"),
+    "allgather_w3_all_dropped": dict(lengths=[10, 5, 7], B=1, H=2, Hkv=1,
+                                     buckets="all_dropped", strategy="allgather"),
     "bucket_w4_gqa": dict(lengths=[37, 64, 11, 50], B=1, H=4, Hkv=2, buckets="random", nb=4),
     "bucket_w4_skewed_mqa": dict(lengths=[37, 64, 11, 50], B=2, H=3, Hkv=1, buckets="skewed",
                                  nb=8),
@@ -68,6 +96,11 @@ def _buckets(kind, nb, q, k, gen):
         return lsh_buckets(q, nb, seed=3, group_size=H // Hkv), lsh_buckets(k, nb, seed=3)
     if kind == "all_dropped":
         return -torch.ones(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
+    if kind == "keep":         # QK-sparse: half of the (token, head) items dropped
+        return (torch.where(torch.rand(B, N, H, generator=gen) < 0.5, -1, 0),
+                torch.where(torch.rand(B, N, Hkv, generator=gen) < 0.5, -1, 0))
+    if kind == "no_keys":      # queries kept, every key dropped: every row empty
+        return torch.zeros(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
     if kind == "single":       # one group per (b, kv head): most ranks own nothing
         return torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
     if kind == "sparse_ids":    # ids far apart: too many for a dense (b, j, bucket) table
@@ -108,8 +141,18 @@ def _check_case(name, spec, rank, world, seed):
         qd = q[..., :8] if rank == 1 else q
         with pytest.raises(ValueError, match="D differs"):
             spa(qd, qd, qd, kb, kb)
+        # the conveniences validate across ranks too: a bad keep-mask on rank 1 only
+        from dist_sparse_attn.parallel import (sequence_parallel_hash_attention,
+                                               sequence_parallel_qk_attention)
+        keep = torch.ones(1, hi - lo, 2, dtype=torch.bool)
+        kbad = keep.long() if rank == 1 else keep
+        with pytest.raises(ValueError, match="q_keep" if rank == 1 else "rank"):
+            sequence_parallel_qk_attention(q, q, q, kbad, keep)
+        with pytest.raises(ValueError, match="n_buckets" if rank == 1 else "rank"):
+            sequence_parallel_hash_attention(q, q, q, 3 if rank == 1 else 4)
         # the group is still in step: a valid call works afterwards
         assert spa(q, q, q, kb, kb, backend="torch").shape == q.shape
+        assert spa(q, q, q, kb, kb, strategy="allgather", backend="torch").shape == q.shape
         return
     if spec.get("kind") == "ulysses_error":
         q = torch.randn(1, hi - lo, 4, D, generator=gen)
@@ -117,6 +160,10 @@ def _check_case(name, spec, rank, world, seed):
         with pytest.raises(ValueError, match="divide"):
             spa(q, k, k, torch.zeros(1, hi - lo, 4, dtype=torch.long),
                 torch.zeros(1, hi - lo, 2, dtype=torch.long), strategy="ulysses")
+        return
+
+    if spec.get("kind") in ("hash", "module"):
+        _check_convenience(spec, rank, gen)
         return
 
     B, H, Hkv, N = spec["B"], spec["H"], spec["Hkv"], sum(lengths)
@@ -127,6 +174,10 @@ def _check_case(name, spec, rank, world, seed):
     v = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
     g = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
     qb, kb = _buckets(spec["buckets"], spec.get("nb"), q, k, gen)
+    if "drop_rank" in spec:     # one rank keeps nothing: no queries, no keys to send
+        a = sum(lengths[:spec["drop_rank"]])
+        qb[:, a:a + lengths[spec["drop_rank"]]] = -1
+        kb[:, a:a + lengths[spec["drop_rank"]]] = -1
     kw = dict(causal=causal, include_self=include_self)
 
     full = [x.clone().requires_grad_(True) for x in (q, k, v)]
@@ -145,6 +196,77 @@ def _check_case(name, spec, rank, world, seed):
     assert_close_rel(o, o_ref[:, lo:hi].detach(), name="o", **tol)
     for nm, gr, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close_rel(gr, ref[:, lo:hi], name=nm, **tol)
+
+
+def _check_convenience(spec, rank, gen):
+    """kind "hash": sequence_parallel_hash_attention == the bucket strategy given the same
+    LSH buckets explicitly == single-device hash_sparse_attention; kind "module": the modules
+    (hash and qk modes) == the functional API, forward and gradients."""
+    from helpers import assert_close_rel
+
+    from dist_sparse_attn import (SequenceParallelSparseAttention, hash_sparse_attention,
+                                  lsh_buckets, qk_sparse_attention)
+    from dist_sparse_attn.parallel import (sequence_parallel_attention,
+                                           sequence_parallel_hash_attention,
+                                           sequence_parallel_qk_attention)
+
+    lengths = spec["lengths"]
+    lo, hi = sum(lengths[:rank]), sum(lengths[:rank + 1])
+    B, H, Hkv, N, nb = spec["B"], spec["H"], spec["Hkv"], sum(lengths), spec["nb"]
+    q = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, N, Hkv, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, N, Hkv, D, generator=gen, dtype=torch.float64)
+    g = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64)
+    tol = dict(rtol=1e-9, atol=1e-12)
+
+    def run(fn):
+        shard = [x[:, lo:hi].clone().requires_grad_(True) for x in (q, k, v)]
+        o = fn(*shard)
+        return (o, *torch.autograd.grad(o, shard, g[:, lo:hi]))
+
+    if spec["kind"] == "hash":
+        got = run(lambda a, b, c: sequence_parallel_hash_attention(a, b, c, nb, seed=7,
+                                                                   backend="torch"))
+        qb = lsh_buckets(q, nb, seed=7, group_size=H // Hkv)[:, lo:hi]
+        kb = lsh_buckets(k, nb, seed=7)[:, lo:hi]
+        want = run(lambda a, b, c: sequence_parallel_attention(a, b, c, qb, kb, backend="torch"))
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+        full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o_ref = hash_sparse_attention(*full, nb, seed=7, backend="torch")
+        ref = (o_ref, *torch.autograd.grad(o_ref, full, g))
+        for nm, x, y in zip(("o", "dq", "dk", "dv"), got, ref):
+            assert_close_rel(x, y[:, lo:hi].detach(), name=nm, **tol)
+        return
+
+    # module == functional, in hash mode (bucket strategy) and qk mode (allgather)
+    q_keep = torch.rand(B, N, H, generator=gen) < 0.6
+    k_keep = torch.rand(B, N, Hkv, generator=gen) < 0.6
+    qk, kk = q_keep[:, lo:hi], k_keep[:, lo:hi]
+    mod = SequenceParallelSparseAttention(None, "hash", nb, seed=5, backend="torch")
+    got = run(lambda a, b, c: mod(a, b, c))
+    want = run(lambda a, b, c: sequence_parallel_hash_attention(a, b, c, nb, seed=5,
+                                                                backend="torch"))
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    mod = SequenceParallelSparseAttention(None, "qk", backend="torch")
+    assert mod.strategy == "allgather"
+    got = run(lambda a, b, c: mod(a, b, c, qk, kk))
+    want = run(lambda a, b, c: sequence_parallel_qk_attention(a, b, c, qk, kk, backend="torch"))
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = qk_sparse_attention(*full, q_keep, k_keep, backend="torch")
+    ref = (o_ref, *torch.autograd.grad(o_ref, full, g))
+    for nm, x, y in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert_close_rel(x, y[:, lo:hi].detach(), name=nm, **tol)
+    # dense mode (allgather by default) == causal attention over the whole sequence
+    mod = SequenceParallelSparseAttention(None, "dense", backend="torch")
+    o = mod(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
+    o_ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(H // Hkv, 2).transpose(1, 2),
+        v.repeat_interleave(H // Hkv, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+    assert_close_rel(o, o_ref[:, lo:hi], name="o dense", **tol)
 
 
 def _worker(rank, world, port, names, seed, outdir):
@@ -252,3 +374,82 @@ def test_lpt_balances_skewed_groups():
     assert (loads[loads < cost[0]] - (cost.sum() - cost[0]) / (P - 1)).abs().max() \
         <= small.max()
     assert torch.equal(owner, _lpt_owners(n_q, n_k, P))
+
+
+# ---------------------------------------------------------------------------------------------
+# a rank that dies must not hang the others
+# ---------------------------------------------------------------------------------------------
+
+PG_TIMEOUT_S = 10
+
+
+def _failing_worker(rank, world, port, how, outdir):
+    """Rank ``world - 1`` exits (how="exit") or stalls (how="stall") before the first
+    collective; the others run sequence_parallel_attention and record whether it raised,
+    and after how long."""
+    import time
+
+    import torch.distributed as dist
+
+    from dist_sparse_attn.parallel import sequence_parallel_attention as spa
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    if rank == world - 1:
+        if how == "stall":      # alive but silent: the others must hit the timeout
+            time.sleep(6 * PG_TIMEOUT_S)
+        os._exit(1)
+    q = torch.randn(1, 8, 2, D)
+    b = torch.zeros(1, 8, 2, dtype=torch.long)
+    t0 = time.monotonic()
+    try:
+        spa(q, q, q, b, b, backend="torch")
+        msg = "returned"
+    except Exception as e:  # noqa: BLE001 - what was raised is the result
+        msg = f"raised {time.monotonic() - t0:.1f} {type(e).__name__}: {str(e)[:300]}"
+    with open(os.path.join(outdir, f"{how}.{rank}"), "w") as f:
+        f.write(msg)
+    # the group is broken: destroy_process_group could block on the dead peer
+    os._exit(0)
+
+
+@pytest.mark.timeout(120)
+def test_failed_rank_raises_within_timeout(tmp_path):
+    """Two groups of 3 gloo ranks with a 10 s process-group timeout, run side by side: in
+    one, rank 2 dies (os._exit) before the first collective, in the other it stalls.
+    Ranks 0 and 1 of both must raise instead of hanging: at once when the peer is gone,
+    after the timeout (+ slack) when it stalls."""
+    import time
+    world = 3
+    ctx = mp.get_context("spawn")
+    procs = {}
+    for how in ("exit", "stall"):
+        port = _free_port()
+        procs[how] = [ctx.Process(target=_failing_worker, args=(r, world, port, how,
+                                                                str(tmp_path)), daemon=True)
+                      for r in range(world)]
+    t0 = time.monotonic()
+    for ps in procs.values():
+        for p in ps:
+            p.start()
+    for ps in procs.values():
+        for p in ps[:-1]:       # the survivors; the stalled rank is killed below
+            p.join(max(1.0, 90 - (time.monotonic() - t0)))
+    hung = [(how, r) for how, ps in procs.items() for r, p in enumerate(ps[:-1])
+            if p.is_alive()]
+    for ps in procs.values():
+        for p in ps:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    assert not hung, f"(scenario, rank) {hung} still running after 90 s"
+    for how, ps in procs.items():
+        for r in range(world - 1):
+            path = tmp_path / f"{how}.{r}"
+            assert path.exists(), f"{how}: rank {r} wrote no result (exit code {ps[r].exitcode})"
+            msg = path.read_text()
+            assert msg.startswith("raised"), f"{how}: rank {r}: {msg}"
+            elapsed = float(msg.split()[1])
+            assert elapsed < PG_TIMEOUT_S + 30, f"{how}: rank {r} raised after {elapsed} s: {msg}"
+            if how == "stall":  # raised by the timeout, not by something else
+                assert elapsed >= PG_TIMEOUT_S - 1, f"stall: rank {r}: {msg}"

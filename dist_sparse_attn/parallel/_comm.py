@@ -76,11 +76,13 @@ _META = 11
 
 
 def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, strategies,
-                             causal, include_self, softmax_scale, backend):
+                             causal, include_self, softmax_scale, backend, local_error=None):
     """Validate this rank's inputs and check that all ranks agree, with ONE all_gather.
 
     A local error is not raised at once (the other ranks would wait forever in
     the gather): it travels as ``ok = 0`` and every rank raises a ValueError.
+    ``local_error``: a ValueError the caller already met on this rank (e.g. while
+    hashing), raised here after the gather in the same way.
 
     Returns (lengths: list of every rank's shard length, global max bucket).
     """
@@ -88,6 +90,8 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
     row = torch.full((_META,), -1, dtype=torch.int64)
     error = None
     try:
+        if local_error is not None:
+            raise local_error
         if strategy not in strategies:
             raise ValueError(f"strategy must be one of {tuple(strategies)}, got {strategy!r}")
         V.check_backend(backend)
