@@ -1,0 +1,335 @@
+"""A small GPT (nanoGPT-style) whose attention is dense, hash-sparse or QK-sparse.
+
+One file, read top to bottom: config -> RoPE -> attention -> MLP -> block -> GPT.
+Tensors use the library's FlashAttention layout inside attention: q (B, N, H, D),
+k/v (B, N, Hkv, D).
+
+Sequence parallelism: ``GPT.forward(idx, sp_group=group)`` takes this rank's
+contiguous shard of the sequence (see :func:`dist_sparse_attn.data.shard_sequence`).
+Everything but attention is per token, so only attention communicates, through
+:func:`dist_sparse_attn.parallel.sequence_parallel_attention`; RoPE rotates each
+token by its GLOBAL position, so the shards' logits equal the full sequence's.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .hashing import keep_to_buckets, lsh_buckets
+from .ops import hash_sparse_attention, qk_sparse_attention
+
+ATTENTIONS = ("dense", "hash", "qk")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    """Vocabulary size; 256 = raw bytes (:mod:`dist_sparse_attn.data` is byte-level)."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Number of query heads H."""
+    n_kv_head: int | None = None
+    """Number of key/value heads Hkv (GQA/MQA); must divide n_head. None: n_head."""
+    n_embd: int = 128
+    """Model width; n_embd // n_head is the head dim D, which must be even (RoPE)."""
+    seq_len: int = 256
+    """Training sequence length (informational: RoPE needs no table of fixed size)."""
+    dropout: float = 0.0
+    """Dropout on the residual branches and embeddings (not inside attention)."""
+    bias: bool = False
+    """Biases in the Linear layers and LayerNorms (nanoGPT's switch)."""
+    attention: str = "dense"
+    """"dense" (causal SDPA), "hash" (LSH buckets, :func:`hash_sparse_attention`) or
+    "qk" (query/key dropping, :func:`qk_sparse_attention`; rule in :class:`CausalSelfAttention`)."""
+    n_buckets: int = 8
+    """LSH buckets per head for attention="hash" (even, >= 2)."""
+    hash_seed: int = 0
+    """Layer l hashes with seed ``hash_seed + l``: layers get different rotations,
+    every rank and device the same ones."""
+    qk_keep_rate: float = 0.5
+    """attention="qk": fraction of the (token, head) items kept, in (0, 1]."""
+    rope_base: float = 10000.0
+    """RoPE frequency base: pair i of a head rotates by ``pos * rope_base ** (-2i / D)``."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)
+    instead of storing its activations."""
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must be n_head={self.n_head} times an "
+                             "even head dim (RoPE rotates pairs)")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.attention == "hash" and (self.n_buckets < 2 or self.n_buckets % 2):
+            raise ValueError(f"n_buckets must be even and >= 2, got {self.n_buckets}")
+        if not 0.0 < self.qk_keep_rate <= 1.0:
+            raise ValueError(f"qk_keep_rate must be in (0, 1], got {self.qk_keep_rate}")
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary positions
+# ---------------------------------------------------------------------------------------------
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """cos, sin of shape (B or 1, N, 1, D/2) float32 for integer positions (N,) or (B, N)."""
+    pos = positions.float()
+    if pos.dim() == 1:
+        pos = pos[None]                                                        # (1, N)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    ang = pos[..., None] * inv_freq                                            # (B, N, D/2)
+    return ang.cos()[:, :, None], ang.sin()[:, :, None]                        # (B, N, 1, D/2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[..., :D/2], x[..., D/2:]) of x (B, N, heads, D) by the angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)                                        # (B, N, h, D/2)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)        # (B, N, h, D)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: float,
+                  seed: int, salt: int) -> torch.Tensor:
+    """QK-sparse keep rule: a token is kept for a head iff a hash of its GLOBAL
+    position, the head, the layer seed and ``salt`` (one for queries, another for
+    keys) falls below ``keep_rate``; the token at position 0 is always kept, so
+    every kept query has a key. The rule is causal and data independent (a
+    token's fate never depends on other tokens, so no information leaks from the
+    future) and local (sequence-parallel shards need only their global positions).
+    The hash is Knuth's multiplicative one, whose fractions of consecutive
+    positions are evenly spread: every window of L tokens keeps
+    ``keep_rate * L`` of them up to a token or two.
+
+    positions (n,) or (B, n) integer -> keep (B, n, heads) bool.
+    """
+    pos = positions.long()
+    pos = (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)            # (B, n)
+    head = torch.arange(heads, device=pos.device)                              # (heads,)
+    mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
+             + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
+    return (mixed.double() / 2 ** 32 < keep_rate) | (pos == 0)[..., None]
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with GQA and RoPE; the attention op is chosen by the config.
+
+    * ``"dense"``: ``F.scaled_dot_product_attention(is_causal=True)`` on one device;
+      through the sequence-parallel op with every bucket 0 when sharded.
+    * ``"hash"``: angular LSH buckets of the rotated q and k (seed ``hash_seed + layer``);
+      a query attends the earlier keys of its bucket. The buckets are taken AFTER
+      RoPE, so they depend on absolute positions (a shifted sequence hashes
+      differently), which is why sequence-parallel shards need global positions.
+    * ``"qk"``: query/key dropping by position hash (:func:`position_keep`): each
+      (token, head) is kept with probability ``qk_keep_rate``, decided from its
+      global position and the layer's seed only (queries and keys independently),
+      plus the token at position 0. Causal and local: what is dropped never depends
+      on other tokens, so nothing leaks from the future and shards decide alone.
+      Dropped queries output 0 (their residual stream passes through unchanged).
+    """
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.attention = config.attention
+        self.n_buckets, self.seed = config.n_buckets, config.hash_seed + layer_idx
+        self.keep_rate = config.qk_keep_rate
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
+        B, N, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q = apply_rope(q.view(B, N, H, D), cos, sin)                           # (B, N, H, D)
+        k = apply_rope(k.view(B, N, Hkv, D), cos, sin)                         # (B, N, Hkv, D)
+        v = v.view(B, N, Hkv, D)                                               # (B, N, Hkv, D)
+        if sp_group is not None:
+            y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
+        elif self.attention == "dense":
+            g = H // Hkv    # repeat kv heads for GQA (enable_gqa is not on every torch)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
+                v.repeat_interleave(g, 2).transpose(1, 2), is_causal=True)   # (B, H, N, D)
+            y = y.transpose(1, 2)                                              # (B, N, H, D)
+        elif self.attention == "hash":
+            y = hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed)
+        else:
+            q_keep, k_keep = self._keeps(positions, B, H, Hkv)
+            y = qk_sparse_attention(q, k, v, q_keep, k_keep)
+        y = y.reshape(B, N, C)                                                 # (B, N, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _keeps(self, positions, batch, H, Hkv):
+        """Keep masks (B, n, H) for queries and (B, n, Hkv) for keys."""
+        return (position_keep(positions, batch, H, self.keep_rate, self.seed, salt=0),
+                position_keep(positions, batch, Hkv, self.keep_rate, self.seed, salt=1))
+
+    def _sequence_parallel(self, q, k, v, positions, group, strategy):
+        """Buckets computed locally (same rotations on every rank), then the sharded op."""
+        from .parallel import sequence_parallel_attention
+        H, Hkv = q.shape[2], k.shape[2]
+        with torch.no_grad():
+            if self.attention == "hash":
+                qb = lsh_buckets(q, self.n_buckets, seed=self.seed, group_size=H // Hkv)
+                kb = lsh_buckets(k, self.n_buckets, seed=self.seed)
+            elif self.attention == "qk":
+                q_keep, k_keep = self._keeps(positions, q.shape[0], H, Hkv)
+                qb, kb = keep_to_buckets(q_keep), keep_to_buckets(k_keep)
+            else:   # dense: one bucket
+                qb = torch.zeros(q.shape[:3], dtype=torch.int64, device=q.device)
+                kb = torch.zeros(k.shape[:3], dtype=torch.int64, device=q.device)
+        return sequence_parallel_attention(q, k, v, qb, kb, group=group, strategy=strategy)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
+        x = x + self.attn(self.ln_1(x), cos, sin, positions, sp_group, sp_strategy)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    """Decoder-only transformer: token embedding (tied with the head), RoPE, pre-LN blocks."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight   # weight tying
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():   # GPT-2: scaled init of the residual projections
+            if pn.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, *, positions=None, sp_group=None, sp_strategy="bucket"):
+        """Logits and loss.
+
+        Args:
+            idx: (B, N) int64 tokens: the whole sequence, or with ``sp_group`` this
+                rank's contiguous shard (ranks in group order hold consecutive slices).
+            targets: (B, N) int64 next tokens (same sharding as idx), or None.
+            positions: (N,) or (B, N) global positions for RoPE (and the qk rule's
+                "position 0"). Default ``arange(N)``; with ``sp_group`` the default
+                is this shard's offset + arange, the offset found by an all_gather
+                of the shard lengths (pass positions, e.g. from ``shard_sequence``,
+                to skip it). Causality always follows the token order (the global
+                index under sequence parallelism); positions only set the rotation
+                and the qk rule's tie-break and "position 0".
+            sp_group: a ``torch.distributed`` process group: run sequence parallel.
+            sp_strategy: "bucket", "ulysses" or "allgather" (see
+                :func:`dist_sparse_attn.parallel.sequence_parallel_attention`).
+
+        Returns:
+            logits (B, N, vocab_size) float, and loss: the mean cross-entropy over this
+            call's tokens (None without targets). Under sequence parallelism this is
+            the LOCAL mean; the caller averages it across ranks (weighted by shard
+            length when shards differ) — gradients flow between ranks through attention.
+        """
+        B, N = idx.shape
+        if positions is None:
+            positions = torch.arange(N, device=idx.device)
+            if sp_group is not None:
+                positions = positions + _shard_offset(N, sp_group, idx.device)
+        cos, sin = rope_cos_sin(positions, self.config.n_embd // self.config.n_head,
+                                self.config.rope_base)                        # (B|1, N, 1, D/2)
+        x = self.transformer.drop(self.transformer.wte(idx))                   # (B, N, C)
+        for block in self.transformer.h:
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, positions, sp_group, sp_strategy,
+                               use_reentrant=False)
+            else:
+                x = block(x, cos, sin, positions, sp_group, sp_strategy)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)                                               # (B, N, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
+                             device_type: str | None = None):
+        """AdamW; weight decay on every matrix (dim >= 2: Linear, Embedding), none on
+        biases and LayerNorm weights. Fused AdamW on CUDA where available."""
+        params = [p for p in self.parameters() if p.requires_grad]   # tied weights once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if device_type is None:
+            device_type = next(self.parameters()).device.type
+        extra = {}
+        if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+            extra["fused"] = True
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
+def _shard_offset(n_local: int, group, device) -> int:
+    """Global index of this rank's first token: the sum of the lower ranks' shard lengths."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor([n_local], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(lengths, mine, group=group)
+    return int(sum(t.item() for t in lengths[:rank]))
+
+
+__all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "rope_cos_sin", "apply_rope",
+           "position_keep"]
