@@ -46,6 +46,11 @@ class AttentionPlan:
         return 0 if self.include_self else 1
 
 
+def softmax_scale_for(D: int, softmax_scale) -> float:
+    """The scale in use: ``softmax_scale``, or 1 / sqrt(D) when None."""
+    return D ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
 def make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, *, causal,
               include_self, softmax_scale):
     """q (B, Nq, H, D), k (B, Nk, Hkv, D); buckets (B, N, heads); positions (B, N) int64."""
@@ -62,7 +67,7 @@ def plan_from_streams(q, k, q_streams: SortedStreams, k_streams: SortedStreams, 
     return AttentionPlan(
         B=B, Nq=Nq, Nk=Nk, H=H, Hkv=Hkv, D=D,
         q_streams=q_streams, k_streams=k_streams, causal=bool(causal), include_self=bool(include_self),
-        scale=D ** -0.5 if softmax_scale is None else float(softmax_scale))
+        scale=softmax_scale_for(D, softmax_scale))
 
 
 def to_streams(x: torch.Tensor, streams: SortedStreams) -> torch.Tensor:

@@ -75,6 +75,18 @@ def all_gather_equal(t: torch.Tensor, group) -> torch.Tensor:
 _META = 11
 
 
+def strategy_meta(meta, q, k, v, q_buckets, k_buckets, *, group, strategy, causal,
+                  include_self, softmax_scale, backend):
+    """(lengths, global max bucket) for a strategy: as the dispatcher gathered it,
+    or gathered here when the strategy function is called directly."""
+    if meta is not None:
+        return meta
+    return validate_and_gather_meta(q, k, v, q_buckets, k_buckets, group=group,
+                                    strategy=strategy, strategies=(strategy,), causal=causal,
+                                    include_self=include_self, softmax_scale=softmax_scale,
+                                    backend=backend)
+
+
 def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, strategies,
                              causal, include_self, softmax_scale, backend, local_error=None):
     """Validate this rank's inputs and check that all ranks agree, with ONE all_gather.

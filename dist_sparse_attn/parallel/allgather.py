@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import bucketed_attention
+from ..plan import softmax_scale_for
 from . import _comm
 
 _BUCKET_BITS = 31               # bucket ids are < 2**31 - 1 (validated)
@@ -65,17 +66,14 @@ def allgather_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=Tru
     Memory: every rank holds all kept key items of the sequence, so this suits
     QK-sparse attention with a high drop rate; use "bucket" for hash-sparse.
     """
-    if _meta is None:
-        _meta = _comm.validate_and_gather_meta(
-            q, k, v, q_buckets, k_buckets, group=group, strategy="allgather",
-            strategies=("allgather",), causal=causal, include_self=include_self,
-            softmax_scale=softmax_scale, backend=backend)
-    lengths, max_bucket = _meta
+    lengths, max_bucket = _comm.strategy_meta(
+        _meta, q, k, v, q_buckets, k_buckets, group=group, strategy="allgather", causal=causal,
+        include_self=include_self, softmax_scale=softmax_scale, backend=backend)
     rank = dist.get_rank(group)
     B, n, H, D = q.shape
     Hkv = k.shape[2]
     g = H // Hkv
-    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_for(D, softmax_scale)
     if max_bucket < 0:              # every token of every rank dropped: output 0
         return q * 0
     dev = q.device

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import bucketed_attention
+from ..plan import softmax_scale_for
 from . import _comm
 
 _DENSE_GROUPS_MAX = 2 ** 22     # dense (b, j, bucket) tables up to 4M entries (64 MiB of counts)
@@ -43,17 +44,14 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
         group: process group (None: the default group).
     Returns this rank's shard (B, n_r, H, D) of the single-device result.
     """
-    if _meta is None:
-        _meta = _comm.validate_and_gather_meta(
-            q, k, v, q_buckets, k_buckets, group=group, strategy="bucket",
-            strategies=("bucket",), causal=causal, include_self=include_self,
-            softmax_scale=softmax_scale, backend=backend)
-    lengths, max_bucket = _meta
+    lengths, max_bucket = _comm.strategy_meta(
+        _meta, q, k, v, q_buckets, k_buckets, group=group, strategy="bucket", causal=causal,
+        include_self=include_self, softmax_scale=softmax_scale, backend=backend)
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     B, n, H, D = q.shape
     Hkv = k.shape[2]
     g = H // Hkv
-    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_for(D, softmax_scale)
     if max_bucket < 0:              # every token of every rank dropped: output 0
         return q * 0
     dev = q.device

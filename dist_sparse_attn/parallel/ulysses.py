@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import bucketed_attention
+from ..plan import softmax_scale_for
 from . import _comm
 
 
@@ -29,12 +30,9 @@ def ulysses_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
         group: process group (None: the default group). Its size P must divide H and Hkv.
     Returns this rank's shard (B, n_r, H, D) of the single-device result.
     """
-    if _meta is None:
-        _meta = _comm.validate_and_gather_meta(
-            q, k, v, q_buckets, k_buckets, group=group, strategy="ulysses",
-            strategies=("ulysses",), causal=causal, include_self=include_self,
-            softmax_scale=softmax_scale, backend=backend)
-    lengths, _ = _meta
+    lengths, _ = _comm.strategy_meta(
+        _meta, q, k, v, q_buckets, k_buckets, group=group, strategy="ulysses", causal=causal,
+        include_self=include_self, softmax_scale=softmax_scale, backend=backend)
     P = dist.get_world_size(group)
     B, n, H, D = q.shape
     Hkv = k.shape[2]
@@ -43,7 +41,7 @@ def ulysses_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
                          f"query heads ({H}) and the kv heads ({Hkv}); use strategy='bucket'")
     Hp, Hkvp = H // P, Hkv // P
     N = sum(lengths)
-    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_for(D, softmax_scale)
 
     def to_heads(x, hp):
         """(B, n, P*hp, ...) -> (P, B, n, hp, ...) flat: the chunk for rank s is head slice s."""
