@@ -75,23 +75,31 @@ class SparseAttention(nn.Module):
         self.causal, self.include_self = causal, include_self
         self.softmax_scale, self.backend = softmax_scale, backend
 
+    # the functional ops behind each mode (the sequence-parallel subclass swaps them)
+    _hash_fn = staticmethod(hash_sparse_attention)
+    _qk_fn = staticmethod(qk_sparse_attention)
+    _bucketed_fn = staticmethod(bucketed_attention)
+
+    def _call_kwargs(self):
+        return dict(causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend)
+
     def forward(self, q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None):
-        kw = dict(causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend)
+        kw = self._call_kwargs()
         if self.mode == "hash":
             _forward_args("hash", q, k, q_keep, k_keep, q_buckets, k_buckets)
-            return hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed,
-                                         include_self=self.include_self, **kw)
+            return self._hash_fn(q, k, v, self.n_buckets, seed=self.seed,
+                                 include_self=self.include_self, **kw)
         a, b = _forward_args(self.mode, q, k, q_keep, k_keep, q_buckets, k_buckets)
         if self.mode == "qk":
-            return qk_sparse_attention(q, k, v, a, b, **kw)
-        return bucketed_attention(q, k, v, a, b, include_self=self.include_self, **kw)
+            return self._qk_fn(q, k, v, a, b, **kw)
+        return self._bucketed_fn(q, k, v, a, b, include_self=self.include_self, **kw)
 
     def extra_repr(self):
         nb = f", n_buckets={self.n_buckets}, seed={self.seed}" if self.mode == "hash" else ""
         return f"mode={self.mode!r}{nb}, causal={self.causal}, backend={self.backend!r}"
 
 
-class SequenceParallelSparseAttention(nn.Module):
+class SequenceParallelSparseAttention(SparseAttention):
     """Sparse causal attention over a sequence sharded across the ranks of ``group``.
 
     Args:
@@ -110,36 +118,22 @@ class SequenceParallelSparseAttention(nn.Module):
     single-device result. Every rank of the group must call it together.
     """
 
+    _hash_fn = staticmethod(sequence_parallel_hash_attention)
+    _qk_fn = staticmethod(sequence_parallel_qk_attention)
+    _bucketed_fn = staticmethod(sequence_parallel_attention)
+
     def __init__(self, group, mode="hash", n_buckets=None, *, strategy=None, seed=0,
                  causal=True, include_self=True, softmax_scale=None, backend="auto"):
-        super().__init__()
-        _check_mode(mode, n_buckets)
-        V.check_scale(softmax_scale)
-        V.check_backend(backend)
-        if mode == "qk" and not include_self:
-            raise ValueError("mode='qk' always includes self (include_self=True)")
+        super().__init__(mode, n_buckets, seed=seed, causal=causal, include_self=include_self,
+                         softmax_scale=softmax_scale, backend=backend)
         if strategy is None:
             strategy = "allgather" if mode in ("qk", "dense") else "bucket"
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
         self.group, self.strategy = group, strategy
-        self.mode, self.n_buckets, self.seed = mode, n_buckets, int(seed)
-        self.causal, self.include_self = causal, include_self
-        self.softmax_scale, self.backend = softmax_scale, backend
 
-    def forward(self, q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None):
-        kw = dict(group=self.group, strategy=self.strategy, causal=self.causal,
-                  softmax_scale=self.softmax_scale, backend=self.backend)
-        if self.mode == "hash":
-            _forward_args("hash", q, k, q_keep, k_keep, q_buckets, k_buckets)
-            return sequence_parallel_hash_attention(q, k, v, self.n_buckets, seed=self.seed,
-                                                    include_self=self.include_self, **kw)
-        a, b = _forward_args(self.mode, q, k, q_keep, k_keep, q_buckets, k_buckets)
-        if self.mode == "qk":
-            return sequence_parallel_qk_attention(q, k, v, a, b, **kw)
-        return sequence_parallel_attention(q, k, v, a, b, include_self=self.include_self, **kw)
+    def _call_kwargs(self):
+        return dict(super()._call_kwargs(), group=self.group, strategy=self.strategy)
 
     def extra_repr(self):
-        nb = f", n_buckets={self.n_buckets}, seed={self.seed}" if self.mode == "hash" else ""
-        return (f"mode={self.mode!r}{nb}, strategy={self.strategy!r}, causal={self.causal}, "
-                f"backend={self.backend!r}")
+        return super().extra_repr() + f", strategy={self.strategy!r}"
