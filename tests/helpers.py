@@ -88,3 +88,52 @@ def grads(fn: Callable, inputs: Sequence[torch.Tensor], do, *, return_out: bool 
         return g
     det = tuple(o.detach() for o in outs)
     return (det if isinstance(out, tuple) else det[0]), g
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-process tests
+# ---------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
+    """Spawn ``world`` processes ``target(rank, world, port, *extra_args, outdir)``
+    on a fresh port, wait at most ``timeout_s`` for all of them, kill the ones still
+    running, and collect the file ``outdir/<name>.<rank>`` each rank writes per case
+    ("ok" or an error text). Returns {(name, rank): text}; a missing file becomes a
+    message saying whether that rank hung or with which exit code it died."""
+    import datetime
+    import os
+
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *extra_args, str(outdir)),
+                         daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+    for p in procs:
+        p.join(max(1.0, (deadline - datetime.datetime.now()).total_seconds()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(10)
+    results = {}
+    for name in names:
+        for r in range(world):
+            path = os.path.join(str(outdir), f"{name}.{r}")
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[name, r] = f.read()
+            else:
+                results[name, r] = (f"no result: rank {r} " + (
+                    f"still running after {timeout_s} s (killed)" if r in hung
+                    else f"exited with code {procs[r].exitcode}"))
+    return results

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dist_sparse_attn.data import TokenData, eval_retrieval, shard_sequence, stdlib_corpus
 from dist_sparse_attn.model import GPT, GPTConfig, position_keep
+from helpers import run_workers
 
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_buckets=4)
 
@@ -247,37 +246,10 @@ def _sp_worker(rank, world, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("sp_model")
-    world = 2
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_sp_worker, args=(r, world, port, str(outdir)), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=150)
-    for p in procs:
-        p.join(max(1.0, (deadline - datetime.datetime.now()).total_seconds()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join(10)
-    results = {}
-    for name in SP_CASES:
-        for r in range(world):
-            path = outdir / f"{name}.{r}"
-            results[name, r] = path.read_text() if path.exists() else (
-                f"no result: rank {r} " + ("hung (killed)" if r in hung
-                                           else f"exited with code {procs[r].exitcode}"))
-    return results
+    return run_workers(_sp_worker, 2, outdir, SP_CASES, timeout_s=150)
 
 
 @pytest.mark.timeout(200)

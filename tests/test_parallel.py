@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_sparse_attn.parallel.bucket import _lpt_owners
+from helpers import free_port, run_workers
 
 JOIN_TIMEOUT_S = 240
 
@@ -294,41 +294,12 @@ def _worker(rank, world, port, names, seed, outdir):
 # test side
 # ---------------------------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world, outdir, seed):
     """Run every case of this world size in ``world`` spawned processes.
 
     Returns {(case, rank): "ok" or an error text}."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, WORLDS[world], seed, str(outdir)),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=JOIN_TIMEOUT_S)
-    for p in procs:
-        p.join(max(1.0, (deadline - datetime.datetime.now()).total_seconds()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join(10)
-    results = {}
-    for name in WORLDS[world]:
-        for r in range(world):
-            path = os.path.join(outdir, f"{name}.{r}")
-            if os.path.exists(path):
-                with open(path) as f:
-                    results[name, r] = f.read()
-            else:
-                results[name, r] = (f"no result: rank {r} " + (
-                    f"still running after {JOIN_TIMEOUT_S} s (killed)" if r in hung
-                    else f"exited with code {procs[r].exitcode}"))
-    return results
+    return run_workers(_worker, world, outdir, WORLDS[world], JOIN_TIMEOUT_S,
+                       extra_args=(WORLDS[world], seed))
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +395,7 @@ def test_failed_rank_raises_within_timeout(tmp_path):
     ctx = mp.get_context("spawn")
     procs = {}
     for how in ("exit", "stall"):
-        port = _free_port()
+        port = free_port()
         procs[how] = [ctx.Process(target=_failing_worker, args=(r, world, port, how,
                                                                 str(tmp_path)), daemon=True)
                       for r in range(world)]

@@ -16,14 +16,12 @@ past: no element mask at all), partial blocks again.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..layout import DROP as _DROP_INT
 from ..plan import AttentionPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

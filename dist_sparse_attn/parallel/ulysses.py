@@ -40,7 +40,6 @@ def ulysses_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
         raise ValueError(f"strategy='ulysses' needs the group size ({P}) to divide the "
                          f"query heads ({H}) and the kv heads ({Hkv}); use strategy='bucket'")
     Hp, Hkvp = H // P, Hkv // P
-    N = sum(lengths)
     scale = softmax_scale_for(D, softmax_scale)
 
     def to_heads(x, hp):
