@@ -1,0 +1,121 @@
+"""benchmarks/check_parallel_gpu.py launched with torchrun, as users run it.
+
+GPU (skipped with fewer than 2 CUDA devices): every case of the script (hash,
+GQA, skewed, exclude-self, uneven shards, QK-sparse, dense; strategies bucket,
+ulysses, allgather) at N = 32768 in bf16 over NCCL, on 2 GPUs and on all of
+them (at most 4). The script compares every rank's output and q/k/v gradients
+with the single-device run on rank 0 and exits 1 when any case fails.
+
+CPU (always): the same script on gloo with 2 processes at a small size, so its
+logic (sharding, gathering, comparison, report) is covered by CI, and a
+self-test: with ``--perturb`` (the last rank's output scaled by 1.1) it must
+fail, so a checker that only looked at rank 0's shard, or compared nothing,
+would not pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "check_parallel_gpu.py"
+N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+CPU_ARGS = ["--device", "cpu", "--seqlen", "2048", "--heads", "4", "--dim", "16",
+            "--gqa-kv-heads", "2", "--dtype", "bfloat16"]
+CASES = 7                       # the script's cases
+STRATEGIES = 3
+
+
+def _launch(nproc, outdir, args, timeout_s):
+    """torchrun the script; returns (exit code, output text, report or None)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(SCRIPT), "--out", str(outdir), *args]
+    # own session: on a timeout the launcher and its workers are killed together
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} still running after {timeout_s} s:\n{out[-6000:]}")
+    path = Path(outdir) / f"check_parallel_P{nproc}.json"
+    report = json.loads(path.read_text()) if path.exists() else None
+    return proc.returncode, out, report
+
+
+def _check_report(rc, out, report, nproc):
+    print(out)
+    assert rc == 0, f"exit code {rc}:\n{out[-6000:]}"
+    assert report is not None and report["meta"]["passed"], out[-6000:]
+    rows = report["rows"]
+    assert len(rows) == CASES * STRATEGIES
+    assert {r["P"] for r in rows} == {nproc}
+    assert all(r["status"] in ("pass", "skipped") for r in rows), out[-6000:]
+    ran = [r for r in rows if r["status"] == "pass"]
+    assert {r["strategy"] for r in ran} >= {"bucket", "allgather"}
+    for r in ran:
+        assert set(r["tensors"]) == {"o", "dq", "dk", "dv"}
+        assert all(m["finite"] and m["pass"] for m in r["tensors"].values())
+    uneven = [r for r in rows if r["case"].startswith("hash16-uneven")]
+    assert uneven and all(len(set(r["shard_lengths"])) > 1 for r in uneven)
+    skew = [r for r in rows if r["case"].startswith("hash16-skewed") and r["strategy"] == "bucket"]
+    assert skew and all(len(r["cost_per_rank"]) == nproc for r in skew)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: NCCL, bf16, N = 32768
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(N_GPUS < 2, reason="needs at least 2 CUDA GPUs")
+@pytest.mark.parametrize("gpus", ["2", "all"])
+def test_check_parallel_gpu(gpus, tmp_path):
+    nproc = 2 if gpus == "2" else min(N_GPUS, 4)
+    if gpus == "all" and nproc == 2:
+        pytest.skip("2 GPUs: the 2-GPU run covers it")
+    rc, out, report = _launch(nproc, tmp_path, ["--seqlen", "32768"], timeout_s=540)
+    rows = _check_report(rc, out, report, nproc)
+    assert all(r["N"] >= 32760 and r["dtype"] == "bfloat16" for r in rows)
+    assert report["meta"]["backend_dist"] == "nccl"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: gloo, small, always
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_check_parallel_cpu(tmp_path):
+    rc, out, report = _launch(2, tmp_path, CPU_ARGS, timeout_s=240)
+    rows = _check_report(rc, out, report, 2)
+    assert all(r["status"] == "pass" for r in rows)          # H=4, Hkv=2, 4: ulysses runs
+    assert report["meta"]["backend_dist"] == "gloo"
+    # the bf16 runs were also compared with a float32 run
+    assert report["meta"]["high_precision"] == "float32"
+    assert all("rel_par_hi" in r["tensors"]["dk"] for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_check_parallel_cpu_detects_errors(tmp_path):
+    """The last rank's output scaled by 1.1: every run must fail, the exit code is 1."""
+    args = ["--device", "cpu", "--seqlen", "1024", "--heads", "4", "--dim", "16",
+            "--gqa-kv-heads", "2", "--cases", "hash16-uneven", "qk80", "--perturb", "0.1"]
+    rc, out, report = _launch(2, tmp_path, args, timeout_s=240)
+    assert rc != 0, out[-6000:]
+    assert report is not None and not report["meta"]["passed"]
+    rows = report["rows"]
+    assert len(rows) == 2 * STRATEGIES
+    assert all(r["status"] == "fail" and not r["tensors"]["o"]["pass"] for r in rows), out
