@@ -1,0 +1,335 @@
+"""Sparse attention inside DeepSpeed training (``deepspeed.initialize``, DeepSpeed-Ulysses).
+
+DeepSpeed is imported lazily, inside the functions that need it: this module
+imports without it (every group lookup then finds none).
+
+Two ways to use the library's sparse attention in a DeepSpeed model:
+
+* :class:`DeepSpeedSparseAttention`: the library's own sequence parallelism
+  (:class:`dist_sparse_attn.SequenceParallelSparseAttention`) over the
+  sequence-parallel group DeepSpeed created, found at forward time, so the
+  module can be built before ``deepspeed.initialize``. Each rank feeds its
+  contiguous shard of the sequence; without a group it is plain
+  :class:`dist_sparse_attn.SparseAttention`.
+* :class:`UlyssesLocalSparseAttention` / :func:`ulysses_sparse_attention`: the
+  local attention of DeepSpeed-Ulysses' ``DistributedAttention`` (heads
+  all-to-all, then attention over the whole sequence with H/P heads per rank).
+
+DeepSpeed's sequence-parallel group (0.19.8): ``deepspeed.initialize`` builds a
+(data_parallel, sequence_parallel) device mesh when its config has both
+``"sequence_parallel_size"`` and ``"data_parallel_size"`` (or when ``mesh_param``
+is passed), and the engine keeps the "sequence_parallel" dimension's group as
+``engine.seq_parallel_group`` (set only when its size is > 1);
+``deepspeed.utils.groups._get_sequence_parallel_group()`` returns it (or an
+``mpu``'s) and raises ``KeyError`` when there is none.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import _validation as V
+from ..hashing import _fused, _rotations_on
+from ..modules import SequenceParallelSparseAttention, SparseAttention, _forward_args
+
+
+# ---------------------------------------------------------------------------------------------
+# the group
+# ---------------------------------------------------------------------------------------------
+
+def deepspeed_sequence_parallel_group(engine=None):
+    """The sequence-parallel process group DeepSpeed set up, or None.
+
+    Looks at ``engine.seq_parallel_group`` first (when an engine is given and has
+    one), then at ``deepspeed.utils.groups._get_sequence_parallel_group()`` (the
+    mesh ``deepspeed.initialize`` built from the config's ``"sequence_parallel_size"``
+    and ``"data_parallel_size"``, or an ``mpu`` with ``get_sequence_parallel_group``).
+
+    Returns None when DeepSpeed is not installed, ``torch.distributed`` is not
+    initialized, there is no such group, or its size is 1.
+    """
+    group = getattr(engine, "seq_parallel_group", None) if engine is not None else None
+    if group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            return None
+        try:
+            from deepspeed.utils import groups
+        except ImportError:
+            return None
+        try:
+            group = groups._get_sequence_parallel_group()
+        except KeyError:        # "No sequence parallel group found"
+            return None
+    if group is None or dist.get_world_size(group) <= 1:
+        return None
+    return group
+
+
+def _check_group(name, value):
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be 'auto', None or a torch.distributed ProcessGroup, "
+                             f"got {value!r}")
+    elif value is not None and not isinstance(value, dist.ProcessGroup):
+        raise ValueError(f"{name} must be 'auto', None or a torch.distributed ProcessGroup, "
+                         f"got {type(value).__name__}")
+
+
+def _resolve(value):
+    """'auto' -> DeepSpeed's group; a group of size 1 or None -> None."""
+    if isinstance(value, str):
+        return deepspeed_sequence_parallel_group()
+    if value is None or dist.get_world_size(value) <= 1:
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the library's sequence parallelism over DeepSpeed's group
+# ---------------------------------------------------------------------------------------------
+
+class DeepSpeedSparseAttention(nn.Module):
+    """Sparse causal attention for a model trained with ``deepspeed.initialize``.
+
+    Args:
+        mode, n_buckets, seed, causal, include_self, softmax_scale, backend: as in
+            :class:`dist_sparse_attn.SparseAttention`.
+        sequence_parallel: "auto" (default): at every forward, the group of
+            :func:`deepspeed_sequence_parallel_group` (so the module can be built
+            before ``deepspeed.initialize`` creates it); a ``ProcessGroup``: that
+            group; None: local attention.
+        strategy: as in :class:`dist_sparse_attn.SequenceParallelSparseAttention`
+            (used only when a group is found).
+
+    ``forward(q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None)``
+    with q (B, n, H, D), k/v (B, n, Hkv, D) and the per-mode tensors of
+    :meth:`dist_sparse_attn.SparseAttention.forward` for the same n tokens:
+
+    * a group of size > 1 resolved: the tensors are this rank's contiguous shard
+      of the sequence (ranks in group order, lengths may differ) and the result is
+      exactly ``SequenceParallelSparseAttention(group, ...)``'s: this rank's shard
+      of the single-device result on the whole sequence. Every rank of the group
+      must call it together.
+    * otherwise: exactly ``SparseAttention(...)`` on the given tensors.
+
+    Outputs and the gradients flowing back to q, k, v match the single-device
+    attention on the whole sequence (tested under ZeRO 0-3). Parameter
+    gradients are reduced by DeepSpeed, not here; with a config mesh
+    (``"sequence_parallel_size"`` + ``"data_parallel_size"``, no ``mpu``) DeepSpeed
+    0.19.8 all-reduces them over the "data_parallel" mesh dimension only, divided by
+    ``data_parallel_size / sequence_parallel_size``. Measured on CPU/gloo with
+    sequence_parallel_size 2, data_parallel_size 1: under ZeRO 0-2 each rank keeps
+    twice its own contribution and the ranks' parameters drift apart after a step;
+    under ZeRO-3 every rank steps with the mean of the two ranks' contributions.
+    """
+
+    def __init__(self, mode="hash", n_buckets=None, *, sequence_parallel="auto", strategy=None,
+                 seed=0, causal=True, include_self=True, softmax_scale=None, backend="auto"):
+        super().__init__()
+        _check_group("sequence_parallel", sequence_parallel)
+        kw = dict(seed=seed, causal=causal, include_self=include_self,
+                  softmax_scale=softmax_scale, backend=backend)
+        self.local = SparseAttention(mode, n_buckets, **kw)        # validates the arguments
+        # group set at every forward (None names the default group: never used as such)
+        self.parallel = SequenceParallelSparseAttention(None, mode, n_buckets, strategy=strategy,
+                                                        **kw)
+        self.sequence_parallel = sequence_parallel
+
+    @property
+    def mode(self):
+        return self.local.mode
+
+    def process_group(self):
+        """The group a forward call would shard over now, or None (local attention)."""
+        return _resolve(self.sequence_parallel)
+
+    def forward(self, q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None):
+        group = self.process_group()
+        if group is None:
+            return self.local(q, k, v, q_keep, k_keep, q_buckets=q_buckets, k_buckets=k_buckets)
+        self.parallel.group = group
+        return self.parallel(q, k, v, q_keep, k_keep, q_buckets=q_buckets, k_buckets=k_buckets)
+
+    def extra_repr(self):
+        sp = self.sequence_parallel
+        return f"sequence_parallel={sp if sp is None or isinstance(sp, str) else 'ProcessGroup'!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed-Ulysses: the local attention of DistributedAttention
+# ---------------------------------------------------------------------------------------------
+
+def _lsh_with_rotations(x, rot, n_buckets, group_size):
+    """``lsh_buckets``' computation with given rotations (heads // group_size, D, nb/2)."""
+    if _fused(x, n_buckets):
+        from ..kernels.triton_hash import lsh_triton
+        return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
+    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, nb/2)
+    xr = torch.einsum("bnhd,hdr->bnhr", x.float(), rot)
+    return torch.cat([xr, -xr], dim=-1).argmax(dim=-1)                       # (B, N, heads)
+
+
+def ulysses_lsh_buckets(q, k, n_buckets, *, seed=0, rank=0, world=1):
+    """LSH buckets of one Ulysses rank's heads, hashed with their GLOBAL head's rotation.
+
+    q (B, N, H/P, D) and k (B, N, Hkv/P, D) hold heads ``[rank * H/P, (rank+1) * H/P)``
+    and kv heads ``[rank * Hkv/P, (rank+1) * Hkv/P)`` of the whole model (DeepSpeed's
+    even head split over ``world`` = P ranks). Kv head j of the model (and its query
+    heads j*g .. j*g+g-1, g = H // Hkv) uses row j of
+    ``lsh_rotations(H, D, n_buckets, seed=seed, group_size=g)``, as in
+    :func:`dist_sparse_attn.hash_sparse_attention` on all heads, so the buckets equal
+    the columns of ``lsh_buckets(q_all, ..., group_size=g)`` / ``lsh_buckets(k_all, ...)``
+    for these heads. Returns (q_buckets (B, N, H/P), k_buckets (B, N, Hkv/P)) int64.
+    """
+    V.check_qkv(q, k, k)
+    V.check_n_buckets(n_buckets)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
+    h, hkv, D = q.shape[2], k.shape[2], q.shape[3]
+    g = h // hkv
+    rot = _rotations_on(q.device, world * h, D, n_buckets, int(seed), g)    # (P*hkv, D, nb/2)
+    rot = rot[rank * hkv:(rank + 1) * hkv].contiguous()
+    with torch.no_grad():
+        return (_lsh_with_rotations(q.detach(), rot, n_buckets, g),
+                _lsh_with_rotations(k.detach(), rot, n_buckets, 1))
+
+
+class UlyssesLocalSparseAttention(nn.Module):
+    """Sparse attention as the local attention of DeepSpeed-Ulysses' ``DistributedAttention``.
+
+    Built for ``DistributedAttention(local, group, scatter_idx=2, gather_idx=1)`` called
+    as ``forward(q, k, v, batch_dim_idx=0, ...)`` on shards q (B, N/P, H, D), k/v
+    (B, N/P, Hkv, D): DeepSpeed exchanges heads, calls this module with the whole
+    sequence and this rank's heads, q (B, N, H/P, D), k/v (B, N, Hkv/P, D) (rank r of
+    ``group`` holds heads ``[r*H/P, (r+1)*H/P)`` and kv heads ``[r*Hkv/P, (r+1)*Hkv/P)``),
+    and exchanges the output (B, N, H/P, D) back. :func:`ulysses_sparse_attention`
+    builds that wrapper, with checks.
+
+    Args:
+        group: the group ``DistributedAttention`` splits heads over (pass the same one),
+            "auto" (default: :func:`deepspeed_sequence_parallel_group` at every forward),
+            or None (one rank: plain :class:`dist_sparse_attn.SparseAttention`).
+        mode, n_buckets, seed, causal, include_self, softmax_scale, backend: as in
+            :class:`dist_sparse_attn.SparseAttention`.
+
+    ``forward(q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None)``,
+    the per-mode tensors passed as keyword arguments through ``DistributedAttention``:
+
+    * "hash": each rank hashes its heads with the rotations of their GLOBAL head
+      indexes (:func:`ulysses_lsh_buckets`), so the gathered result equals
+      ``hash_sparse_attention(q_all, k_all, v_all, n_buckets, seed=seed)`` on the whole
+      sequence and all heads (up to floating-point rounding of the attention; the
+      buckets are the same). Needs DeepSpeed's even head split: the group size
+      divides Hkv (and H).
+    * "qk": ``q_keep`` (B, N, H/P) / ``k_keep`` (B, N, Hkv/P) for the whole sequence
+      and this rank's heads (the columns of the model-wide masks for those heads);
+      equals ``qk_sparse_attention`` on everything.
+    * "bucketed": ``q_buckets`` / ``k_buckets`` likewise; "dense": every token in
+      bucket 0 (causal dense attention).
+    """
+
+    def __init__(self, group="auto", mode="hash", n_buckets=None, *, seed=0, causal=True,
+                 include_self=True, softmax_scale=None, backend="auto"):
+        super().__init__()
+        _check_group("group", group)
+        kw = dict(causal=causal, include_self=include_self, softmax_scale=softmax_scale,
+                  backend=backend)
+        attn = SparseAttention(mode, n_buckets, seed=seed, **kw)    # validates the arguments
+        # hash mode: buckets made here (global-head rotations), attention on them
+        self.attn = SparseAttention("bucketed", **kw) if mode == "hash" else attn
+        self.group, self.mode, self.n_buckets, self.seed = group, mode, n_buckets, int(seed)
+
+    def process_group(self):
+        """The head-parallel group now (None: one rank)."""
+        return _resolve(self.group)
+
+    def forward(self, q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None):
+        if self.mode != "hash":
+            return self.attn(q, k, v, q_keep, k_keep, q_buckets=q_buckets, k_buckets=k_buckets)
+        _forward_args("hash", q, k, q_keep, k_keep, q_buckets, k_buckets)   # rejects them
+        group = self.process_group()
+        world, rank = (1, 0) if group is None else (dist.get_world_size(group),
+                                                    dist.get_rank(group))
+        qb, kb = ulysses_lsh_buckets(q, k, self.n_buckets, seed=self.seed, rank=rank,
+                                     world=world)
+        return self.attn(q, k, v, q_buckets=qb, k_buckets=kb)
+
+    def extra_repr(self):
+        nb = f", n_buckets={self.n_buckets}, seed={self.seed}" if self.mode == "hash" else ""
+        g = self.group
+        return f"group={g if g is None or isinstance(g, str) else 'ProcessGroup'!r}, " \
+               f"mode={self.mode!r}{nb}"
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse_distributed_attention_class():
+    """``DistributedAttention`` with the group resolved at forward time and checked
+    arguments (built on first use: DeepSpeed is imported here)."""
+    from deepspeed.sequence.layer import DistributedAttention, apply_rotary_pos_emb
+
+    class SparseDistributedAttention(DistributedAttention):
+        """DeepSpeed-Ulysses over :class:`UlyssesLocalSparseAttention` (see
+        :func:`ulysses_sparse_attention`)."""
+
+        def forward(self, query, key, value, batch_dim_idx=0, rotary_pos_emb=None, *args,
+                    **kwargs):
+            if batch_dim_idx != 0:
+                raise ValueError(f"batch_dim_idx must be 0 (layout (B, N, heads, D)), "
+                                 f"got {batch_dim_idx!r}")
+            group = self.local_attn.process_group()
+            if group is None:           # one rank: no exchange, the same rotary embedding
+                if rotary_pos_emb is not None:
+                    cos, sin = (t.permute(1, 0, 2, 3) for t in rotary_pos_emb)
+                    query = apply_rotary_pos_emb(query, cos, sin)
+                    key = apply_rotary_pos_emb(key, cos, sin)
+                return self.local_attn(query, key, value, *args, **kwargs)
+            P = dist.get_world_size(group)
+            for name, t in (("query", query), ("key", key), ("value", value)):
+                if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                    raise ValueError(f"{name} must be a 4-D tensor (B, N/P, heads, D), got "
+                                     f"{getattr(t, 'shape', type(t).__name__)}")
+                if t.shape[2] % P:
+                    raise ValueError(
+                        f"{name} heads ({t.shape[2]}) must be divisible by the sequence-parallel "
+                        f"group size ({P}): DeepSpeed's uneven-heads split is not supported")
+            if self.num_kv_heads is not None and self.num_kv_heads != key.shape[2]:
+                raise ValueError(f"num_kv_heads ({self.num_kv_heads}) differs from the key "
+                                 f"heads ({key.shape[2]})")
+            self.spg = group
+            return super().forward(query, key, value, batch_dim_idx, rotary_pos_emb, *args,
+                                   **kwargs)
+
+    return SparseDistributedAttention
+
+
+def ulysses_sparse_attention(group="auto", mode="hash", n_buckets=None, **kwargs):
+    """DeepSpeed-Ulysses with sparse local attention: a ``DistributedAttention``.
+
+    Returns ``DistributedAttention(UlyssesLocalSparseAttention(group, mode, n_buckets,
+    **kwargs), group, scatter_idx=2, gather_idx=1)`` (a subclass) whose forward
+    ``(q, k, v, batch_dim_idx=0, rotary_pos_emb=None, **mode_kwargs)`` takes this
+    rank's contiguous, equal-length shard q (B, N/P, H, D), k/v (B, N/P, Hkv, D) and
+    returns its shard (B, N/P, H, D) of the single-device result on the whole
+    sequence. ``mode_kwargs`` are the local module's (``q_keep``/``k_keep`` or
+    ``q_buckets``/``k_buckets`` for the whole sequence and this rank's heads).
+
+    The group is resolved at every forward ("auto": DeepSpeed's sequence-parallel
+    group, so this can be built before ``deepspeed.initialize``); with none (or one
+    of size 1) the local attention runs on the given tensors. Raises ValueError when
+    H or Hkv is not divisible by the group size (DeepSpeed's uneven-heads path is
+    not supported) or ``batch_dim_idx`` is not 0. Needs ``deepspeed.comm``
+    initialized (``deepspeed.init_distributed`` or ``deepspeed.initialize``).
+    """
+    local = UlyssesLocalSparseAttention(group, mode, n_buckets, **kwargs)
+    cls = _sparse_distributed_attention_class()
+    return cls(local, group if isinstance(group, dist.ProcessGroup) else None,
+               scatter_idx=2, gather_idx=1)
+
+
+__all__ = ["deepspeed_sequence_parallel_group", "DeepSpeedSparseAttention",
+           "UlyssesLocalSparseAttention", "ulysses_sparse_attention", "ulysses_lsh_buckets"]
