@@ -25,6 +25,29 @@ from .hashing import keep_to_buckets, lsh_buckets
 from .ops import hash_sparse_attention, qk_sparse_attention
 
 ATTENTIONS = ("dense", "hash", "qk")
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
+"""Sequence-parallel strategies of the model: the library's three
+(:func:`dist_sparse_attn.parallel.sequence_parallel_attention`) and "ds-ulysses",
+DeepSpeed-Ulysses' ``DistributedAttention`` over the local op (SDPA for "dense"):
+the baseline the benchmarks compare with."""
+
+
+def dense_causal_sdpa(q, k, v, backend: str = "auto"):
+    """Dense causal attention through SDPA: q (B, N, H, D), k/v (B, N, Hkv, D) -> (B, N, H, D).
+    ``backend`` names an SDPA backend (:data:`SDPA_BACKENDS`); "auto" lets PyTorch pick."""
+    g = q.shape[2] // k.shape[2]    # repeat kv heads for GQA (enable_gqa is not on every torch)
+    args = (q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
+            v.repeat_interleave(g, 2).transpose(1, 2))                        # (B, h, N, D)
+    name = SDPA_BACKENDS[backend]
+    if name is None:
+        y = F.scaled_dot_product_attention(*args, is_causal=True)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(getattr(SDPBackend, name)):
+            y = F.scaled_dot_product_attention(*args, is_causal=True)
+    return y.transpose(1, 2)                                                   # (B, N, H, D)
 
 
 @dataclass
@@ -60,6 +83,9 @@ class GPTConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)
     instead of storing its activations."""
+    sdpa_backend: str = "auto"
+    """attention="dense": the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
+    "efficient" or "math" (the dense baselines of the benchmarks)."""
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -75,6 +101,9 @@ class GPTConfig:
             raise ValueError(f"n_buckets must be even and >= 2, got {self.n_buckets}")
         if not 0.0 < self.qk_keep_rate <= 1.0:
             raise ValueError(f"qk_keep_rate must be in (0, 1], got {self.qk_keep_rate}")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {tuple(SDPA_BACKENDS)}, "
+                             f"got {self.sdpa_backend!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +177,7 @@ class CausalSelfAttention(nn.Module):
         self.attention = config.attention
         self.n_buckets, self.seed = config.n_buckets, config.hash_seed + layer_idx
         self.keep_rate = config.qk_keep_rate
+        self.sdpa_backend = config.sdpa_backend
         kv_dim = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -163,11 +193,7 @@ class CausalSelfAttention(nn.Module):
         if sp_group is not None:
             y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
         elif self.attention == "dense":
-            g = H // Hkv    # repeat kv heads for GQA (enable_gqa is not on every torch)
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
-                v.repeat_interleave(g, 2).transpose(1, 2), is_causal=True)   # (B, H, N, D)
-            y = y.transpose(1, 2)                                              # (B, N, H, D)
+            y = dense_causal_sdpa(q, k, v, self.sdpa_backend)                  # (B, N, H, D)
         elif self.attention == "hash":
             y = hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed)
         else:
@@ -184,6 +210,10 @@ class CausalSelfAttention(nn.Module):
     def _sequence_parallel(self, q, k, v, positions, group, strategy):
         """Buckets computed locally (same rotations on every rank), then the sharded op."""
         from .parallel import sequence_parallel_attention
+        if strategy == "ds-ulysses":
+            return self._ds_ulysses(q, k, v, group)
+        if strategy not in SP_STRATEGIES:
+            raise ValueError(f"sp_strategy must be one of {SP_STRATEGIES}, got {strategy!r}")
         H, Hkv = q.shape[2], k.shape[2]
         with torch.no_grad():
             if self.attention == "hash":
@@ -196,6 +226,21 @@ class CausalSelfAttention(nn.Module):
                 qb = torch.zeros(q.shape[:3], dtype=torch.int64, device=q.device)
                 kb = torch.zeros(k.shape[:3], dtype=torch.int64, device=q.device)
         return sequence_parallel_attention(q, k, v, qb, kb, group=group, strategy=strategy)
+
+
+    def _ds_ulysses(self, q, k, v, group):
+        """DeepSpeed-Ulysses: ``DistributedAttention`` (heads all-to-all) around dense
+        causal SDPA -- the dense baseline. Needs equal shards and kv heads divisible
+        by the group size (DeepSpeed's rules)."""
+        if self.attention != "dense":
+            raise ValueError("sp_strategy='ds-ulysses' is the dense baseline: use it with "
+                             "attention='dense' (the library's 'ulysses' strategy runs the "
+                             "sparse kernels after the same head exchange)")
+        from deepspeed.sequence.layer import DistributedAttention   # a cheap wrapper object
+        backend = self.sdpa_backend
+        attn = DistributedAttention(lambda q_, k_, v_, *a, **kw: dense_causal_sdpa(q_, k_, v_, backend),
+                                    group, scatter_idx=2, gather_idx=1)
+        return attn(q, k, v, 0)                                                # batch dim 0
 
 
 class MLP(nn.Module):
@@ -274,7 +319,8 @@ class GPT(nn.Module):
                 and the qk rule's tie-break and "position 0".
             sp_group: a ``torch.distributed`` process group: run sequence parallel.
             sp_strategy: "bucket", "ulysses" or "allgather" (see
-                :func:`dist_sparse_attn.parallel.sequence_parallel_attention`).
+                :func:`dist_sparse_attn.parallel.sequence_parallel_attention`), or
+                "ds-ulysses" (DeepSpeed's ``DistributedAttention`` over SDPA; dense only).
 
         Returns:
             logits (B, N, vocab_size) float, and loss: the mean cross-entropy over this
@@ -332,4 +378,5 @@ def _shard_offset(n_local: int, group, device) -> int:
 
 
 __all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "rope_cos_sin", "apply_rope",
+           "dense_causal_sdpa", "ATTENTIONS", "SP_STRATEGIES", "SDPA_BACKENDS",
            "position_keep"]

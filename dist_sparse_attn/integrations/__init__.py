@@ -4,10 +4,15 @@
 (sequence parallelism over DeepSpeed's own sequence-parallel group, and a local
 attention for DeepSpeed-Ulysses' ``DistributedAttention``). DeepSpeed is imported
 only when one of its functions runs, so this package imports without it.
+
+:mod:`.ds_groups`: ``SequenceParallelMPU``, the ``mpu`` to give ``deepspeed.initialize``
+when training with sequence parallelism (DeepSpeed's config mesh does not reduce
+gradients across sequence-parallel ranks).
 """
 from .deepspeed import (DeepSpeedSparseAttention, UlyssesLocalSparseAttention,
                         deepspeed_sequence_parallel_group, ulysses_lsh_buckets,
                         ulysses_sparse_attention)
+from .ds_groups import SequenceParallelMPU
 
-__all__ = ["DeepSpeedSparseAttention", "UlyssesLocalSparseAttention",
+__all__ = ["SequenceParallelMPU", "DeepSpeedSparseAttention", "UlyssesLocalSparseAttention",
            "deepspeed_sequence_parallel_group", "ulysses_lsh_buckets", "ulysses_sparse_attention"]

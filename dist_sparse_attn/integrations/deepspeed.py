@@ -124,6 +124,13 @@ class DeepSpeedSparseAttention(nn.Module):
     sequence_parallel_size 2, data_parallel_size 1: under ZeRO 0-2 each rank keeps
     twice its own contribution and the ranks' parameters drift apart after a step;
     under ZeRO-3 every rank steps with the mean of the two ranks' contributions.
+    For training, pass ``mpu=SequenceParallelMPU(sp)``
+    (:mod:`dist_sparse_attn.integrations.ds_groups`) to ``deepspeed.initialize``
+    instead of the config mesh: DeepSpeed then sums the gradients over the whole
+    dp x sp grid and divides by dp (ZeRO 0-2), which is the single-device update;
+    under ZeRO-3 it divides by dp x sp, so scale the loss given to
+    ``engine.backward`` by sp (what :mod:`dist_sparse_attn.train` does; its tests
+    compare the losses with a one-process run).
     """
 
     def __init__(self, mode="hash", n_buckets=None, *, sequence_parallel="auto", strategy=None,
