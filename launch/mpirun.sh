@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# mpirun: MPI starts the processes, mpi4py supplies rank, world size and the master
+# address (DeepSpeed's MPI discovery); NCCL or gloo carry the traffic as usual.
+#
+#   bash launch/mpirun.sh [config] [--set ...]            # NPROC processes on this node
+#   MPI_HOSTS=node-a:4,node-b:4 bash launch/mpirun.sh ...   # several nodes (MPICH -hosts)
+#
+# NPROC defaults to every GPU, or 2 on a CPU-only machine. Uses the mpirun of the venv
+# (the mpich wheel) when present; MPI_ARGS adds flags (e.g. Open MPI's --allow-run-as-root).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PY:-$ROOT/.venv/bin/python}"; [ -x "$PY" ] || PY=python3
+MPIRUN="$(dirname "$PY")/mpirun"; [ -x "$MPIRUN" ] || MPIRUN=mpirun
+CONFIG="configs/tiny.toml"
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG="$1"; shift; fi
+NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+NPROC="${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+HOSTS=()
+if [ -n "${MPI_HOSTS:-}" ]; then HOSTS=(-hosts "$MPI_HOSTS"); fi
+# shellcheck disable=SC2086
+exec "$MPIRUN" -n "$NPROC" "${HOSTS[@]}" ${MPI_ARGS:-} "$PY" launch/train.py --config "$CONFIG" "$@"
