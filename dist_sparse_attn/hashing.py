@@ -89,8 +89,17 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
         from .kernels.triton_hash import lsh_triton
         return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
     rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, nb/2)
-    xr = torch.einsum("bnhd,hdr->bnhr", x.float(), rot)                     # (B, N, heads, nb/2)
-    return torch.cat([xr, -xr], dim=-1).argmax(dim=-1)                       # (B, N, heads)
+    # in chunks of tokens: the projections (chunk, heads, nb/2) stay below ~64M floats,
+    # so thousands of buckets (fixed bucket size at 1M+ tokens) do not need N x nb memory
+    step = max(1, (1 << 26) // max(1, B * Hx * n_buckets))
+    out = torch.empty(B, N, Hx, dtype=torch.int64, device=x.device)
+    for s in range(0, N, step):
+        xr = torch.einsum("bnhd,hdr->bnhr", x[:, s:s + step].float(), rot)  # (B, n, heads, nb/2)
+        # argmax over [xr ; -xr] without building it: the larger of max(xr) and max(-xr)
+        mx, imx = xr.max(dim=-1)
+        mn, imn = xr.min(dim=-1)
+        out[:, s:s + step] = torch.where(mx >= -mn, imx, imn + n_buckets // 2)
+    return out                                                               # (B, N, heads)
 
 
 def keep_to_buckets(keep: torch.Tensor) -> torch.Tensor:

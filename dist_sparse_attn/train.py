@@ -114,7 +114,9 @@ class TrainConfig:
     """Collective timeout: a rank that dies or stalls makes the others fail after this."""
     warmup_steps_excluded: int = 2
     """Steps left out of the step-time statistics (compilation, allocator warmup)."""
-    memory_report: bool = True
+    profile: bool = False
+    """Profile one step after the excluded warmup steps (torch.profiler) and write the
+    top operators by device time to ``out_dir/profile_rank<r>.txt`` (where the step goes)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +283,10 @@ def init_distributed(cuda: bool, timeout_min: float):
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
                                                                   os.environ.get("MPI_LOCALRANKID", 0))))
         torch.cuda.set_device(local % torch.cuda.device_count())
+    # under mpirun DeepSpeed's MPI discovery sets MASTER_PORT to distributed_port: pass the
+    # caller's, or two jobs on one host would both take 29500
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=datetime.timedelta(minutes=timeout_min))
     if cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
@@ -423,6 +428,18 @@ class Trainer:
         self.step += 1
         return self._mean_over_world(acc)
 
+    def _profiled_step(self) -> float:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=acts) as prof:
+            loss = self.train_step()
+            if self.cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        with open(os.path.join(self.tcfg.out_dir, f"profile_rank{self.rank}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+        return loss
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.engine.eval()
@@ -499,7 +516,10 @@ class Trainer:
             if self.cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = self.train_step()        # the all_reduce inside synchronises the ranks
+            if t.profile and self.step == first + t.warmup_steps_excluded:
+                loss = self._profiled_step()
+            else:
+                loss = self.train_step()    # the all_reduce inside synchronises the ranks
             dt = time.perf_counter() - t0
             if self.step - first > t.warmup_steps_excluded:
                 step_times.append(dt)

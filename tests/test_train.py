@@ -342,10 +342,6 @@ needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun next to sys.
 @needs_mpirun
 @pytest.mark.timeout(600)
 def test_mpirun_sp2_equals_single_process(work, config, single):
-    # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT=29500 whatever the
-    # environment says (see test_mpirun_honours_master_port): skip rather than collide.
-    if _port_busy(29500):
-        pytest.skip("port 29500 is in use, and train.py under mpirun always uses it")
     job = run_job("mpirun", work / "mpirun", config,
                   env=_env(MASTER_PORT=str(free_port()))).check()
     assert (job.summary()["world"], job.summary()["sp"]) == (2, 2)
@@ -354,15 +350,10 @@ def test_mpirun_sp2_equals_single_process(work, config, single):
 
 @needs_mpirun
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="train.init_distributed calls deepspeed.init_distributed without "
-                          "distributed_port: DeepSpeed's mpi_discovery then sets MASTER_PORT to "
-                          "29500, so two MPI jobs on one host collide")
 def test_mpirun_honours_master_port(work):
-    """A 1-rank MPI job through train.init_distributed: the rendezvous port should be the
-    MASTER_PORT the user exported (as under torchrun and the deepspeed launcher)."""
-    if _port_busy(29500):
-        pytest.skip("port 29500 is in use")
+    """A 1-rank MPI job through train.init_distributed: the rendezvous port is the
+    MASTER_PORT the user exported (as under torchrun and the deepspeed launcher), not
+    DeepSpeed's MPI-discovery default 29500 (two MPI jobs on one host would collide)."""
     port = free_port()
     code = ("import os, torch.distributed as dist; "
             "from dist_sparse_attn.train import init_distributed; "
