@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -324,16 +323,6 @@ def test_dp2_sp2_equals_dp2(work, config):
 # ---------------------------------------------------------------------------------------------
 # 3. mpirun
 # ---------------------------------------------------------------------------------------------
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return True
-    return False
-
 
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun next to sys.executable "
                                                          "or on PATH")
