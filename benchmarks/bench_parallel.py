@@ -66,6 +66,9 @@ import torch.nn.functional as F
 import dist_sparse_attn as dsa
 import dist_sparse_attn.parallel as dsp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dist import init_process_group  # noqa: E402  (benchmarks/_dist.py)
+
 # ----------------------------------------------------------------------------------------
 # timing helpers
 
@@ -168,35 +171,7 @@ def _install_probe(probe: _Probe):
 
 def _setup(args):
     cuda = torch.cuda.is_available() and not args.cpu
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        # one thread per rank by default (what torchrun gives P > 1): P=1 then compares
-        # with P=2 like for like, and OpenMP spin-waits do not fight other processes
-        torch.set_num_threads(args.threads)
-    if "RANK" not in os.environ:          # plain `python bench_parallel.py`: one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    kw = dict(backend="nccl" if cuda else "gloo",
-              timeout=datetime.timedelta(seconds=args.timeout))
-    if cuda:
-        kw["device_id"] = device
-    try:
-        dist.init_process_group(**kw)
-    except TypeError:                     # older torch without device_id
-        kw.pop("device_id", None)
-        dist.init_process_group(**kw)
-    return device, cuda
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return init_process_group(cuda, args.timeout, args.threads), cuda
 
 
 def _sync(cuda):

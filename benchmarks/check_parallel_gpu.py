@@ -83,6 +83,9 @@ import torch.distributed as dist
 
 import dist_sparse_attn as dsa
 import dist_sparse_attn.parallel as dsp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dist import init_process_group  # noqa: E402  (benchmarks/_dist.py)
 import dist_sparse_attn.parallel.bucket as bucket_mod
 
 STRATEGIES = ("bucket", "ulysses", "allgather")
@@ -196,30 +199,7 @@ def setup(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device (use --device cpu)")
     cuda = args.device == "cuda"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(args.threads)
-    if "RANK" not in os.environ:          # plain `python check_parallel_gpu.py`: one process
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    kw = dict(backend="nccl" if cuda else "gloo",
-              timeout=datetime.timedelta(seconds=args.timeout))
-    if cuda:
-        kw["device_id"] = device
-    try:
-        dist.init_process_group(**kw)
-    except TypeError:                     # older torch without device_id
-        kw.pop("device_id", None)
-        dist.init_process_group(**kw)
-    return device, cuda
+    return init_process_group(cuda, args.timeout, args.threads), cuda
 
 
 def shard_lengths(N, P):

@@ -137,3 +137,28 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
                     f"still running after {timeout_s} s (killed)" if r in hung
                     else f"exited with code {procs[r].exitcode}"))
     return results
+
+
+def record_cases(cases, check, rank, outdir) -> bool:
+    """Worker side of :func:`run_workers`: run ``check(i, name)`` for every case name,
+    write "ok" or the traceback to ``outdir/<name>.<rank>``, then barrier and destroy
+    the default process group. Raises SystemExit(1) if a case failed on this rank."""
+    import os
+    import traceback
+
+    import torch.distributed as dist
+    failed = False
+    try:
+        for i, name in enumerate(cases):
+            try:
+                check(i, name)
+                msg = "ok"
+            except Exception:   # noqa: BLE001 - reported through the result file
+                msg, failed = traceback.format_exc(), True
+            with open(os.path.join(outdir, f"{name}.{rank}"), "w") as f:
+                f.write(msg)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)

@@ -32,12 +32,11 @@ import datetime
 import os
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
 
-from helpers import run_workers
+from helpers import record_cases, run_workers
 
 pytest.importorskip("deepspeed")
 
@@ -214,28 +213,13 @@ def _check(name, rank, seed):
 def _worker(rank, world, port, seed, outdir):
     import logging
 
-    import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    failed = False
-    try:
-        for i, name in enumerate(CASES):
-            try:
-                _check(name, rank, seed + 101 * i)
-                msg = "ok"
-            except Exception:   # noqa: BLE001 - reported through the result file
-                msg, failed = traceback.format_exc(), True
-            with open(os.path.join(outdir, f"{name}.{rank}"), "w") as f:
-                f.write(msg)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if failed:
-        raise SystemExit(1)
+    record_cases(CASES, lambda i, name: _check(name, rank, seed + 101 * i), rank, outdir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from dist_sparse_attn.parallel.bucket import _lpt_owners
-from helpers import free_port, run_workers
+from helpers import free_port, record_cases, run_workers
 
 JOIN_TIMEOUT_S = 240
 
@@ -273,21 +272,8 @@ def _worker(rank, world, port, names, seed, outdir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
-    failed = False
-    try:
-        for i, name in enumerate(names):
-            try:
-                _check_case(name, CASES[name], rank, world, seed + i)
-                msg = "ok"
-            except Exception:   # noqa: BLE001 - reported through the result file
-                msg, failed = traceback.format_exc(), True
-            with open(os.path.join(outdir, f"{name}.{rank}"), "w") as f:
-                f.write(msg)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if failed:
-        raise SystemExit(1)
+    record_cases(names, lambda i, name: _check_case(name, CASES[name], rank, world, seed + i),
+                 rank, outdir)
 
 
 # ---------------------------------------------------------------------------------------------
