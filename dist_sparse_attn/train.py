@@ -510,6 +510,7 @@ class Trainer:
         t = self.tcfg
         tokens_per_step = t.micro_batch * t.grad_accum * self.dp * t.seq_len
         step_times, last_loss, eval_loss = [], float("nan"), None
+        since_log = []          # losses since the last log line (the line shows their mean)
         t_start = time.perf_counter()
         first = self.step
         while self.step < t.steps:
@@ -524,18 +525,21 @@ class Trainer:
             if self.step - first > t.warmup_steps_excluded:
                 step_times.append(dt)
             last_loss = loss
+            since_log.append(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}")
             recent = step_times[-20:] or [dt]
             mean_dt = statistics.fmean(recent)
             if self.step % t.log_interval == 0 or self.step == t.steps or self.step == first + 1:
-                rec = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, t),
+                avg = statistics.fmean(since_log)
+                since_log = []
+                rec = {"step": self.step, "loss": loss, "loss_avg": avg, "lr": lr_at(self.step - 1, t),
                        "step_ms": dt * 1e3, "tokens_per_s": tokens_per_step / mean_dt}
                 self.log(rec)
                 if self.rank == 0:
                     done = self.step / t.steps
                     bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
-                    print(f"[train] step {self.step:>6}/{t.steps} [{bar}] loss {loss:.4f} | "
+                    print(f"[train] step {self.step:>6}/{t.steps} [{bar}] loss {avg:.4f} | "
                           f"{_fmt_rate(tokens_per_step / mean_dt)} tok/s | {mean_dt * 1e3:.0f} ms/step"
                           f" | ETA {_fmt_time((t.steps - self.step) * mean_dt)}", flush=True)
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
@@ -601,7 +605,8 @@ def plot_history(metrics_path: str, png_path: str):
             (train if "loss" in r else evals).append(r)
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+        ax.plot([r["step"] for r in train], [r.get("loss_avg", r["loss"]) for r in train],
+                label="train (mean since the previous point)")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
     ax.set_xlabel("step")
