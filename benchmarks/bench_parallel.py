@@ -285,6 +285,8 @@ def run(args):
             fn, leaves, cm = make()
             with (cm if cm is not None else _nullcontext()):
                 res = _time_steps(fn, leaves, compute_probe)
+                if args.profile:
+                    _profile_step(fn, leaves, f"P{P}_N{N}_{method.replace('/', '-')}")
         except Exception as e:                                   # report, keep going
             ok, err = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if args.verbose:
@@ -352,6 +354,26 @@ def run(args):
             del out
         return (statistics.median(step_t), statistics.median(local),
                 statistics.median(comp) if compute_probe else None)
+
+    def _profile_step(fn, leaves, tag):
+        """One more fwd+bwd under torch.profiler; rank 0 writes the top operators by
+        device (CPU: host) self time to OUT/profile_<tag>.txt -- where "other" goes."""
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        for x in leaves:
+            x.grad = None
+        _sync(cuda)
+        dist.barrier()
+        with profile(activities=acts) as prof:
+            out = fn()
+            out.backward(torch.ones_like(out))
+            _sync(cuda)
+        dist.barrier()
+        if is0:
+            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"profile_{tag}.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by=key, row_limit=35))
 
     want = set(args.methods) if args.methods else None
 
@@ -639,6 +661,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--ring-on-cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step per method: OUT/profile_P<P>_N<N>_<method>.txt")
     args = p.parse_args()
     if args.plot_only:
         plot_only(args.plot_only)
