@@ -103,9 +103,9 @@ def _buckets(kind, nb, q, k, gen):
     if kind == "single":       # one group per (b, kv head): most ranks own nothing
         return torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
     if kind == "sparse_ids":    # ids far apart: too many for a dense (b, j, bucket) table
-        ids = torch.tensor([0, 10 ** 6, 2 ** 30, 2 ** 31 - 2])
-        return (ids[torch.randint(0, 4, (B, N, H), generator=gen)],
-                ids[torch.randint(0, 4, (B, N, Hkv), generator=gen)])
+        ids = torch.tensor([-1, 0, 10 ** 6, 2 ** 30, 2 ** 31 - 2])           # and dropped
+        return (ids[torch.randint(0, 5, (B, N, H), generator=gen)],
+                ids[torch.randint(0, 5, (B, N, Hkv), generator=gen)])
     out = []
     for heads in (H, Hkv):
         b = torch.randint(0, nb, (B, N, heads), generator=gen)

@@ -9,6 +9,13 @@ the owner runs the local kernel on everything it received as one stream
 (the group id as the bucket, so attention stays inside each group), and the
 outputs travel back. Backward runs the same exchanges in reverse (autograd).
 
+Host synchronisations per forward: two (the group sizes for the assignment, the count
+exchange for the split sizes); items are routed by a stable sort on their destination,
+without boolean-mask indexing. (The first version had about seven: two ``nonzero``, two
+masked selections, the sizes and two ``tolist`` of counts. Measured on 4 H100s before
+this change: 10.4 ms of routing/exchange per fwd+bwd at 128k tokens; after: not yet
+measured.)
+
 Communication per call, in this order on every rank:
     forward  1 all_reduce (group sizes), 1 all_to_all (item counts),
              1 all_to_all (int64 positions + group ids), 1 all_to_all (q, k, v rows),
@@ -72,30 +79,31 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     valid_k = (kb >= 0).reshape(-1)
     pos_k = (torch.arange(n, device=dev)[None, :, None].expand(B, n, Hkv) + offset).reshape(-1)
 
-    idx_q = valid_q.nonzero().flatten()
-    idx_k = valid_k.nonzero().flatten()
-    gid_q, gid_k, n_groups = _group_index(key_q[idx_q], key_k[idx_k], B * Hkv * nb, group)
+    gid_q, gid_k, n_groups = _group_index(key_q, valid_q, key_k, valid_k, B * Hkv * nb, group)
 
-    # ---- global group sizes and the owner of every group ---------------------------------
-    sizes = torch.stack([torch.bincount(gid_q, minlength=n_groups),
-                         torch.bincount(gid_k, minlength=n_groups)])          # (2, G)
-    dist.all_reduce(sizes, group=group)
-    owner = _lpt_owners(sizes[0].cpu(), sizes[1].cpu(), P).to(dev)            # (G,), -1 unrouted
-
-    # ---- route the items: sort by owner, then one exchange each ------------------------
-    dest_q, dest_k = owner[gid_q], owner[gid_k]
-    keep_q, keep_k = dest_q >= 0, dest_k >= 0
-    idx_q, gid_q, dest_q = idx_q[keep_q], gid_q[keep_q], dest_q[keep_q]
-    idx_k, gid_k, dest_k = idx_k[keep_k], gid_k[keep_k], dest_k[keep_k]
-    order_q = torch.sort(dest_q, stable=True).indices
-    order_k = torch.sort(dest_k, stable=True).indices
-    idx_q, gid_q, dest_q = idx_q[order_q], gid_q[order_q], dest_q[order_q]
-    idx_k, gid_k, dest_k = idx_k[order_k], gid_k[order_k], dest_k[order_k]
-    send = torch.stack([torch.bincount(dest_q, minlength=P),
-                        torch.bincount(dest_k, minlength=P)], 1)              # (P, 2)
-    recv = _comm.exchange_counts(send, group)                                 # (P, 2)
+    # ---- group sizes (local and global) and the owner of every group -------------------
+    # One device->host copy for the cost-balanced assignment; the send counts follow on
+    # the host from the local sizes, so the only other sync is the count exchange.
+    local = torch.stack([torch.bincount(gid_q, minlength=n_groups + 1)[:n_groups],
+                         torch.bincount(gid_k, minlength=n_groups + 1)[:n_groups]])  # (2, G)
+    total = local.clone()
+    dist.all_reduce(total, group=group)
+    total, local = torch.stack([total, local]).cpu().unbind(0)                # (2, G) each
+    owner = _lpt_owners(total[0], total[1], P)                                # (G,), -1 unrouted
+    routed = owner >= 0
+    send = torch.zeros(P, 2, dtype=torch.int64).index_add_(
+        0, owner[routed], local[:, routed].T)                                 # (P, 2)
+    recv = _comm.exchange_counts(send.to(dev) if dev.type != "cpu" else send, group).cpu()
     sq, sk = send[:, 0].tolist(), send[:, 1].tolist()
     rq, rk = recv[:, 0].tolist(), recv[:, 1].tolist()
+
+    # ---- route the items: stable sort by destination (unrouted and dropped last) -------
+    # (item order within a destination stays ascending, as the kernel's stream expects)
+    dest_of = torch.cat([torch.where(owner >= 0, owner, P),
+                         torch.tensor([P])]).to(dev)                          # (G + 1,)
+    idx_q = torch.sort(dest_of[gid_q], stable=True).indices[:sum(sq)]        # (Sq,)
+    idx_k = torch.sort(dest_of[gid_k], stable=True).indices[:sum(sk)]        # (Sk,)
+    gid_q, gid_k = gid_q[idx_q], gid_k[idx_k]
 
     # int64 metadata, per destination [pos_q | gid_q | pos_k | gid_k]
     meta_send = _interleave([pos_q[idx_q], gid_q, pos_k[idx_k], gid_k],
@@ -135,16 +143,18 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     return out.view(B, n, H, D)
 
 
-def _group_index(key_q, key_k, n_dense: int, group):
+def _group_index(key_q, valid_q, key_k, valid_k, n_dense: int, group):
     """Number the (b, j, bucket) groups identically on every rank.
 
-    Dense keys are used as they are when the table is small; otherwise the
-    distinct keys of all ranks are gathered (padded to equal sizes) and
-    numbered in sorted order. Returns (gid_q, gid_k, number of groups), ids < 2**31 - 1.
+    key_q/key_k: every item's dense key (b * Hkv + j) * nb + bucket; valid_*: not dropped.
+    Dense keys are used as they are when the table is small; otherwise the distinct
+    keys of all ranks are gathered (padded to equal sizes) and numbered in sorted order.
+    Returns (gid_q, gid_k, G): per item, its group id in [0, G) or G when dropped.
     """
     if n_dense <= _DENSE_GROUPS_MAX:
-        return key_q, key_k, n_dense
-    local = torch.unique(torch.cat([key_q, key_k]))                           # sorted
+        return (torch.where(valid_q, key_q, n_dense), torch.where(valid_k, key_k, n_dense),
+                n_dense)
+    local = torch.unique(torch.cat([key_q[valid_q], key_k[valid_k]]))          # sorted
     counts = _comm.all_gather_equal(torch.tensor([local.numel()], device=local.device),
                                     group).flatten()
     width = max(int(counts.max()), 1)
@@ -152,9 +162,12 @@ def _group_index(key_q, key_k, n_dense: int, group):
     padded[:local.numel()] = local
     every = _comm.all_gather_equal(padded, group).flatten()
     keys = torch.unique(every[every >= 0])                                    # (G,) sorted
-    if keys.numel() >= 2 ** 31 - 1:
-        raise ValueError(f"too many (batch, kv head, bucket) groups: {keys.numel()}")
-    return (torch.searchsorted(keys, key_q), torch.searchsorted(keys, key_k), keys.numel())
+    G = keys.numel()
+    if G >= 2 ** 31 - 1:
+        raise ValueError(f"too many (batch, kv head, bucket) groups: {G}")
+    gq = torch.searchsorted(keys, key_q).clamp_(max=max(G - 1, 0))
+    gk = torch.searchsorted(keys, key_k).clamp_(max=max(G - 1, 0))
+    return torch.where(valid_q, gq, G), torch.where(valid_k, gk, G), G
 
 
 def _lpt_owners(n_q: torch.Tensor, n_k: torch.Tensor, P: int) -> torch.Tensor:
