@@ -115,14 +115,18 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
         V.check_buckets("q_buckets", q_buckets, B, n, H, q.device)
         V.check_buckets("k_buckets", k_buckets, B, n, k.shape[2], q.device)
         V.check_scale(softmax_scale)
-        mb = max(int(q_buckets.max()), int(k_buckets.max()))
-        row = torch.tensor([1, B, H, k.shape[2], D, _DTYPE_CODES[q.dtype], n, mb, int(causal),
+        row = torch.tensor([1, B, H, k.shape[2], D, _DTYPE_CODES[q.dtype], n, -1, int(causal),
                             int(include_self), list(strategies).index(strategy)],
                            dtype=torch.int64)
     except ValueError as e:
         error = e
     if dist.get_backend(group) == "nccl":
         row = row.to(dev)
+    if error is None and q_buckets.numel() + k_buckets.numel():
+        # the max bucket joins the row on the device: no host sync before the gather
+        mb = torch.maximum(q_buckets.max() if q_buckets.numel() else k_buckets.max(),
+                           k_buckets.max() if k_buckets.numel() else q_buckets.max())
+        row[7] = mb.to(row.device, torch.int64)
     rows = all_gather_equal(row, group).cpu()                                 # (P, _META)
     if error is not None:
         raise error
