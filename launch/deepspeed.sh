@@ -11,18 +11,11 @@
 # first host; MASTER_PORT (default 29500) must be open between the nodes. NCCL picks
 # the network; set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if it picks the wrong one.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"; [ -x "$PY" ] || PY=python3
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DS="$(dirname "$PY")/deepspeed"; [ -x "$DS" ] || DS=deepspeed
-CONFIG="configs/tiny.toml"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG="$1"; shift; fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${HOSTFILE:-}" ]; then
     exec "$DS" --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
         launch/train.py --config "$CONFIG" "$@"
 fi
-NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-NPROC="${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}"
 exec "$DS" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" \
     launch/train.py --config "$CONFIG" "$@"

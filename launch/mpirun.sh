@@ -8,15 +8,8 @@
 # NPROC defaults to every GPU, or 2 on a CPU-only machine. Uses the mpirun of the venv
 # (the mpich wheel) when present; MPI_ARGS adds flags (e.g. Open MPI's --allow-run-as-root).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"; [ -x "$PY" ] || PY=python3
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 MPIRUN="$(dirname "$PY")/mpirun"; [ -x "$MPIRUN" ] || MPIRUN=mpirun
-CONFIG="configs/tiny.toml"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG="$1"; shift; fi
-NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-NPROC="${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 HOSTS=()
 if [ -n "${MPI_HOSTS:-}" ]; then HOSTS=(-hosts "$MPI_HOSTS"); fi
 # shellcheck disable=SC2086

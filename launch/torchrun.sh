@@ -11,15 +11,8 @@
 # and RDZV_ID. Sequence-parallel groups are blocks of consecutive ranks, so with
 # train.sequence_parallel <= NPROC each group stays inside one node.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"; [ -x "$PY" ] || PY=python3
-CONFIG="configs/tiny.toml"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG="$1"; shift; fi
-NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-NPROC="${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}"
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 NNODES="${NNODES:-1}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$NNODES" -eq 1 ]; then
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
         launch/train.py --config "$CONFIG" "$@"

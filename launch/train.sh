@@ -10,20 +10,8 @@
 # launch/mpirun.sh. Extra arguments go to the training entry point
 # (python -m dist_sparse_attn.train --help).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-BIN="$(dirname "$PY")"
-CONFIG="configs/tiny.toml"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG="$1"; shift; fi
-NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
-if [ -z "${NPROC:-}" ]; then
-    if [ "$NGPU" -gt 0 ]; then NPROC="$NGPU"; else NPROC=2; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DS="$BIN/deepspeed"; [ -x "$DS" ] || DS=deepspeed
-echo "[launch] $NPROC process(es) on $([ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s)" || echo CPU), config $CONFIG"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # --num_gpus sets the process count (also on CPU, where the launcher starts N gloo ranks)
 exec "$DS" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29531}" \
     launch/train.py --config "$CONFIG" "$@"
