@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -395,8 +396,10 @@ SHORT = 10
 
 @pytest.fixture(scope="module")
 def attention_runs(work, config):
+    # train.profile on: one step runs under torch.profiler (test_profile_written)
     return {a: run_job("python", work / f"attn_{a}", config, "--set", f"model.attention={a}",
-                       "--set", f"train.steps={SHORT}", nproc=1).check()
+                       "--set", f"train.steps={SHORT}", "--set", "train.profile=true",
+                       nproc=1).check()
             for a in ATTENTIONS}
 
 
@@ -409,6 +412,13 @@ def test_attention_trains(attention_runs, attention):
     assert sorted(losses) == list(range(1, SHORT + 1))
     # measured: 5.37 -> 3.96 .. 3.97 for all three
     assert losses[SHORT] < losses[1] - 0.8, f"{attention}: {losses}"
+
+
+@pytest.mark.timeout(600)
+def test_profile_written(attention_runs):
+    """train.profile=true: the operator table of one step, the sparse op in it."""
+    table = Path(attention_runs["hash"].out, "profile_rank0.txt").read_text()
+    assert "aten::" in table and "BucketedAttentionFunction" in table, table[:2000]
 
 
 @pytest.mark.timeout(600)
