@@ -85,6 +85,13 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     _check_lsh_args(x, n_buckets, group_size)
     B, N, Hx, D = x.shape
     rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)  # (Hx/g, D, nb/2)
+    return _buckets_from_rotations(x, rot, n_buckets, group_size)
+
+
+def _buckets_from_rotations(x, rot, n_buckets: int, group_size: int) -> torch.Tensor:
+    """``argmax([xR ; -xR])`` with given rotations ``rot`` (heads // group_size, D, nb/2):
+    the fused kernel on CUDA where it pays, else PyTorch ops in chunks of tokens."""
+    B, N, Hx, D = x.shape
     if _fused(x, n_buckets):       # one launch, no float copy of x
         from .kernels.triton_hash import lsh_triton
         return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)

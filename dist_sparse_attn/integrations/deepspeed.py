@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _validation as V
-from ..hashing import _fused, _rotations_on
+from ..hashing import _buckets_from_rotations, _rotations_on
 from ..modules import SequenceParallelSparseAttention, SparseAttention, _forward_args
 
 
@@ -66,6 +66,32 @@ def deepspeed_sequence_parallel_group(engine=None):
     if group is None or dist.get_world_size(group) <= 1:
         return None
     return group
+
+
+def _warn_if_config_mesh():
+    """Warn (once) when the sequence-parallel group is DeepSpeed's config mesh without an
+    ``mpu``: DeepSpeed 0.19.8 then does not reduce parameter gradients across the
+    sequence-parallel ranks (see :mod:`dist_sparse_attn.integrations.ds_groups`)."""
+    global _MESH_WARNED
+    if _MESH_WARNED:
+        return
+    try:
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    if getattr(groups, "mpu", None) is None and getattr(groups, "mesh_device", None) is not None:
+        import warnings
+        warnings.warn(
+            "DeepSpeedSparseAttention: the sequence-parallel group comes from DeepSpeed's config "
+            "mesh (sequence_parallel_size / data_parallel_size) without an mpu; DeepSpeed "
+            "0.19.8 then does not sum parameter gradients across sequence-parallel ranks, so "
+            "their weights drift apart. Pass mpu=dist_sparse_attn.integrations."
+            "SequenceParallelMPU(sp) to deepspeed.initialize instead.", RuntimeWarning,
+            stacklevel=3)
+        _MESH_WARNED = True
+
+
+_MESH_WARNED = False
 
 
 def _check_group(name, value):
@@ -157,6 +183,8 @@ class DeepSpeedSparseAttention(nn.Module):
         group = self.process_group()
         if group is None:
             return self.local(q, k, v, q_keep, k_keep, q_buckets=q_buckets, k_buckets=k_buckets)
+        if self.sequence_parallel == "auto" and torch.is_grad_enabled():
+            _warn_if_config_mesh()
         self.parallel.group = group
         return self.parallel(q, k, v, q_keep, k_keep, q_buckets=q_buckets, k_buckets=k_buckets)
 
@@ -168,16 +196,6 @@ class DeepSpeedSparseAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed-Ulysses: the local attention of DistributedAttention
 # ---------------------------------------------------------------------------------------------
-
-def _lsh_with_rotations(x, rot, n_buckets, group_size):
-    """``lsh_buckets``' computation with given rotations (heads // group_size, D, nb/2)."""
-    if _fused(x, n_buckets):
-        from ..kernels.triton_hash import lsh_triton
-        return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
-    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, nb/2)
-    xr = torch.einsum("bnhd,hdr->bnhr", x.float(), rot)
-    return torch.cat([xr, -xr], dim=-1).argmax(dim=-1)                       # (B, N, heads)
-
 
 def ulysses_lsh_buckets(q, k, n_buckets, *, seed=0, rank=0, world=1):
     """LSH buckets of one Ulysses rank's heads, hashed with their GLOBAL head's rotation.
@@ -202,8 +220,8 @@ def ulysses_lsh_buckets(q, k, n_buckets, *, seed=0, rank=0, world=1):
     rot = _rotations_on(q.device, world * h, D, n_buckets, int(seed), g)    # (P*hkv, D, nb/2)
     rot = rot[rank * hkv:(rank + 1) * hkv].contiguous()
     with torch.no_grad():
-        return (_lsh_with_rotations(q.detach(), rot, n_buckets, g),
-                _lsh_with_rotations(k.detach(), rot, n_buckets, 1))
+        return (_buckets_from_rotations(q.detach(), rot, n_buckets, g),
+                _buckets_from_rotations(k.detach(), rot, n_buckets, 1))
 
 
 class UlyssesLocalSparseAttention(nn.Module):
