@@ -333,6 +333,30 @@ def test_lpt_balances_skewed_groups():
     assert torch.equal(owner, _lpt_owners(n_q, n_k, P))
 
 
+@pytest.mark.parametrize("G,P", [(3000, 4), (5000, 8), (700, 3)])
+def test_lpt_many_groups_water_filling(G, P):
+    """Beyond _LPT_EXACT * P groups the small ones fill the ranks' deficits: every
+    rank still within the largest group's cost of the mean, unrouted groups -1,
+    deterministic -- with one group heavier than a rank's fair share too."""
+    from dist_sparse_attn.parallel.bucket import _LPT_EXACT
+    assert G > _LPT_EXACT * P
+    g = torch.Generator().manual_seed(G + P)
+    n_q = torch.randint(0, 60, (G,), generator=g)
+    n_k = torch.randint(0, 60, (G,), generator=g)
+    n_q[3], n_k[3] = 2000, 2000                       # heavier than the mean load
+    owner = _lpt_owners(n_q, n_k, P)
+    assert ((owner >= 0) == ((n_q > 0) & (n_k > 0))).all()
+    cost = (n_q * n_k).double()
+    loads = torch.stack([cost[owner == r].sum() for r in range(P)])
+    light = loads[loads < cost[3]]                    # ranks other than the heavy group's
+    assert loads.max() <= max(cost[3].item(), loads.mean().item() + cost.max().item())
+    rest_mean = (cost.sum() - cost[3]) / (P - 1)
+    others = cost.clone()
+    others[3] = 0
+    assert (light - rest_mean).abs().max() <= others.max(), (loads, rest_mean)
+    assert torch.equal(owner, _lpt_owners(n_q, n_k, P))
+
+
 # ---------------------------------------------------------------------------------------------
 # a rank that dies must not hang the others
 # ---------------------------------------------------------------------------------------------
