@@ -16,11 +16,18 @@ import os
 import re
 
 
-def rows(data):
-    """(run tag, name, summary) for every speed run, newest tag last."""
-    for tag, block in data["runs"].items():
-        for name, s in block["runs"].items():
-            yield tag, name, s
+def _speedup(runs, name, backend):
+    """Dense baseline's step time / run ``name``'s, for the dense run of the same GPU
+    count and length (``<prefix>_dense_<backend>`` or ``..._dense_dsu_<backend>``)."""
+    base = re.sub(r"_(hash\d+.*|qk\d+|dense_.*)$", "", name)
+    for cand in (f"{base}_dense_{backend}", f"{base}_dense_dsu_{backend}"):
+        if cand in runs and runs[cand].get("median_step_ms"):
+            return runs[cand]["median_step_ms"] / runs[name]["median_step_ms"]
+    return None
+
+
+def _fmt(x):
+    return f"{x:.2f}" if x else "–"
 
 
 def table(data) -> str:
@@ -33,16 +40,9 @@ def table(data) -> str:
         for name, s in sorted(runs.items(), key=lambda kv: (kv[1]["world"], kv[1]["seq_len"], kv[0])):
             if name.startswith("q_") or s.get("median_step_ms") is None:
                 continue
-            base = re.sub(r"_(hash\d+.*|qk\d+|dense_.*)$", "", name)
-            def speed(backend):
-                for cand in (f"{base}_dense_{backend}", f"{base}_dense_dsu_{backend}"):
-                    if cand in runs and runs[cand].get("median_step_ms"):
-                        return runs[cand]["median_step_ms"] / s["median_step_ms"]
-                return None
-            c, f = speed("cudnn"), speed("flash")
-            fmt = lambda x: f"{x:.2f}" if x else "–"   # noqa: E731
+            c, f = _speedup(runs, name, "cudnn"), _speedup(runs, name, "flash")
             lines.append(f"| {name} | {s['world']} | {s['seq_len']} | {s['median_step_ms']:.1f} | "
-                         f"{s['tokens_per_s'] / 1e3:.0f}k | {fmt(c)} | {fmt(f)} | "
+                         f"{s['tokens_per_s'] / 1e3:.0f}k | {_fmt(c)} | {_fmt(f)} | "
                          f"{s['peak_mem_gib_per_gpu']:.1f} |")
     return "\n".join(lines)
 
@@ -93,8 +93,10 @@ def main():
     a = p.parse_args()
     data = json.load(open(a.json))
     print(table(data))
+    out = a.out or os.path.dirname(a.json)
+    os.makedirs(out, exist_ok=True)
     try:
-        plots(data, a.out or os.path.dirname(a.json))
+        plots(data, out)
     except ImportError:
         print("(matplotlib missing: no plots)")
 

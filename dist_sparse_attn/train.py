@@ -454,7 +454,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate_retrieval(self) -> float:
         """Accuracy on the planted-key retrieval task; the answer is read from the
-        last position, which the last rank of each SP group holds."""
+        last position, which the last rank of each SP group holds. Every data-parallel
+        group runs the same batches (counted once per group, hence / dp): ZeRO-3 gathers
+        parameters over all ranks, so every rank must run the same number of forwards."""
         n = self.tcfg.retrieval_samples
         L = self.tcfg.retrieval_seq_len or self.tcfg.seq_len
         lo, hi = shard_bounds(L, self.sp_rank, self.sp)

@@ -124,8 +124,7 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
         row = row.to(dev)
     if error is None and q_buckets.numel() + k_buckets.numel():
         # the max bucket joins the row on the device: no host sync before the gather
-        mb = torch.maximum(q_buckets.max() if q_buckets.numel() else k_buckets.max(),
-                           k_buckets.max() if k_buckets.numel() else q_buckets.max())
+        mb = torch.stack([t.max() for t in (q_buckets, k_buckets) if t.numel()]).max()
         row[7] = mb.to(row.device, torch.int64)
     rows = all_gather_equal(row, group).cpu()                                 # (P, _META)
     if error is not None:

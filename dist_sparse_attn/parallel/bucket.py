@@ -93,7 +93,7 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     routed = owner >= 0
     send = torch.zeros(P, 2, dtype=torch.int64).index_add_(
         0, owner[routed], local[:, routed].T)                                 # (P, 2)
-    recv = _comm.exchange_counts(send.to(dev) if dev.type != "cpu" else send, group).cpu()
+    recv = _comm.exchange_counts(send.to(dev), group).cpu()
     sq, sk = send[:, 0].tolist(), send[:, 1].tolist()
     rq, rk = recv[:, 0].tolist(), recv[:, 1].tolist()
 
