@@ -11,6 +11,12 @@ so a step's time is the slowest rank's) of:
                            seed on every rank), hashing inside the timed step;
   * ``bucket/qk-drop<d>``  the same strategy, QK-sparse: random keep-masks with the
                            drop rate, buckets ``where(keep, 0, -1)``;
+  * ``bucket-ovl<K>/hash<nb>``, ``bucket-ovl<K>/qk-drop<d>``  the same two with the bucket
+                           strategy's pipelined path, K chunks whose exchanges overlap the
+                           neighbouring chunk's kernel (``--overlap-chunks``, default 2;
+                           ``$DSA_BUCKET_CHUNKS`` set around the call). The plain
+                           ``bucket/*`` rows force 1 chunk (the unpipelined path) the same
+                           way, whatever the environment says;
   * ``ulysses/hash<nb>``   ``strategy="ulysses"`` with the same hash buckets;
   * ``allgather/qk-drop<d>`` ``strategy="allgather"`` (gathers the kept k/v), QK-sparse,
                            when the library has that strategy;
@@ -25,9 +31,12 @@ so a step's time is the slowest rank's) of:
 
 Reported per config: step time (ms), tokens/s per GPU, the local attention
 kernel's own time ("compute": the ``bucketed_attention`` call inside the
-strategy, or the local SDPA of DeepSpeed-Ulysses, timed with CUDA events /
-perf_counter around its forward and its backward, through a monkeypatch),
-"other" = step - slowest rank's compute (exchanges, routing, hashing, sync),
+strategy -- summed over the chunks' calls for ``bucket-ovl*`` -- or the local SDPA
+of DeepSpeed-Ulysses, timed with CUDA events / perf_counter around its forward and
+its backward, through a monkeypatch),
+"other" = step - slowest rank's compute (exchanges, routing, hashing, sync; for
+``bucket-ovl*`` only the part of the exchanges not hidden behind a kernel; on GPUs a
+kernel that shares the card with a running NCCL transfer may itself be a little slower),
 and the load imbalance max/mean of the ranks' compute times (all_gather).
 
 Rank 0 prints a table as results come and writes ``parallel_P<P>.json`` (+ a
@@ -236,6 +245,26 @@ def _deepspeed_attention(local_attn, cuda):
     return DistributedAttention(local_attn, dist.group.WORLD, scatter_idx=2, gather_idx=1)
 
 
+class _bucket_chunks:
+    """Context: ``$DSA_BUCKET_CHUNKS`` = k (the bucket strategy reads it per call;
+    the pipelined backward keeps the forward's chunks), restored on exit."""
+
+    def __init__(self, k: int):
+        from dist_sparse_attn.parallel.bucket import CHUNKS_ENV
+        self.var, self.k = CHUNKS_ENV, str(k)
+
+    def __enter__(self):
+        self.old = os.environ.get(self.var)
+        os.environ[self.var] = self.k
+
+    def __exit__(self, *a):
+        if self.old is None:
+            os.environ.pop(self.var, None)
+        else:
+            os.environ[self.var] = self.old
+        return False
+
+
 def _make_qkv(B, n, H, D, dtype, device, seed):
     g = torch.Generator(device=device).manual_seed(seed)
     return [torch.randn(B, n, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -396,18 +425,24 @@ def run(args):
         seed = args.seed * 1000 + rank            # this rank's shard of the global sequence
 
         for nb in args.buckets:
-            def make_hash(strategy, nb=nb):
+            def make_hash(strategy, nb=nb, chunks=1):
                 q, k, v = _make_qkv(B, n, H, D, dtype, device, seed)
 
                 def fn():
                     with torch.no_grad():
                         qb = dsa.lsh_buckets(q, nb, seed=args.hash_seed)
                         kb = dsa.lsh_buckets(k, nb, seed=args.hash_seed)
-                    return dsp.sequence_parallel_attention(q, k, v, qb, kb, strategy=strategy)
+                    with _bucket_chunks(chunks):
+                        return dsp.sequence_parallel_attention(q, k, v, qb, kb,
+                                                               strategy=strategy)
                 return fn, [q, k, v], None
 
             if wanted(f"bucket/hash{nb}"):
                 bench(N, f"bucket/hash{nb}", lambda: make_hash("bucket"), True)
+            for K in args.overlap_chunks:
+                if wanted(f"bucket-ovl{K}/hash{nb}"):
+                    bench(N, f"bucket-ovl{K}/hash{nb}",
+                          lambda K=K: make_hash("bucket", chunks=K), True)
             if wanted(f"ulysses/hash{nb}"):
                 if H % P:
                     note(f"ulysses/hash{nb} skipped: P={P} does not divide H={H}")
@@ -430,16 +465,26 @@ def run(args):
                 kk = torch.rand(B, n, H, device=device, generator=g) >= drop
                 return q, k, v, kq, kk
 
+            def make_qk_strategy(strat, chunks=1):
+                q, k, v, kq, kk = make_keep()
+                qb, kb = dsa.keep_to_buckets(kq), dsa.keep_to_buckets(kk)
+
+                def fn():
+                    with _bucket_chunks(chunks):
+                        return dsp.sequence_parallel_attention(q, k, v, qb, kb,
+                                                               strategy=strat)
+                return fn, [q, k, v], None
+
             # "allgather" (gather the kept k/v) where this version of the library has it
             for strat in [s for s in ("bucket", "allgather") if s in dsp.STRATEGIES]:
                 if wanted(f"{strat}/{tag}"):
-                    def make_qk_strategy(strat=strat):
-                        q, k, v, kq, kk = make_keep()
-                        qb, kb = dsa.keep_to_buckets(kq), dsa.keep_to_buckets(kk)
-                        return (lambda: dsp.sequence_parallel_attention(q, k, v, qb, kb,
-                                                                        strategy=strat),
-                                [q, k, v], None)
-                    bench(N, f"{strat}/{tag}", make_qk_strategy, True)
+                    bench(N, f"{strat}/{tag}", lambda strat=strat: make_qk_strategy(strat),
+                          True)
+                if strat == "bucket":
+                    for K in args.overlap_chunks:
+                        if wanted(f"bucket-ovl{K}/{tag}"):
+                            bench(N, f"bucket-ovl{K}/{tag}",
+                                  lambda K=K: make_qk_strategy("bucket", K), True)
             if P == 1 and wanted(f"single/{tag}"):
                 def make_qk_single():
                     q, k, v, kq, kk = make_keep()
@@ -649,7 +694,11 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset, e.g. bucket ulysses/hash16 ds-ulysses ring-cp single")
+                   help="subset, e.g. bucket bucket-ovl2 ulysses/hash16 ds-ulysses ring-cp "
+                        "single")
+    p.add_argument("--overlap-chunks", type=int, nargs="*", default=[2],
+                   help="chunk counts K of the bucket-ovl<K>/* rows (the bucket strategy's "
+                        "pipelined path); none: no such rows")
     p.add_argument("--sdpa-backend", default="flash", choices=["flash", "cudnn", "efficient", "auto"],
                    help="SDPA backend of the dense baselines on CUDA (default flash)")
     p.add_argument("--ring-rotate", choices=["allgather", "alltoall"], default=None,
@@ -664,6 +713,9 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also profile one step per method: OUT/profile_P<P>_N<N>_<method>.txt")
     args = p.parse_args()
+    if any(k < 2 for k in args.overlap_chunks):
+        p.error(f"--overlap-chunks: every K must be >= 2 (1 is the bucket/* rows), got "
+                f"{args.overlap_chunks}")
     if args.plot_only:
         plot_only(args.plot_only)
         return

@@ -55,6 +55,43 @@ def all_to_all(inp: torch.Tensor, send_splits: Sequence[int], recv_splits: Seque
     return out
 
 
+class PendingAllToAll:
+    """An ``all_to_all_single`` in flight (:func:`all_to_all_start`). ``wait()`` returns
+    the received buffer.
+
+    Until ``wait()`` the object holds both buffers: neither may be freed or reused
+    while the collective runs (on NCCL it runs on the process group's own stream; a
+    buffer freed early could be handed by the caching allocator to a kernel of the
+    current stream while NCCL still reads or writes it). ``wait()`` makes the current
+    stream wait for the collective (NCCL) or blocks until it is done (gloo), so both
+    buffers are safe to drop afterwards."""
+
+    def __init__(self, out: torch.Tensor, inp: torch.Tensor, work):
+        self._out, self._inp, self._work = out, inp, work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        self._inp = None
+        return self._out
+
+
+def all_to_all_start(inp: torch.Tensor, send_splits: Sequence[int],
+                     recv_splits: Sequence[int], group) -> PendingAllToAll:
+    """Start a NON-differentiable ``all_to_all_single`` along dim 0 (``async_op=True``).
+
+    Every rank must start the same collectives in the same order (they are matched by
+    their order of issue); several may be in flight at once. Wait for each before using
+    its output (:class:`PendingAllToAll`)."""
+    send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    inp = inp.contiguous()
+    out = inp.new_empty((sum(recv_splits),) + tuple(inp.shape[1:]))
+    work = dist.all_to_all_single(out, inp, output_split_sizes=recv_splits,
+                                  input_split_sizes=send_splits, group=group, async_op=True)
+    return PendingAllToAll(out, inp, work)
+
+
 def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
     """counts (P, c) int64, row s = what this rank sends to rank s -> (P, c), row s =
     what rank s sends to this rank."""

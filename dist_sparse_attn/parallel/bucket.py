@@ -23,10 +23,31 @@ Communication per call, in this order on every rank:
     backward 1 all_to_all (output gradients), 1 all_to_all (q, k, v gradients)
 (+ 2 all_gathers to number the groups when bucket ids are too sparse for a
 dense table, see ``_group_index``.)
+
+Overlap of communication and compute (``chunks`` > 1, see :func:`overlap_chunks`):
+every owner splits its groups into ``chunks`` parts of about equal cost (LPT
+again, within the owner: every rank computes the same split from the global
+sizes) and items travel per (owner, chunk). The metadata of all chunks still
+travels in one collective; then the rows of chunk c + 1 travel (``async_op``)
+while the owner computes chunk c, and chunk c's outputs travel home while it
+computes chunk c + 1. One :class:`_PipelinedAttention` (a single autograd
+node) runs forward and backward, so the collectives are issued in one fixed
+order on every rank (autograd would be free to reorder independent ones):
+
+    forward  1 all_reduce, 1 all_to_all (counts per (dest, chunk)), 1 all_to_all (metadata),
+             then X0, X1, O0, X2, O1, ..., O(K-1)   (Xc: rows of chunk c out, Oc: outputs back)
+    backward G0, G1, D0, G2, D1, ..., D(K-1)        (Gc: output grads out, Dc: q/k/v grads back)
+
+all ``all_to_all_single(async_op=True)``, waited for just before their data is
+needed; each chunk's local attention runs under its own small autograd graph
+(detached rows), whose backward the node's backward runs chunk by chunk.
+A group is never split between chunks (its softmax needs all its keys), so a
+rank whose cost is one dominant group gets little overlap.
 """
 from __future__ import annotations
 
 import heapq
+import os
 from typing import List
 
 import torch
@@ -37,6 +58,30 @@ from ..plan import softmax_scale_for
 from . import _comm
 
 _DENSE_GROUPS_MAX = 2 ** 22     # dense (b, j, bucket) tables up to 4M entries (64 MiB of counts)
+
+# Chunks of the compute/communication pipeline: 1 = one exchange of all rows, one kernel
+# call, one exchange back (no overlap); K > 1 = the pipelined path (module docstring).
+# 1 until GPU measurements say otherwise: on NCCL the chunks' collectives share one
+# stream, each chunk is a smaller kernel launch, and overlap only pays where the exchange
+# is a real part of the step. The environment variable DSA_BUCKET_CHUNKS, read on every
+# call, overrides it. Every rank of the group must use the same value (checked).
+OVERLAP_CHUNKS = 1
+CHUNKS_ENV = "DSA_BUCKET_CHUNKS"
+
+
+def overlap_chunks() -> int:
+    """The number of pipeline chunks this call uses: ``$DSA_BUCKET_CHUNKS`` when set,
+    else :data:`OVERLAP_CHUNKS`; a ValueError unless it is an integer >= 1."""
+    raw = os.environ.get(CHUNKS_ENV, "").strip()
+    value = raw if raw else OVERLAP_CHUNKS
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or (isinstance(value, float) and value != k):
+        src = f"${CHUNKS_ENV}" if raw else "bucket.OVERLAP_CHUNKS"
+        raise ValueError(f"{src} must be an integer >= 1, got {value!r}")
+    return k
 
 
 def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
@@ -84,12 +129,25 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     # ---- group sizes (local and global) and the owner of every group -------------------
     # One device->host copy for the cost-balanced assignment; the send counts follow on
     # the host from the local sizes, so the only other sync is the count exchange.
-    local = torch.stack([torch.bincount(gid_q, minlength=n_groups + 1)[:n_groups],
-                         torch.bincount(gid_k, minlength=n_groups + 1)[:n_groups]])  # (2, G)
+    # Column G (the dropped items' count, unused) carries (chunks, chunks^2) instead: after
+    # the sum, P * sum(K^2) == sum(K)^2 iff every rank uses the same number of chunks.
+    try:
+        chunks, chunks_error = overlap_chunks(), None
+    except ValueError as e:         # raised below on every rank, after the all_reduce
+        chunks, chunks_error = 0, e
+    local = torch.stack([torch.bincount(gid_q, minlength=n_groups + 1),
+                         torch.bincount(gid_k, minlength=n_groups + 1)])      # (2, G + 1)
+    local[0, n_groups], local[1, n_groups] = chunks, chunks * chunks
     total = local.clone()
     dist.all_reduce(total, group=group)
-    total, local = torch.stack([total, local]).cpu().unbind(0)                # (2, G) each
+    total, local = torch.stack([total, local]).cpu().unbind(0)                # (2, G + 1) each
+    _check_chunks(int(total[0, n_groups]), int(total[1, n_groups]), P, chunks_error)
+    total, local = total[:, :n_groups], local[:, :n_groups]                   # (2, G) each
     owner = _lpt_owners(total[0], total[1], P)                                # (G,), -1 unrouted
+    if chunks > 1:
+        return _pipelined(q, k, v, gid_q, gid_k, pos_q, pos_k, total, local, owner, chunks,
+                          group=group, causal=causal, include_self=include_self, scale=scale,
+                          backend=backend)
     routed = owner >= 0
     send = torch.zeros(P, 2, dtype=torch.int64).index_add_(
         0, owner[routed], local[:, routed].T)                                 # (P, 2)
@@ -141,6 +199,216 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     o_back = _comm.all_to_all(o_r.reshape(-1), [a * D for a in rq], [a * D for a in sq], group)
     out = q.new_zeros(B * n * H, D).index_copy(0, idx_q, o_back.view(-1, D))
     return out.view(B, n, H, D)
+
+
+def _check_chunks(sum_k: int, sum_k2: int, P: int, local_error) -> None:
+    """Raise on every rank when the ranks' chunk counts differ or are invalid."""
+    if sum_k2 * P != sum_k * sum_k:
+        if local_error is not None:
+            raise local_error
+        raise ValueError(f"bucket strategy: the number of overlap chunks differs between "
+                         f"ranks (${CHUNKS_ENV} / bucket.OVERLAP_CHUNKS must be equal on "
+                         f"every rank of the group)")
+    if local_error is not None:
+        raise local_error
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelined path: chunks > 1
+# ---------------------------------------------------------------------------------------------
+
+def _chunk_of(owner: torch.Tensor, n_q: torch.Tensor, n_k: torch.Tensor, P: int,
+              K: int) -> torch.Tensor:
+    """Chunk in [0, K) of every routed group (-1 unrouted): within each owner its groups are
+    split by cost n_q * n_k with :func:`_lpt_owners` over K "ranks". Deterministic (the
+    same global sizes on every rank)."""
+    chunk = torch.full_like(owner, -1)
+    live = (owner >= 0).nonzero().flatten()                                   # ascending gid
+    if live.numel() == 0:
+        return chunk
+    by_owner = torch.sort(owner[live], stable=True)                           # gid order kept
+    per_owner = torch.bincount(by_owner.values, minlength=P).tolist()         # (P,)
+    for gids in torch.split(live[by_owner.indices], per_owner):
+        if gids.numel():
+            chunk[gids] = _lpt_owners(n_q[gids], n_k[gids], K)
+    return chunk
+
+
+class _Plan:
+    """Everything the pipelined exchange needs besides q, k, v (host lists and index
+    tensors); per chunk c: idx_q[c], idx_k[c] (this rank's items, in send order), the send
+    and receive counts per peer, and the received positions / group ids."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _pipelined(q, k, v, gid_q, gid_k, pos_q, pos_k, total, local, owner, K, *, group,
+               causal, include_self, scale, backend):
+    """Routing for K chunks and the one metadata exchange; the rows, the attention and
+    the outputs go through :class:`_PipelinedAttention`."""
+    P = dist.get_world_size(group)
+    dev = q.device
+    B, n, H, D = q.shape
+    chunk = _chunk_of(owner, total[0], total[1], P, K)                        # (G,)
+    # slot = chunk * P + owner: sorting by slot puts chunk 0's items first, by destination
+    routed = owner >= 0
+    slot = torch.where(routed, chunk * P + owner, K * P)                      # (G,)
+    send = torch.zeros(K * P, 2, dtype=torch.int64).index_add_(
+        0, slot[routed], local[:, routed].T).view(K, P, 2)                    # (K, P, 2)
+    # the count exchange wants row s = what goes to rank s: (P, K * 2)
+    recv = _comm.exchange_counts(send.transpose(0, 1).reshape(P, 2 * K).to(dev), group)
+    recv = recv.cpu().view(P, K, 2).transpose(0, 1)                           # (K, P, 2)
+    sq, sk = send[..., 0].tolist(), send[..., 1].tolist()                     # [K][P]
+    rq, rk = recv[..., 0].tolist(), recv[..., 1].tolist()
+
+    # ---- route: stable sort by slot (unrouted and dropped last), then cut per chunk ------
+    slot_of = torch.cat([slot, torch.tensor([K * P])]).to(dev)               # (G + 1,)
+    order_q = torch.sort(slot_of[gid_q], stable=True).indices
+    order_k = torch.sort(slot_of[gid_k], stable=True).indices
+    idx_q = list(torch.split(order_q[:sum(map(sum, sq))], [sum(s) for s in sq]))  # K x (Sq_c,)
+    idx_k = list(torch.split(order_k[:sum(map(sum, sk))], [sum(s) for s in sk]))
+
+    # ---- metadata of every chunk in ONE exchange: per destination [chunk 0 | chunk 1 ...],
+    # each chunk's block [pos_q | gid_q | pos_k | gid_k] ---------------------------------
+    m_send = [[2 * a + 2 * b for a, b in zip(sq[c], sk[c])] for c in range(K)]   # [K][P]
+    m_recv = [[2 * a + 2 * b for a, b in zip(rq[c], rk[c])] for c in range(K)]
+    blocks = [_interleave([pos_q[idx_q[c]], gid_q[idx_q[c]], pos_k[idx_k[c]], gid_k[idx_k[c]]],
+                          [sq[c], sq[c], sk[c], sk[c]]) for c in range(K)]
+    meta_recv = _comm.all_to_all(_interleave(blocks, m_send),
+                                 [sum(m[d] for m in m_send) for d in range(P)],
+                                 [sum(m[s] for m in m_recv) for s in range(P)], group)
+    rpos_q, rgid_q, rpos_k, rgid_k = [], [], [], []
+    for c, blk in enumerate(_deinterleave(meta_recv, m_recv)):
+        a, b, c2, d = _deinterleave(blk, [rq[c], rq[c], rk[c], rk[c]])
+        rpos_q.append(a), rgid_q.append(b), rpos_k.append(c2), rgid_k.append(d)
+
+    plan = _Plan(K=K, P=P, D=D, group=group, shape_q=(B, n, H, D), shape_k=k.shape,
+                 idx_q=idx_q, idx_k=idx_k, sq=sq, sk=sk, rq=rq, rk=rk,
+                 rpos_q=rpos_q, rgid_q=rgid_q, rpos_k=rpos_k, rgid_k=rgid_k,
+                 kernel_kw=dict(causal=causal, include_self=include_self, softmax_scale=scale,
+                                backend=backend),
+                 graph=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    return _PipelinedAttention.apply(q, k, v, plan)
+
+
+def _local_attention(qr, kr, vr, plan, c, graph):
+    """One chunk's attention on the owner: qr (Mq, D), kr, vr (Mk, D) received rows.
+
+    With ``graph``: qr, kr, vr become fresh leaves and the output keeps its own graph
+    (returned as (o, leaves)) for the node's backward. Looks ``bucketed_attention`` up in
+    this module at call time (benchmarks time it by patching it here)."""
+    leaves = None
+    if not (qr.shape[0] and kr.shape[0]):               # nothing to compute in this chunk
+        return qr.new_zeros(qr.shape), None
+    if graph:
+        leaves = [x.detach().requires_grad_() for x in (qr, kr, vr)]
+        qr, kr, vr = leaves
+    with torch.set_grad_enabled(graph):
+        o = bucketed_attention(qr[None, :, None, :], kr[None, :, None, :], vr[None, :, None, :],
+                               plan.rgid_q[c][None, :, None], plan.rgid_k[c][None, :, None],
+                               q_positions=plan.rpos_q[c][None],
+                               k_positions=plan.rpos_k[c][None],
+                               **plan.kernel_kw)[0, :, 0, :]                  # (Mq, D)
+    return o, leaves
+
+
+class _PipelinedAttention(torch.autograd.Function):
+    """q, k, v shards -> this rank's output shard, through K chunks of (rows out, local
+    attention, outputs back) with each chunk's exchanges overlapping a neighbour's compute.
+
+    Forward issues X0, X1, O0, X2, O1, ..., O(K-1) and backward G0, G1, D0, ..., D(K-1)
+    (module docstring), the same on every rank, whatever it owns: empty chunks exchange
+    zero-size splits and skip the kernel. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        K, D = plan.K, plan.D
+        q2, k2, v2 = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)
+
+        def rows_out(c):                # Xc: [q rows | k rows | v rows] per destination
+            sq, sk = plan.sq[c], plan.sk[c]
+            buf = _interleave([q2[plan.idx_q[c]].reshape(-1), k2[plan.idx_k[c]].reshape(-1),
+                               v2[plan.idx_k[c]].reshape(-1)],
+                              [[a * D for a in sq], [a * D for a in sk], [a * D for a in sk]])
+            return _comm.all_to_all_start(buf, [(a + 2 * b) * D for a, b in zip(sq, sk)],
+                                          [(a + 2 * b) * D for a, b in
+                                           zip(plan.rq[c], plan.rk[c])], plan.group)
+
+        outs, graphs = [None] * K, [None] * K
+        pending_x = {0: rows_out(0)}
+        for c in range(K):
+            if c + 1 < K:
+                pending_x[c + 1] = rows_out(c + 1)          # travels while chunk c computes
+            rq, rk = plan.rq[c], plan.rk[c]
+            qr, kr, vr = _deinterleave(pending_x.pop(c).wait(),
+                                       [[a * D for a in rq], [a * D for a in rk],
+                                        [a * D for a in rk]])
+            o, leaves = _local_attention(qr.view(-1, D), kr.view(-1, D), vr.view(-1, D),
+                                         plan, c, plan.graph)
+            if leaves is not None:
+                graphs[c] = (o, leaves)
+            # Oc: home while chunk c + 1 computes
+            outs[c] = _comm.all_to_all_start(o.detach().reshape(-1), [a * D for a in rq],
+                                             [a * D for a in plan.sq[c]], plan.group)
+        out = q.new_zeros(q2.shape)                                           # (B*n*H, D)
+        for c in range(K):              # unrouted items stay 0
+            out.index_copy_(0, plan.idx_q[c], outs[c].wait().view(-1, D))
+        ctx.plan, ctx.graphs = plan, graphs
+        return out.view(plan.shape_q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        plan, graphs = ctx.plan, ctx.graphs
+        if graphs is None:
+            raise RuntimeError("bucket strategy (pipelined): backward through the same call "
+                               "twice is not supported (its graph is freed after the first)")
+        ctx.graphs = None
+        K, D = plan.K, plan.D
+        g2 = grad_out.reshape(-1, D)
+
+        def grads_out(c):               # Gc: output grads to the owners
+            return _comm.all_to_all_start(g2[plan.idx_q[c]].reshape(-1),
+                                          [a * D for a in plan.sq[c]],
+                                          [a * D for a in plan.rq[c]], plan.group)
+
+        backs = [None] * K
+        pending_g = {0: grads_out(0)}
+        for c in range(K):
+            if c + 1 < K:
+                pending_g[c + 1] = grads_out(c + 1)         # travels while chunk c runs
+            rq, rk = plan.rq[c], plan.rk[c]
+            g = pending_g.pop(c).wait().view(-1, D)                           # (Mq, D)
+            if graphs[c] is None:       # empty chunk: zero gradients of the right sizes
+                dq = g.new_zeros(sum(rq), D)
+                dk = g.new_zeros(sum(rk), D)
+                dv = g.new_zeros(sum(rk), D)
+            else:
+                o, leaves = graphs[c]
+                graphs[c] = None        # free this chunk's graph as it goes
+                with torch.enable_grad():
+                    dq, dk, dv = torch.autograd.grad(o, leaves, g, allow_unused=True)
+                dq, dk, dv = (torch.zeros_like(x) if d is None else d
+                              for x, d in zip(leaves, (dq, dk, dv)))
+            # Dc: [dq | dk | dv] home while chunk c + 1 runs
+            buf = _interleave([dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)],
+                              [[a * D for a in rq], [a * D for a in rk], [a * D for a in rk]])
+            backs[c] = _comm.all_to_all_start(
+                buf, [(a + 2 * b) * D for a, b in zip(rq, rk)],
+                [(a + 2 * b) * D for a, b in zip(plan.sq[c], plan.sk[c])], plan.group)
+        dq = g2.new_zeros(g2.shape)                                           # (B*n*H, D)
+        dk = g2.new_zeros(plan.shape_k[0] * plan.shape_k[1] * plan.shape_k[2], D)
+        dv = torch.zeros_like(dk)
+        for c in range(K):
+            sq, sk = plan.sq[c], plan.sk[c]
+            gq, gk, gv = _deinterleave(backs[c].wait(), [[a * D for a in sq],
+                                                         [a * D for a in sk],
+                                                         [a * D for a in sk]])
+            dq.index_copy_(0, plan.idx_q[c], gq.view(-1, D))
+            dk.index_copy_(0, plan.idx_k[c], gk.view(-1, D))
+            dv.index_copy_(0, plan.idx_k[c], gv.view(-1, D))
+        return (dq.view(plan.shape_q), dk.view(plan.shape_k), dv.view(plan.shape_k), None)
 
 
 def _group_index(key_q, valid_q, key_k, valid_k, n_dense: int, group):

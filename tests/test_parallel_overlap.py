@@ -1,0 +1,251 @@
+"""The bucket strategy's pipelined path (chunks > 1: exchanges overlapped with compute)
+on gloo, 2-4 processes, against the single-process oracle.
+
+As in ``test_parallel.py``: each world size is launched once (spawned processes, a free
+port, a join timeout) and runs its cases in turn; every rank rebuilds the same global
+inputs from a shared seed, takes its (uneven) shard, runs
+``sequence_parallel_attention(strategy="bucket")`` with ``$DSA_BUCKET_CHUNKS`` set to the
+case's chunk count, and compares its output and q/k/v gradient shards (backward of
+sum(o * g)) with ``reference_attention`` on the full tensors in float64.
+
+Every case also counts the ``all_to_all_single`` calls of the forward and of the backward
+(sync and async): every rank, whatever it owns, must issue the same collectives --
+3 + 2 * chunks sync/async in the forward, 2 * chunks in the backward (1 chunk: 4 and 2).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+
+from helpers import record_cases, run_workers
+
+JOIN_TIMEOUT_S = 150
+D = 16
+
+# name -> spec; lengths are the per-rank shard lengths (len(lengths) = world size)
+_BASE = {
+    # world 2
+    "w2_lsh_gqa": dict(lengths=[64, 63], B=2, H=4, Hkv=2, buckets="lsh", nb=4),
+    "w2_uneven": dict(lengths=[57, 20], B=1, H=2, Hkv=2, buckets="random", nb=4),
+    "w2_skewed_half": dict(lengths=[45, 80], B=1, H=2, Hkv=1, buckets="half", nb=6),
+    "w2_noncausal_noself": dict(lengths=[40, 33], B=1, H=4, Hkv=2, buckets="random", nb=3,
+                                causal=False, include_self=False),
+    # world 3
+    "w3_uneven": dict(lengths=[37, 64, 11], B=2, H=2, Hkv=1, buckets="random", nb=4),
+    "w3_gqa_skewed_half": dict(lengths=[37, 64, 11], B=1, H=4, Hkv=2, buckets="half", nb=6),
+    "w3_few_groups": dict(lengths=[30, 9, 41], B=1, H=2, Hkv=1, buckets="random", nb=2),
+    "w3_single_group": dict(lengths=[30, 9, 41], B=1, H=2, Hkv=1, buckets="single"),
+    "w3_rank1_dropped_noself": dict(lengths=[50, 13, 44], B=1, H=2, Hkv=2, buckets="dropped",
+                                    nb=4, drop_rank=1, include_self=False),
+    "w3_sparse_ids": dict(lengths=[40, 21, 52], B=1, H=2, Hkv=2, buckets="sparse_ids"),
+    "w3_all_dropped": dict(lengths=[10, 5, 7], B=1, H=2, Hkv=1, buckets="all_dropped"),
+    # world 4
+    "w4_gqa": dict(lengths=[37, 64, 11, 50], B=1, H=4, Hkv=2, buckets="random", nb=4),
+    "w4_skewed_half_mqa": dict(lengths=[37, 64, 11, 50], B=2, H=3, Hkv=1, buckets="half",
+                               nb=8),
+    "w4_rank0_dropped_noself": dict(lengths=[20, 41, 33, 9], B=1, H=2, Hkv=2,
+                                    buckets="dropped", nb=3, drop_rank=0,
+                                    include_self=False),
+    "w4_few_groups_f32": dict(lengths=[12, 30, 7, 25], B=1, H=2, Hkv=1, buckets="random",
+                              nb=2, dtype=torch.float32),
+}
+CASES = {}
+for _name, _spec in _BASE.items():
+    for _k in (2, 3):
+        CASES[f"{_name}_c{_k}"] = dict(_spec, chunks=_k)
+# the unpipelined path through the same counting (its collective count differs)
+CASES["w2_lsh_gqa_c1"] = dict(_BASE["w2_lsh_gqa"], chunks=1)
+CASES["w2_mismatch"] = dict(lengths=[20, 30], kind="mismatch")
+CASES["w3_invalid_env"] = dict(lengths=[20, 30, 10], kind="invalid")
+WORLDS = {w: [n for n, c in CASES.items() if len(c["lengths"]) == w] for w in (2, 3, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------
+
+def _buckets(kind, nb, q, k, gen):
+    from dist_sparse_attn import lsh_buckets
+    B, N, H, _ = q.shape
+    Hkv = k.shape[2]
+    if kind == "lsh":
+        return lsh_buckets(q, nb, seed=3, group_size=H // Hkv), lsh_buckets(k, nb, seed=3)
+    if kind == "all_dropped":
+        return -torch.ones(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
+    if kind == "single":        # one group per (b, kv head): one owner, empty chunks
+        return torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
+    if kind == "sparse_ids":    # too sparse for a dense group table (and dropped ids)
+        ids = torch.tensor([-1, 0, 10 ** 6, 2 ** 30, 2 ** 31 - 2])
+        return (ids[torch.randint(0, 5, (B, N, H), generator=gen)],
+                ids[torch.randint(0, 5, (B, N, Hkv), generator=gen)])
+    out = []
+    for heads in (H, Hkv):
+        b = torch.randint(0, nb, (B, N, heads), generator=gen)
+        if kind == "half":      # half the tokens, with all their heads, in bucket 0
+            b = torch.where(torch.rand(B, N, 1, generator=gen) < 0.5, 0, b)
+        if kind == "dropped":   # ~30% dropped, with several negative ids
+            drop = torch.rand(B, N, heads, generator=gen) < 0.3
+            b = torch.where(drop, -torch.randint(1, 4, (B, N, heads), generator=gen), b)
+        out.append(b)
+    return tuple(out)
+
+
+class _CountA2A:
+    """Counts ``torch.distributed.all_to_all_single`` calls (the bucket strategy and
+    ``_comm`` look it up on the module at call time)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist, self.orig, self.n = dist, dist.all_to_all_single, 0
+        dist.all_to_all_single = self
+
+    def __call__(self, *a, **kw):
+        self.n += 1
+        return self.orig(*a, **kw)
+
+
+def _set_chunks(value):
+    from dist_sparse_attn.parallel.bucket import CHUNKS_ENV
+    os.environ[CHUNKS_ENV] = str(value)
+
+
+def _check_case(name, spec, rank, world, seed, counter):
+    from helpers import assert_close_rel
+
+    from dist_sparse_attn import reference_attention
+    from dist_sparse_attn.parallel import sequence_parallel_attention as spa
+
+    lengths = spec["lengths"]
+    lo, hi = sum(lengths[:rank]), sum(lengths[:rank + 1])
+    gen = torch.Generator().manual_seed(seed)
+    if spec.get("kind") in ("mismatch", "invalid"):
+        q = torch.randn(1, hi - lo, 2, D, generator=gen, dtype=torch.float64)
+        b = torch.randint(0, 3, (1, hi - lo, 2), generator=gen)
+        if spec["kind"] == "mismatch":      # rank 1 pipelines, rank 0 does not
+            _set_chunks(2 if rank == 1 else 1)
+            msg = "differs between ranks"
+        else:                               # an invalid value on the last rank only
+            _set_chunks("two" if rank == world - 1 else 2)
+            msg = "integer" if rank == world - 1 else "differs between ranks"
+        with pytest.raises(ValueError, match=msg):
+            spa(q, q, q, b, b, backend="torch")
+        _set_chunks(2)                      # the group is still in step
+        assert spa(q, q, q, b, b, backend="torch").shape == q.shape
+        return
+
+    B, H, Hkv, N = spec["B"], spec["H"], spec["Hkv"], sum(lengths)
+    causal, include_self = spec.get("causal", True), spec.get("include_self", True)
+    dtype = spec.get("dtype", torch.float64)
+    q = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
+    g = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
+    qb, kb = _buckets(spec["buckets"], spec.get("nb"), q, k, gen)
+    if "drop_rank" in spec:     # one rank keeps nothing: no queries, no keys to send
+        a = sum(lengths[:spec["drop_rank"]])
+        qb[:, a:a + lengths[spec["drop_rank"]]] = -1
+        kb[:, a:a + lengths[spec["drop_rank"]]] = -1
+    kw = dict(causal=causal, include_self=include_self)
+
+    full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = reference_attention(*full, qb, kb, **kw)
+    ref_grads = torch.autograd.grad(o_ref, full, g)
+
+    K = spec["chunks"]
+    _set_chunks(K)
+    shard = [x[:, lo:hi].clone().requires_grad_(True) for x in (q, k, v)]
+    n0 = counter.n
+    o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy="bucket", backend="torch", **kw)
+    n_fwd = counter.n - n0
+    grads = torch.autograd.grad(o, shard, g[:, lo:hi], allow_unused=True)
+    n_bwd = counter.n - n0 - n_fwd
+    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(shard, grads)]
+
+    assert o.shape == (B, hi - lo, H, D) and o.dtype == dtype
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert_close_rel(o, o_ref[:, lo:hi].detach(), name="o", **tol)
+    for nm, gr, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close_rel(gr, ref[:, lo:hi], name=nm, **tol)
+    if max(int(qb.max()), int(kb.max())) < 0:
+        want = (0, 0)           # every token dropped: returns before any exchange
+    else:
+        want = (4, 2) if K == 1 else (2 + 2 * K, 2 * K)
+    assert (n_fwd, n_bwd) == want, f"all_to_all_single calls fwd/bwd {(n_fwd, n_bwd)} != {want}"
+
+
+def _worker(rank, world, port, names, seed, outdir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    counter = _CountA2A()
+    record_cases(names, lambda i, name: _check_case(name, CASES[name], rank, world, seed + i,
+                                                    counter), rank, outdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# test side
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory):
+    cache = {}
+    value = os.environ.get("DSA_TEST_SEED")
+    seed = int(value) if value else int.from_bytes(os.urandom(3), "little")
+
+    def get(world):
+        if world not in cache:
+            cache[world] = run_workers(_worker, world, tmp_path_factory.mktemp(f"world{world}"),
+                                       WORLDS[world], JOIN_TIMEOUT_S,
+                                       extra_args=(WORLDS[world], seed))
+        return cache[world]
+    print(f"overlap test seed: {seed} (replay with DSA_TEST_SEED={seed})")
+    return get
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLDS.items() for c in cs],
+                         ids=[c for cs in WORLDS.values() for c in cs])
+def test_bucket_overlap(world_results, world, case):
+    res = world_results(world)
+    errors = [f"rank {r}:\n{res[case, r]}" for r in range(world) if res[case, r] != "ok"]
+    assert not errors, "\n".join(errors)
+
+
+def test_chunk_split_balanced_and_deterministic():
+    """Within every owner the chunks split its groups by cost (LPT: each chunk within the
+    owner's largest group of the owner's mean), every routed group gets a chunk, unrouted
+    ones -1, the same answer on every call."""
+    from dist_sparse_attn.parallel.bucket import _chunk_of, _lpt_owners
+    g = torch.Generator().manual_seed(11)
+    G, P, K = 400, 3, 3
+    n_q = torch.randint(0, 40, (G,), generator=g)
+    n_k = torch.randint(0, 40, (G,), generator=g)
+    n_q[:5], n_k[:5] = 300, 300             # a few heavy groups
+    owner = _lpt_owners(n_q, n_k, P)
+    chunk = _chunk_of(owner, n_q, n_k, P, K)
+    assert ((chunk >= 0) == (owner >= 0)).all() and chunk.max() < K
+    assert torch.equal(chunk, _chunk_of(owner, n_q, n_k, P, K))
+    cost = (n_q * n_k).double()
+    for r in range(P):
+        mine = owner == r
+        loads = torch.stack([cost[mine & (chunk == c)].sum() for c in range(K)])
+        assert (loads - loads.mean()).abs().max() <= cost[mine].max()
+    assert torch.equal(_chunk_of(torch.full((4,), -1), n_q[:4], n_k[:4], P, K),
+                       torch.full((4,), -1))
+
+
+def test_overlap_chunks_setting(monkeypatch):
+    from dist_sparse_attn.parallel import bucket
+    monkeypatch.delenv(bucket.CHUNKS_ENV, raising=False)
+    assert bucket.overlap_chunks() == bucket.OVERLAP_CHUNKS == 1
+    monkeypatch.setattr(bucket, "OVERLAP_CHUNKS", 3)
+    assert bucket.overlap_chunks() == 3
+    monkeypatch.setenv(bucket.CHUNKS_ENV, "2")
+    assert bucket.overlap_chunks() == 2
+    for bad in ("0", "-1", "1.5", "x"):
+        monkeypatch.setenv(bucket.CHUNKS_ENV, bad)
+        with pytest.raises(ValueError, match="integer"):
+            bucket.overlap_chunks()
