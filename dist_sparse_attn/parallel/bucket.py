@@ -171,9 +171,9 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     rpos_q, rgid_q, rpos_k, rgid_k = _deinterleave(meta_recv, [rq, rq, rk, rk])
 
     # rows, per destination [q rows | k rows | v rows], flattened to one buffer
-    q_rows = q.reshape(-1, D)[idx_q]                                          # (Sq, D)
-    k_rows = k.reshape(-1, D)[idx_k]                                          # (Sk, D)
-    v_rows = v.reshape(-1, D)[idx_k]                                          # (Sk, D)
+    q_rows = _gather_rows(q.reshape(-1, D), idx_q)                            # (Sq, D)
+    k_rows = _gather_rows(k.reshape(-1, D), idx_k)                            # (Sk, D)
+    v_rows = _gather_rows(v.reshape(-1, D), idx_k)                            # (Sk, D)
     x_send = _interleave([q_rows.reshape(-1), k_rows.reshape(-1), v_rows.reshape(-1)],
                          [[a * D for a in sq], [a * D for a in sk], [a * D for a in sk]])
     x_recv = _comm.all_to_all(x_send, [(a + 2 * b) * D for a, b in zip(sq, sk)],
@@ -409,6 +409,31 @@ class _PipelinedAttention(torch.autograd.Function):
             dk.index_copy_(0, plan.idx_k[c], gk.view(-1, D))
             dv.index_copy_(0, plan.idx_k[c], gv.view(-1, D))
         return (dq.view(plan.shape_q), dk.view(plan.shape_k), dv.view(plan.shape_k), None)
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows = x[idx] for idx WITHOUT repeats; backward scatters with ``index_copy``.
+
+    Advanced indexing's backward is an accumulating ``index_put_``, which sorts the
+    indices on CUDA (0.4 ms at 128k tokens on 4 H100s, measured); distinct indices need
+    no accumulation."""
+
+    @staticmethod
+    def forward(ctx, x, idx):
+        ctx.save_for_backward(idx)
+        ctx.n = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.n,) + tuple(grad.shape[1:]))
+        return out.index_copy_(0, idx, grad), None
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along dim 0 for distinct indices (differentiable, cheap backward)."""
+    return _GatherRows.apply(x, idx) if x.requires_grad else x.index_select(0, idx)
 
 
 def _group_index(key_q, valid_q, key_k, valid_k, n_dense: int, group):
