@@ -124,10 +124,13 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
     V.check_scale(softmax_scale)
     g = q.shape[2] // k.shape[2]
     if q.is_cuda and not torch.compiler.is_compiling():
-        # fused hashing writes the sort keys directly: one launch per side
+        # fused hashing writes the sort keys directly: one launch per side; its
+        # buckets are in [0, n_buckets) at positions arange(N), so a counting
+        # sort by bucket replaces torch.sort (same result, fewer launches)
         with torch.no_grad():
-            q_streams = sort_keys(lsh_sort_keys(q, n_buckets, seed=seed, group_size=g))
-            k_streams = sort_keys(lsh_sort_keys(k, n_buckets, seed=seed))
+            q_streams = sort_keys(lsh_sort_keys(q, n_buckets, seed=seed, group_size=g),
+                                  n_buckets)
+            k_streams = sort_keys(lsh_sort_keys(k, n_buckets, seed=seed), n_buckets)
         plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
                                  include_self=include_self, softmax_scale=softmax_scale)
         o, lse = BucketedAttentionFunction.apply(q, k, v, plan,
