@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ ATTENTIONS = ("dense", "hash", "qk")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
+COMPILE_MODES = ("off", "blocks")
+"""``GPTConfig.compile``: "off" (eager) or "blocks" (``torch.compile`` of each block's
+work before and after the attention call; see :func:`_block_pre`)."""
 """Sequence-parallel strategies of the model: the library's three
 (:func:`dist_sparse_attn.parallel.sequence_parallel_attention`) and "ds-ulysses",
 DeepSpeed-Ulysses' ``DistributedAttention`` over the local op (SDPA for "dense"):
@@ -86,6 +90,13 @@ class GPTConfig:
     sdpa_backend: str = "auto"
     """attention="dense": the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
     "efficient" or "math" (the dense baselines of the benchmarks)."""
+    compile: str = "off"
+    """"off", or "blocks": ``torch.compile`` (default mode, no CUDA graphs, static shapes)
+    of each block's per-token work around the attention call -- ln_1, the qkv projection,
+    RoPE and the head reshape before it; the output projection, residual, ln_2 and MLP
+    after it. The attention call itself (sparse kernels, sequence-parallel collectives,
+    host syncs) stays eager, so every attention and sp strategy works. All blocks run
+    the same two compiled graphs. Cuts the per-step launch overhead of small ops."""
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -104,6 +115,8 @@ class GPTConfig:
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"sdpa_backend must be one of {tuple(SDPA_BACKENDS)}, "
                              f"got {self.sdpa_backend!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +201,29 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(self.attend(q, k, v, positions, sp_group, sp_strategy))
+
+    def qkv(self, x, cos, sin):
+        """x (B, N, C) -> rotated q (B, N, H, D), k (B, N, Hkv, D) and v (B, N, Hkv, D).
+        Per token: compiled with the block under ``GPTConfig.compile="blocks"``."""
         B, N, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
         q = apply_rope(q.view(B, N, H, D), cos, sin)                           # (B, N, H, D)
         k = apply_rope(k.view(B, N, Hkv, D), cos, sin)                         # (B, N, Hkv, D)
         v = v.view(B, N, Hkv, D)                                               # (B, N, Hkv, D)
+        return q, k, v
+
+    def out(self, y):
+        """Attention output y (B, N, H, D) -> the residual branch (B, N, C)."""
+        B, N = y.shape[:2]
+        return self.resid_dropout(self.c_proj(y.reshape(B, N, -1)))           # (B, N, C)
+
+    def attend(self, q, k, v, positions, sp_group=None, sp_strategy="bucket"):
+        """The attention op (never compiled by the model: it may communicate and sync
+        with the host): q (B, N, H, D), k/v (B, N, Hkv, D) -> (B, N, H, D)."""
+        B, H, Hkv = q.shape[0], self.n_head, self.n_kv_head
         if sp_group is not None:
             y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
         elif self.attention == "dense":
@@ -203,8 +233,7 @@ class CausalSelfAttention(nn.Module):
         else:
             q_keep, k_keep = self._keeps(positions, B, H, Hkv)
             y = qk_sparse_attention(q, k, v, q_keep, k_keep)
-        y = y.reshape(B, N, C)                                                 # (B, N, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y
 
     def _keeps(self, positions, batch, H, Hkv):
         """Keep masks (B, n, H) for queries and (B, n, Hkv) for keys."""
@@ -259,6 +288,38 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+def _block_pre(block: "Block", x, cos, sin):
+    """A block's work before attention: ln_1, qkv projection, RoPE -> q, k, v."""
+    return block.attn.qkv(block.ln_1(x), cos, sin)
+
+
+def _block_post(block: "Block", x, y):
+    """A block's work after attention: output projection, residual, ln_2, MLP, residual."""
+    x = x + block.attn.out(y)
+    return x + block.mlp(block.ln_2(x))
+
+
+COMPILE_BACKEND = os.environ.get("DSA_COMPILE_BACKEND", "inductor")
+"""The ``torch.compile`` backend of ``compile="blocks"``: "inductor", or from the
+environment variable ``DSA_COMPILE_BACKEND`` (an internal knob: "aot_eager" to tell a
+tracing problem from an inductor one, or where no C++ compiler is available). Read when
+the first block runs."""
+_COMPILED: dict = {}
+
+
+def _compiled_block_fns():
+    """``torch.compile`` of :func:`_block_pre` and :func:`_block_post`, made once per
+    process (per backend). The block is an argument, not the compiled object: dynamo
+    treats its parameters as graph inputs (torch >= 2.5 inlines nn.Modules), so every
+    block of the same shapes reuses one graph per function instead of recompiling per
+    layer; ``dynamic=False`` keeps the shapes static (one graph per sequence length)."""
+    if COMPILE_BACKEND not in _COMPILED:
+        _COMPILED[COMPILE_BACKEND] = tuple(
+            torch.compile(f, backend=COMPILE_BACKEND, dynamic=False)
+            for f in (_block_pre, _block_post))
+    return _COMPILED[COMPILE_BACKEND]
+
+
 class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
@@ -267,10 +328,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.compile_mode = config.compile   # (nn.Module.compile is a method)
 
     def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
-        x = x + self.attn(self.ln_1(x), cos, sin, positions, sp_group, sp_strategy)
-        return x + self.mlp(self.ln_2(x))
+        pre, post = _compiled_block_fns() if self.compile_mode == "blocks" \
+            else (_block_pre, _block_post)
+        q, k, v = pre(self, x, cos, sin)
+        y = self.attn.attend(q, k, v, positions, sp_group, sp_strategy)       # eager, always
+        return post(self, x, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,4 +449,4 @@ def _shard_offset(n_local: int, group, device) -> int:
 
 __all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "rope_cos_sin", "apply_rope",
            "dense_causal_sdpa", "ATTENTIONS", "SP_STRATEGIES", "SDPA_BACKENDS",
-           "position_keep"]
+           "COMPILE_MODES", "position_keep"]

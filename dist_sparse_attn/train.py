@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from .data import TokenData, load_bin, load_text, retrieval_batch, shard_bounds, stdlib_corpus
 from .integrations.ds_groups import SequenceParallelMPU
+from . import model as _model
 from .model import ATTENTIONS, GPT, SP_STRATEGIES, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,6 +256,19 @@ def deepspeed_config(tcfg: TrainConfig, layout: dict, cuda: bool) -> dict:
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def check_compile(mcfg: GPTConfig, ds: dict):
+    """model.compile="blocks" needs ZeRO 0-2: ZeRO-3 gathers each submodule's parameters
+    in forward hooks that are ``torch.compiler.disable``d, so every compiled block breaks
+    into pieces at each Linear and LayerNorm, and dynamo recompiles DeepSpeed's own hooks
+    until it hits its recompile limit (measured on CPU, DeepSpeed 0.19.8): correct but
+    slower than eager, the opposite of the option's purpose."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if mcfg.compile != "off" and stage == 3:
+        raise ConfigError(f"model.compile={mcfg.compile!r} does not work with ZeRO-3 (its "
+                          "parameter hooks break every compiled region): use ZeRO 0-2 "
+                          "(train.deepspeed_config) or model.compile='off'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,6 +673,11 @@ def _plan_text(mcfg, tcfg, layout, ds, world, cuda, n_params=None) -> str:
         f"DeepSpeed: ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
         f"bf16 {ds['bf16']['enabled']}, {tcfg.steps} steps, out {tcfg.out_dir}",
     ]
+    if mcfg.compile == "blocks":
+        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
+                     f"shapes): each block's ln_1+qkv+RoPE and out-proj+residual+ln_2+MLP, "
+                     f"2 graphs shared by the {mcfg.n_layer} blocks; attention, embedding, "
+                     f"ln_f, head and loss stay eager")
     return "\n".join("[train] " + s for s in lines)
 
 
@@ -682,6 +701,7 @@ def main(argv=None) -> int:
         try:
             layout = check_config(mcfg, tcfg, world)
             ds = deepspeed_config(tcfg, layout, cuda)
+            check_compile(mcfg, ds)
             if tcfg.data != "stdlib" and not os.path.exists(_find(tcfg.data)):
                 raise ConfigError(f"train.data: no file {tcfg.data!r}")
         except ConfigError as e:
@@ -698,6 +718,7 @@ def main(argv=None) -> int:
     try:
         layout = check_config(mcfg, tcfg, world)
         ds = deepspeed_config(tcfg, layout, cuda)
+        check_compile(mcfg, ds)
         if rank == 0:
             os.makedirs(tcfg.out_dir, exist_ok=True)
             if not args.resume and os.path.exists(os.path.join(tcfg.out_dir, "metrics.jsonl")):
