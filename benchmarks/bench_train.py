@@ -25,7 +25,8 @@ Suites (``--suite``, comma list or ``all``):
 
 Config names (``--configs``): ``dense-<backend>`` (backend auto/flash/cudnn/efficient/math),
 ``dsu-<backend>`` (dense over DeepSpeed-Ulysses; several GPUs), ``hash<nb>``,
-``hash-b<size>`` (n_buckets = N / size, even), ``qk-drop<percent dropped>``; prefix
+``hash-b<size>`` (n_buckets = N / size, even), ``hash<nb>-loc<k>`` (the last k kv heads
+block-local, ``model.local_heads``), ``qk-drop<percent dropped>``; prefix
 ``ulysses-`` / ``allgather-`` selects the library's other sequence-parallel strategies.
 
 Every run has its own directory ``OUT/<suite>/<config>_N<len>/`` (the entry point's
@@ -245,10 +246,14 @@ def config_sets(name: str, seq_len: int, world: int, cpu: bool, max_buckets: int
         if eff != backend:
             info["note"] = f"sdpa {backend}->auto on CPU"
         sets = ["model.attention=dense", f"model.sdpa_backend={eff}"]
-    elif re.fullmatch(r"hash\d+", base):
-        nb = int(base[4:])
+    elif re.fullmatch(r"hash\d+(-loc\d+)?", base):
+        nb_text, _, loc = base[4:].partition("-loc")
+        nb = int(nb_text)
         info.update(kind="hash", n_buckets=nb)
         sets = ["model.attention=hash", f"model.n_buckets={nb}"]
+        if loc:     # the last <loc> kv heads block-local (model.local_window, default 512)
+            info["local_heads"] = int(loc)
+            sets.append(f"model.local_heads={int(loc)}")
     elif re.fullmatch(r"hash-b\d+", base):
         size = int(base[6:])
         nb = max(2, seq_len // size)
@@ -265,7 +270,7 @@ def config_sets(name: str, seq_len: int, world: int, cpu: bool, max_buckets: int
         sets = ["model.attention=qk", f"model.qk_keep_rate={1 - drop / 100:.4f}"]
     else:
         raise ValueError(f"unknown config {name!r}: use dense-<backend>, dsu-<backend>, "
-                         "hash<nb>, hash-b<bucket size>, qk-drop<percent>")
+                         "hash<nb>[-loc<k>], hash-b<bucket size>, qk-drop<percent>")
     if world > 1:
         sets.append(f"train.sp_strategy={strategy}")
     info["sp_strategy"] = strategy if world > 1 else None

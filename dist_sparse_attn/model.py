@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .hashing import keep_to_buckets, lsh_buckets
-from .ops import hash_sparse_attention, qk_sparse_attention
+from .ops import _bucketed_default_positions, hash_sparse_attention, qk_sparse_attention
 
 ATTENTIONS = ("dense", "hash", "qk")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -80,6 +80,13 @@ class GPTConfig:
     hash_seed: int = 0
     """Layer l hashes with seed ``hash_seed + l``: layers get different rotations,
     every rank and device the same ones."""
+    local_heads: int = 0
+    """attention="hash": the last ``local_heads`` kv heads (and the query heads that read
+    them) take block-local buckets ``position // local_window`` instead of LSH buckets:
+    chunked causal attention within aligned windows, the short-range context that
+    hashing alone misses. The other heads hash as usual. 0: every head hashes."""
+    local_window: int = 512
+    """Window (tokens) of the block-local heads; buckets are ``global position // window``."""
     qk_keep_rate: float = 0.5
     """attention="qk": fraction of the (token, head) items kept, in (0, 1]."""
     rope_base: float = 10000.0
@@ -110,6 +117,14 @@ class GPTConfig:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.attention == "hash" and (self.n_buckets < 2 or self.n_buckets % 2):
             raise ValueError(f"n_buckets must be even and >= 2, got {self.n_buckets}")
+        if not 0 <= self.local_heads <= self.n_kv_head:
+            raise ValueError(f"local_heads={self.local_heads} must be in [0, n_kv_head="
+                             f"{self.n_kv_head}]")
+        if self.local_heads and self.attention != "hash":
+            raise ValueError("local_heads applies to attention='hash' only, got "
+                             f"attention={self.attention!r}")
+        if self.local_window < 1:
+            raise ValueError(f"local_window must be >= 1, got {self.local_window}")
         if not 0.0 < self.qk_keep_rate <= 1.0:
             raise ValueError(f"qk_keep_rate must be in (0, 1], got {self.qk_keep_rate}")
         if self.sdpa_backend not in SDPA_BACKENDS:
@@ -194,6 +209,7 @@ class CausalSelfAttention(nn.Module):
         self.attention = config.attention
         self.n_buckets, self.seed = config.n_buckets, config.hash_seed + layer_idx
         self.keep_rate = config.qk_keep_rate
+        self.local_heads, self.local_window = config.local_heads, config.local_window
         self.sdpa_backend = config.sdpa_backend
         kv_dim = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
@@ -228,12 +244,33 @@ class CausalSelfAttention(nn.Module):
             y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
         elif self.attention == "dense":
             y = dense_causal_sdpa(q, k, v, self.sdpa_backend)                  # (B, N, H, D)
+        elif self.attention == "hash" and self.local_heads:
+            qb, kb = self._hash_buckets(q, k, positions)
+            nb = max(self.n_buckets, -(-q.shape[1] // self.local_window))
+            y = _bucketed_default_positions(q, k, v, qb, kb, nb)
         elif self.attention == "hash":
             y = hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed)
         else:
             q_keep, k_keep = self._keeps(positions, B, H, Hkv)
             y = qk_sparse_attention(q, k, v, q_keep, k_keep)
         return y
+
+    @torch.no_grad()
+    def _hash_buckets(self, q, k, positions):
+        """LSH buckets (B, n, H) and (B, n, Hkv); the last ``local_heads`` kv heads (and
+        their query heads) get ``global position // local_window`` instead."""
+        H, Hkv = q.shape[2], k.shape[2]
+        g = H // Hkv
+        qb = lsh_buckets(q, self.n_buckets, seed=self.seed, group_size=g)
+        kb = lsh_buckets(k, self.n_buckets, seed=self.seed)
+        if self.local_heads:
+            pos = positions.long()
+            pos = (pos[None] if pos.dim() == 1 else pos).expand(q.shape[0], -1)   # (B, n)
+            win = (pos // self.local_window)[..., None]                            # (B, n, 1)
+            L = self.local_heads
+            qb[..., H - L * g:] = win.to(qb.dtype)
+            kb[..., Hkv - L:] = win.to(kb.dtype)
+        return qb, kb
 
     def _keeps(self, positions, batch, H, Hkv):
         """Keep masks (B, n, H) for queries and (B, n, Hkv) for keys."""
@@ -250,8 +287,7 @@ class CausalSelfAttention(nn.Module):
         H, Hkv = q.shape[2], k.shape[2]
         with torch.no_grad():
             if self.attention == "hash":
-                qb = lsh_buckets(q, self.n_buckets, seed=self.seed, group_size=H // Hkv)
-                kb = lsh_buckets(k, self.n_buckets, seed=self.seed)
+                qb, kb = self._hash_buckets(q, k, positions)
             elif self.attention == "qk":
                 q_keep, k_keep = self._keeps(positions, q.shape[0], H, Hkv)
                 qb, kb = keep_to_buckets(q_keep), keep_to_buckets(k_keep)

@@ -12,7 +12,7 @@ import torch
 from . import _validation as V
 from . import compile_ops
 from .hashing import keep_to_buckets, lsh_buckets, lsh_sort_keys
-from .layout import sort_keys
+from .layout import bucket_keys, sort_keys
 from .plan import AttentionPlan, make_plan, plan_from_streams
 
 
@@ -107,6 +107,26 @@ def _default_positions(q, k):
     B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
     return (V.normalize_positions("q_positions", None, B, Nq, q.device),
             V.normalize_positions("k_positions", None, B, Nk, q.device))
+
+
+def _bucketed_default_positions(q, k, v, q_buckets, k_buckets, n_buckets, *, causal=True,
+                                include_self=True, softmax_scale=None, backend="auto"):
+    """``bucketed_attention`` with default positions, for buckets the caller made (e.g.
+    the model's LSH + block-local heads) and promises lie in [0, n_buckets) or are
+    negative: no range check, and on CUDA the stable counting sort of
+    :func:`~dist_sparse_attn.layout.sort_keys` instead of ``torch.sort``."""
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        return _attention(q, k, v, q_buckets, k_buckets, *_default_positions(q, k),
+                          causal=causal, include_self=include_self,
+                          softmax_scale=softmax_scale, return_lse=False, backend=backend)
+    qpos, kpos = _default_positions(q, k)
+    with torch.no_grad():
+        q_streams = sort_keys(bucket_keys(q_buckets, qpos), n_buckets)
+        k_streams = sort_keys(bucket_keys(k_buckets, kpos), n_buckets)
+    plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
+                             include_self=include_self, softmax_scale=softmax_scale)
+    o, _ = BucketedAttentionFunction.apply(q, k, v, plan, _backend_impl(backend, q.device))
+    return o
 
 
 def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_self=True,

@@ -665,6 +665,8 @@ def _plan_text(mcfg, tcfg, layout, ds, world, cuda, n_params=None) -> str:
         f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads ({mcfg.n_kv_head} kv), d={mcfg.n_embd}, "
         f"attention {mcfg.attention!r}"
         + (f" ({mcfg.n_buckets} buckets)" if mcfg.attention == "hash" else "")
+        + (f", {mcfg.local_heads} block-local kv heads (window {mcfg.local_window})"
+           if mcfg.local_heads else "")
         + (f" (keep {mcfg.qk_keep_rate:.0%})" if mcfg.attention == "qk" else "")
         + (f", {n_params / 1e6:.2f}M params" if n_params else ""),
         f"batch: {tcfg.micro_batch} x {tcfg.grad_accum} accum x {dp} dp = {ds['train_batch_size']} "

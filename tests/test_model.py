@@ -151,6 +151,43 @@ def test_config_validation():
         GPTConfig(n_embd=36, n_head=4)
     with pytest.raises(ValueError, match="qk_keep_rate"):
         GPTConfig(qk_keep_rate=0.0)
+    with pytest.raises(ValueError, match="local_heads"):
+        GPTConfig(attention="hash", n_head=4, n_kv_head=2, local_heads=3)
+    with pytest.raises(ValueError, match="local_heads applies"):
+        GPTConfig(attention="dense", local_heads=1)
+    with pytest.raises(ValueError, match="local_window"):
+        GPTConfig(attention="hash", local_heads=1, local_window=0)
+
+
+def test_local_heads_buckets_and_semantics():
+    """Block-local heads: buckets are position // window on the last kv heads (and their
+    query heads); a window covering the sequence on every head is dense causal attention;
+    the hashed heads keep their LSH buckets."""
+    torch.manual_seed(0)
+    dense = GPT(GPTConfig(attention="dense", **TINY))
+    local = GPT(GPTConfig(attention="hash", **{**TINY, "local_heads": TINY["n_kv_head"],
+                                               "local_window": 1000}))
+    local.load_state_dict(dense.state_dict())
+    idx = torch.randint(0, 256, (2, 50))
+    torch.testing.assert_close(local(idx)[0], dense(idx)[0], rtol=1e-4, atol=1e-5)
+
+    cfg = GPTConfig(attention="hash", **{**TINY, "local_heads": 1, "local_window": 8})
+    attn = GPT(cfg).transformer.h[0].attn
+    B, N, H, Hkv, D = 2, 40, 4, 2, 8
+    q, k = torch.randn(B, N, H, D), torch.randn(B, N, Hkv, D)
+    pos = torch.arange(100, 100 + N)
+    qb, kb = attn._hash_buckets(q, k, pos)
+    win = (pos // 8)[None, :].expand(B, N)
+    for h in (2, 3):                      # query heads of kv head 1 (group size 2)
+        assert torch.equal(qb[..., h], win)
+    assert torch.equal(kb[..., 1], win)
+    from dist_sparse_attn.hashing import lsh_buckets
+    assert torch.equal(qb[..., :2], lsh_buckets(q, 4, seed=attn.seed, group_size=2)[..., :2])
+    assert torch.equal(kb[..., 0], lsh_buckets(k, 4, seed=attn.seed)[..., 0])
+    # the local heads see only their window: output at a window start depends on itself only
+    hashed = GPT(cfg)
+    a = hashed(idx)[0]
+    assert torch.isfinite(a).all() and not torch.allclose(a, dense(idx)[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("attention,steps,batch,margin",
@@ -186,6 +223,9 @@ SP_CASES = {
     "dense_ulysses": ("dense", "ulysses", {}, False),
     "hash_bucket": ("hash", "bucket", {}, False),
     "hash_bucket_ckpt": ("hash", "bucket", {"activation_checkpointing": True}, True),
+    # block-local heads take GLOBAL position // window: windows straddle the shard boundary
+    "hash_local_bucket": ("hash", "bucket", {"local_heads": 1, "local_window": 8}, False),
+    "hash_local_ulysses": ("hash", "ulysses", {"local_heads": 2, "local_window": 16}, True),
     "qk_allgather_keep_all": ("qk", "allgather", {"qk_keep_rate": 1.0}, True),
     # keep rate < 1: the keep ranking is global (all_gather), so shards still agree
     "qk_bucket_half": ("qk", "bucket", {"qk_keep_rate": 0.5}, False),
