@@ -1,8 +1,6 @@
 """Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._validation import check_n_buckets
@@ -20,16 +18,29 @@ def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
                        dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=64)
+_ROTATIONS: dict = {}
+_ROTATIONS_MAX = 256
+
+
 def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
     """The rotations (heads // group_size, D, nb/2) on ``device``, drawn once
     (no host-device copy per call).
 
-    Built outside inference mode, so a first call under ``torch.inference_mode()``
-    does not cache a tensor that autograd later refuses."""
-    with torch.inference_mode(False):
-        return lsh_rotations(heads, dim, n_buckets, seed=seed,
-                             group_size=group_size).to(device)
+    A plain dict, not ``functools.lru_cache``: under ``torch.compile`` dynamo reads a
+    cached entry as a constant tensor, where it would trace through an lru_cache into
+    the CPU generator and break the graph (``GPTConfig.compile="model"`` draws every
+    layer's rotations before compiling). Built outside inference mode, so a first call
+    under ``torch.inference_mode()`` does not cache a tensor that autograd later refuses."""
+    key = (str(device), heads, dim, n_buckets, seed, group_size)
+    rot = _ROTATIONS.get(key)
+    if rot is None:
+        with torch.inference_mode(False):
+            rot = lsh_rotations(heads, dim, n_buckets, seed=seed,
+                                group_size=group_size).to(device)
+        if len(_ROTATIONS) >= _ROTATIONS_MAX:
+            _ROTATIONS.clear()
+        _ROTATIONS[key] = rot
+    return rot
 
 
 def _fused(x, n_buckets):

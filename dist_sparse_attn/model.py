@@ -29,9 +29,10 @@ ATTENTIONS = ("dense", "hash", "qk")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
-COMPILE_MODES = ("off", "blocks")
-"""``GPTConfig.compile``: "off" (eager) or "blocks" (``torch.compile`` of each block's
-work before and after the attention call; see :func:`_block_pre`)."""
+COMPILE_MODES = ("off", "blocks", "model")
+"""``GPTConfig.compile``: "off" (eager), "blocks" (``torch.compile`` of each block's
+work before and after the attention call; see :func:`_block_pre`) or "model" (the
+whole single-device forward in one graph, attention as the library's custom ops)."""
 """Sequence-parallel strategies of the model: the library's three
 (:func:`dist_sparse_attn.parallel.sequence_parallel_attention`) and "ds-ulysses",
 DeepSpeed-Ulysses' ``DistributedAttention`` over the local op (SDPA for "dense"):
@@ -103,7 +104,11 @@ class GPTConfig:
     RoPE and the head reshape before it; the output projection, residual, ln_2 and MLP
     after it. The attention call itself (sparse kernels, sequence-parallel collectives,
     host syncs) stays eager, so every attention and sp strategy works. All blocks run
-    the same two compiled graphs. Cuts the per-step launch overhead of small ops."""
+    the same two compiled graphs. Cuts the per-step launch overhead of small ops.
+    "model": ``torch.compile`` of the whole forward (embedding to loss) as ONE graph, the
+    sparse attention inside as the library's ``torch.library`` custom ops
+    (:mod:`dist_sparse_attn.compile_ops`): one guard check per call instead of two per
+    block. Single device only: a call with ``sp_group`` runs eagerly."""
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -254,6 +259,14 @@ class CausalSelfAttention(nn.Module):
             q_keep, k_keep = self._keeps(positions, B, H, Hkv)
             y = qk_sparse_attention(q, k, v, q_keep, k_keep)
         return y
+
+    def draw_rotations(self, device):
+        """Put this layer's LSH rotations (query and key side) in the hashing cache."""
+        if self.attention == "hash":
+            from .hashing import _rotations_on
+            g = self.n_head // self.n_kv_head
+            _rotations_on(device, self.n_head, self.head_dim, self.n_buckets, self.seed, g)
+            _rotations_on(device, self.n_kv_head, self.head_dim, self.n_buckets, self.seed, 1)
 
     @torch.no_grad()
     def _hash_buckets(self, q, k, positions):
@@ -433,6 +446,14 @@ class GPT(nn.Module):
             the LOCAL mean; the caller averages it across ranks (weighted by shard
             length when shards differ) — gradients flow between ranks through attention.
         """
+        if (self.config.compile == "model" and sp_group is None
+                and not torch.compiler.is_compiling()):
+            for block in self.transformer.h:       # cached before tracing (no graph break)
+                block.attn.draw_rotations(idx.device)
+            return _compiled_model_fn()(self, idx, targets, positions)
+        return self._forward(idx, targets, positions, sp_group, sp_strategy)
+
+    def _forward(self, idx, targets, positions, sp_group, sp_strategy):
         B, N = idx.shape
         if positions is None:
             positions = torch.arange(N, device=idx.device)
@@ -471,6 +492,20 @@ class GPT(nn.Module):
         if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
             extra["fused"] = True
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
+def _model_forward(model: GPT, idx, targets, positions):
+    """The single-device forward compiled by ``GPTConfig.compile="model"``."""
+    return model._forward(idx, targets, positions, None, "bucket")
+
+
+def _compiled_model_fn():
+    """``torch.compile`` of :func:`_model_forward`, made once per process (per backend);
+    the model is an argument (its parameters become graph inputs), shapes static."""
+    key = ("model", COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_model_forward, backend=COMPILE_BACKEND, dynamic=False)
+    return _COMPILED[key]
 
 
 def _shard_offset(n_local: int, group, device) -> int:

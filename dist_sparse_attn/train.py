@@ -258,7 +258,7 @@ def deepspeed_config(tcfg: TrainConfig, layout: dict, cuda: bool) -> dict:
     return ds
 
 
-def check_compile(mcfg: GPTConfig, ds: dict):
+def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1):
     """model.compile="blocks" needs ZeRO 0-2: ZeRO-3 gathers each submodule's parameters
     in forward hooks that are ``torch.compiler.disable``d, so every compiled block breaks
     into pieces at each Linear and LayerNorm, and dynamo recompiles DeepSpeed's own hooks
@@ -269,6 +269,9 @@ def check_compile(mcfg: GPTConfig, ds: dict):
         raise ConfigError(f"model.compile={mcfg.compile!r} does not work with ZeRO-3 (its "
                           "parameter hooks break every compiled region): use ZeRO 0-2 "
                           "(train.deepspeed_config) or model.compile='off'")
+    if mcfg.compile == "model" and sp > 1:
+        raise ConfigError("model.compile='model' compiles the single-device forward; with "
+                          f"sequence parallelism (sp={sp}) use model.compile='blocks'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,6 +683,10 @@ def _plan_text(mcfg, tcfg, layout, ds, world, cuda, n_params=None) -> str:
                      f"shapes): each block's ln_1+qkv+RoPE and out-proj+residual+ln_2+MLP, "
                      f"2 graphs shared by the {mcfg.n_layer} blocks; attention, embedding, "
                      f"ln_f, head and loss stay eager")
+    if mcfg.compile == "model":
+        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
+                     f"shapes): the whole forward as one graph, attention as the library's "
+                     f"custom ops")
     return "\n".join("[train] " + s for s in lines)
 
 
@@ -703,7 +710,7 @@ def main(argv=None) -> int:
         try:
             layout = check_config(mcfg, tcfg, world)
             ds = deepspeed_config(tcfg, layout, cuda)
-            check_compile(mcfg, ds)
+            check_compile(mcfg, ds, layout['sp'])
             if tcfg.data != "stdlib" and not os.path.exists(_find(tcfg.data)):
                 raise ConfigError(f"train.data: no file {tcfg.data!r}")
         except ConfigError as e:
@@ -720,7 +727,7 @@ def main(argv=None) -> int:
     try:
         layout = check_config(mcfg, tcfg, world)
         ds = deepspeed_config(tcfg, layout, cuda)
-        check_compile(mcfg, ds)
+        check_compile(mcfg, ds, layout['sp'])
         if rank == 0:
             os.makedirs(tcfg.out_dir, exist_ok=True)
             if not args.resume and os.path.exists(os.path.join(tcfg.out_dir, "metrics.jsonl")):

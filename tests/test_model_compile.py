@@ -107,6 +107,28 @@ def test_eval_and_new_length_recompile_once_each(monkeypatch):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("attention,local", [("dense", 0), ("hash", 0), ("hash", 2), ("qk", 0)])
+def test_compiled_model_matches_eager(attention, local):
+    """compile="model": the whole forward is ONE graph (attention inside as the library's
+    custom ops, no graph break); losses, logits and gradients equal eager."""
+    kw = dict(attention=attention, local_heads=local, local_window=32)
+    eager = GPT(_tiny(**kw))
+    compiled = GPT(_tiny(compile="model", **kw))
+    compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
+    idx = torch.randint(0, 256, (2, 128))
+    tgt = torch.randint(0, 256, (2, 128))
+    want, (want_logits, want_grads) = _steps(eager, idx, tgt)
+    got, (got_logits, got_grads) = _steps(compiled, idx, tgt)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=RTOL, atol=0)
+    torch.testing.assert_close(got_logits, want_logits, rtol=RTOL, atol=ATOL)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_config_rejects_bad_mode():
     with pytest.raises(ValueError, match="compile must be one of"):
         GPTConfig(compile="full")
@@ -206,7 +228,7 @@ def test_train_dry_run_accepts_compile(config, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,text", [
-    (["model.compile=full"], "compile must be one of ('off', 'blocks'), got 'full'"),
+    (["model.compile=full"], "compile must be one of ('off', 'blocks', 'model'), got 'full'"),
     (["model.compile=true"], "compile must be one of"),
     (["model.compile=blocks", "train.deepspeed_config=configs/ds/zero3.json"],
      "does not work with ZeRO-3"),
@@ -216,3 +238,10 @@ def test_train_rejects_bad_compile(config, tmp_path, capsys, monkeypatch, overri
     assert rc == 2, f"exit {rc}; stdout:\n{cap.out}\nstderr:\n{cap.err}"
     assert "[train] configuration error:" in cap.err and text in cap.err, cap.err
     assert not (tmp_path / "out").exists()
+
+
+def test_compile_model_needs_one_device():
+    from dist_sparse_attn import train
+    train.check_compile(GPTConfig(compile="model"), {}, 1)
+    with pytest.raises(train.ConfigError, match="use model.compile='blocks'"):
+        train.check_compile(GPTConfig(compile="model"), {}, 2)
