@@ -67,9 +67,11 @@ def sort_keys(key: torch.Tensor, n_buckets: int | None = None) -> SortedStreams:
     TRITON_INTERPRET=1) and where ``triton_sort.counting_sort_applies``, a
     Triton counting sort by bucket (2-4 launches, no host sync) replaces
     torch.sort's segmented radix sort; the result is identical. Otherwise,
-    or without ``n_buckets``, torch.sort.
+    or without ``n_buckets``, torch.sort. ``DSA_COUNTING_SORT=0`` in the environment
+    turns the counting sort off (A/B measurements).
     """
-    if n_buckets is not None and key.dim() == 2 and key.dtype == torch.int64 \
+    if n_buckets is not None and os.environ.get("DSA_COUNTING_SORT", "1") != "0" \
+            and key.dim() == 2 and key.dtype == torch.int64 \
             and (key.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") \
             and not torch.compiler.is_compiling():
         from .kernels.triton_sort import bucket_sort_streams, counting_sort_applies
