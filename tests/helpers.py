@@ -162,3 +162,83 @@ def record_cases(cases, check, rank, outdir) -> bool:
         dist.destroy_process_group()
     if failed:
         raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence-parallel cases (tests/test_parallel.py, tests/test_parallel_overlap.py)
+# ---------------------------------------------------------------------------------------------
+
+def sp_buckets(kind, nb, q, k, gen):
+    """Buckets (B, N, H) and (B, N, Hkv) of a sequence-parallel test case, by kind."""
+    from dist_sparse_attn import lsh_buckets
+    B, N, H, _ = q.shape
+    Hkv = k.shape[2]
+    if kind == "lsh":
+        return lsh_buckets(q, nb, seed=3, group_size=H // Hkv), lsh_buckets(k, nb, seed=3)
+    if kind == "all_dropped":
+        return -torch.ones(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
+    if kind == "keep":         # QK-sparse: half of the (token, head) items dropped
+        return (torch.where(torch.rand(B, N, H, generator=gen) < 0.5, -1, 0),
+                torch.where(torch.rand(B, N, Hkv, generator=gen) < 0.5, -1, 0))
+    if kind == "no_keys":      # queries kept, every key dropped: every row empty
+        return torch.zeros(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
+    if kind == "single":       # one group per (b, kv head): most ranks own nothing
+        return torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
+    if kind == "sparse_ids":    # ids far apart: too many for a dense (b, j, bucket) table
+        ids = torch.tensor([-1, 0, 10 ** 6, 2 ** 30, 2 ** 31 - 2])           # and dropped
+        return (ids[torch.randint(0, 5, (B, N, H), generator=gen)],
+                ids[torch.randint(0, 5, (B, N, Hkv), generator=gen)])
+    out = []
+    for heads in (H, Hkv):
+        b = torch.randint(0, nb, (B, N, heads), generator=gen)
+        if kind == "skewed":    # ~85% of the tokens in bucket 0
+            b = torch.where(torch.rand(B, N, heads, generator=gen) < 0.85, 0, b)
+        if kind == "half":      # half the tokens, with all their heads, in bucket 0
+            b = torch.where(torch.rand(B, N, 1, generator=gen) < 0.5, 0, b)
+        if kind == "dropped":   # ~30% dropped, with several negative ids
+            drop = torch.rand(B, N, heads, generator=gen) < 0.3
+            b = torch.where(drop, -torch.randint(1, 4, (B, N, heads), generator=gen), b)
+        out.append(b)
+    return tuple(out)
+
+
+def sp_case(spec, D, gen):
+    """The global inputs of a sequence-parallel case and the float64 oracle.
+
+    spec: lengths, B, H, Hkv, buckets (a kind of :func:`sp_buckets`), optional nb,
+    causal, include_self, dtype, drop_rank (that rank's tokens all dropped).
+    Returns a dict: q, k, v, g (output gradient), qb, kb, kw (causal/include_self),
+    o_ref, ref_grads.
+    """
+    from dist_sparse_attn import reference_attention
+    lengths = spec["lengths"]
+    B, H, Hkv, N = spec["B"], spec["H"], spec["Hkv"], sum(lengths)
+    dtype = spec.get("dtype", torch.float64)
+    q = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
+    g = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
+    qb, kb = sp_buckets(spec["buckets"], spec.get("nb"), q, k, gen)
+    if "drop_rank" in spec:     # one rank keeps nothing: no queries, no keys to send
+        a = sum(lengths[:spec["drop_rank"]])
+        qb[:, a:a + lengths[spec["drop_rank"]]] = -1
+        kb[:, a:a + lengths[spec["drop_rank"]]] = -1
+    kw = dict(causal=spec.get("causal", True), include_self=spec.get("include_self", True))
+    full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = reference_attention(*full, qb, kb, **kw)
+    ref_grads = torch.autograd.grad(o_ref, full, g)
+    return dict(q=q, k=k, v=v, g=g, qb=qb, kb=kb, kw=kw, o_ref=o_ref.detach(),
+                ref_grads=ref_grads)
+
+
+def sp_check_shard(case, o, grads, lo, hi):
+    """This rank's output and q/k/v gradients against the oracle's rows [lo, hi)."""
+    q = case["q"]
+    grads = [torch.zeros_like(x[:, lo:hi]) if gr is None else gr
+             for x, gr in zip((case["q"], case["k"], case["v"]), grads)]
+    assert o.shape == (q.shape[0], hi - lo) + tuple(q.shape[2:]) and o.dtype == q.dtype
+    # the oracle computes in float64: float32 results are held to ~1e-5 relative
+    tol = dict(rtol=1e-9, atol=1e-12) if q.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert_close_rel(o, case["o_ref"][:, lo:hi], name="o", **tol)
+    for nm, gr, ref in zip(("dq", "dk", "dv"), grads, case["ref_grads"]):
+        assert_close_rel(gr, ref[:, lo:hi], name=nm, **tol)

@@ -59,6 +59,15 @@ def _steps(model, idx, tgt, n=2):
     return losses, first
 
 
+def _assert_same(got, got_logits, got_grads, want, want_logits, want_grads):
+    """Losses, first-step logits and every parameter gradient equal (fp32 tolerances)."""
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=RTOL, atol=0)
+    torch.testing.assert_close(got_logits, want_logits, rtol=RTOL, atol=ATOL)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("attention,ckpt", [("dense", False), ("hash", False), ("hash", True),
                                             ("qk", False)])
@@ -74,11 +83,7 @@ def test_compiled_blocks_match_eager(attention, ckpt):
     assert counters["stats"]["unique_graphs"] == 0, "compile='off' must not compile"
     got, (got_logits, got_grads) = _steps(compiled, idx, tgt)
 
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=RTOL, atol=0)
-    torch.testing.assert_close(got_logits, want_logits, rtol=RTOL, atol=ATOL)
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=RTOL, atol=ATOL,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+    _assert_same(got, got_logits, got_grads, want, want_logits, want_grads)
     # really compiled: one graph before and one after attention, shared by the 3 blocks
     # (a per-layer recompile would make 6), and nothing broken out of them
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
@@ -120,11 +125,7 @@ def test_compiled_model_matches_eager(attention, local):
     tgt = torch.randint(0, 256, (2, 128))
     want, (want_logits, want_grads) = _steps(eager, idx, tgt)
     got, (got_logits, got_grads) = _steps(compiled, idx, tgt)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=RTOL, atol=0)
-    torch.testing.assert_close(got_logits, want_logits, rtol=RTOL, atol=ATOL)
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=RTOL, atol=ATOL,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+    _assert_same(got, got_logits, got_grads, want, want_logits, want_grads)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 

@@ -87,41 +87,9 @@ D = 16
 # worker side
 # ---------------------------------------------------------------------------------------------
 
-def _buckets(kind, nb, q, k, gen):
-    from dist_sparse_attn import lsh_buckets
-    B, N, H, _ = q.shape
-    Hkv = k.shape[2]
-    if kind == "lsh":
-        return lsh_buckets(q, nb, seed=3, group_size=H // Hkv), lsh_buckets(k, nb, seed=3)
-    if kind == "all_dropped":
-        return -torch.ones(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
-    if kind == "keep":         # QK-sparse: half of the (token, head) items dropped
-        return (torch.where(torch.rand(B, N, H, generator=gen) < 0.5, -1, 0),
-                torch.where(torch.rand(B, N, Hkv, generator=gen) < 0.5, -1, 0))
-    if kind == "no_keys":      # queries kept, every key dropped: every row empty
-        return torch.zeros(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
-    if kind == "single":       # one group per (b, kv head): most ranks own nothing
-        return torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
-    if kind == "sparse_ids":    # ids far apart: too many for a dense (b, j, bucket) table
-        ids = torch.tensor([-1, 0, 10 ** 6, 2 ** 30, 2 ** 31 - 2])           # and dropped
-        return (ids[torch.randint(0, 5, (B, N, H), generator=gen)],
-                ids[torch.randint(0, 5, (B, N, Hkv), generator=gen)])
-    out = []
-    for heads in (H, Hkv):
-        b = torch.randint(0, nb, (B, N, heads), generator=gen)
-        if kind == "skewed":    # ~85% of the tokens in bucket 0
-            b = torch.where(torch.rand(B, N, heads, generator=gen) < 0.85, 0, b)
-        if kind == "dropped":   # ~30% dropped, with several negative ids
-            drop = torch.rand(B, N, heads, generator=gen) < 0.3
-            b = torch.where(drop, -torch.randint(1, 4, (B, N, heads), generator=gen), b)
-        out.append(b)
-    return tuple(out)
-
-
 def _check_case(name, spec, rank, world, seed):
-    from helpers import assert_close_rel
+    from helpers import sp_case, sp_check_shard
 
-    from dist_sparse_attn import reference_attention
     from dist_sparse_attn.parallel import sequence_parallel_attention as spa
 
     lengths = spec["lengths"]
@@ -165,36 +133,12 @@ def _check_case(name, spec, rank, world, seed):
         _check_convenience(spec, rank, gen)
         return
 
-    B, H, Hkv, N = spec["B"], spec["H"], spec["Hkv"], sum(lengths)
-    causal, include_self = spec.get("causal", True), spec.get("include_self", True)
-    dtype = spec.get("dtype", torch.float64)
-    q = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
-    k = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
-    v = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
-    g = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
-    qb, kb = _buckets(spec["buckets"], spec.get("nb"), q, k, gen)
-    if "drop_rank" in spec:     # one rank keeps nothing: no queries, no keys to send
-        a = sum(lengths[:spec["drop_rank"]])
-        qb[:, a:a + lengths[spec["drop_rank"]]] = -1
-        kb[:, a:a + lengths[spec["drop_rank"]]] = -1
-    kw = dict(causal=causal, include_self=include_self)
-
-    full = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    o_ref = reference_attention(*full, qb, kb, **kw)
-    ref_grads = torch.autograd.grad(o_ref, full, g)
-
-    shard = [x[:, lo:hi].clone().requires_grad_(True) for x in (q, k, v)]
-    o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy=spec.get("strategy", "bucket"),
-            backend="torch", **kw)
-    grads = torch.autograd.grad(o, shard, g[:, lo:hi], allow_unused=True)
-    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(shard, grads)]
-
-    assert o.shape == (B, hi - lo, H, D) and o.dtype == dtype
-    # the oracle computes in float64: float32 results are held to ~1e-5 relative
-    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    assert_close_rel(o, o_ref[:, lo:hi].detach(), name="o", **tol)
-    for nm, gr, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close_rel(gr, ref[:, lo:hi], name=nm, **tol)
+    case = sp_case(spec, D, gen)
+    shard = [case[x][:, lo:hi].clone().requires_grad_(True) for x in "qkv"]
+    o = spa(*shard, case["qb"][:, lo:hi], case["kb"][:, lo:hi],
+            strategy=spec.get("strategy", "bucket"), backend="torch", **case["kw"])
+    grads = torch.autograd.grad(o, shard, case["g"][:, lo:hi], allow_unused=True)
+    sp_check_shard(case, o, grads, lo, hi)
 
 
 def _check_convenience(spec, rank, gen):

@@ -67,32 +67,6 @@ WORLDS = {w: [n for n, c in CASES.items() if len(c["lengths"]) == w] for w in (2
 # worker side
 # ---------------------------------------------------------------------------------------------
 
-def _buckets(kind, nb, q, k, gen):
-    from dist_sparse_attn import lsh_buckets
-    B, N, H, _ = q.shape
-    Hkv = k.shape[2]
-    if kind == "lsh":
-        return lsh_buckets(q, nb, seed=3, group_size=H // Hkv), lsh_buckets(k, nb, seed=3)
-    if kind == "all_dropped":
-        return -torch.ones(B, N, H, dtype=torch.long), -torch.ones(B, N, Hkv, dtype=torch.long)
-    if kind == "single":        # one group per (b, kv head): one owner, empty chunks
-        return torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
-    if kind == "sparse_ids":    # too sparse for a dense group table (and dropped ids)
-        ids = torch.tensor([-1, 0, 10 ** 6, 2 ** 30, 2 ** 31 - 2])
-        return (ids[torch.randint(0, 5, (B, N, H), generator=gen)],
-                ids[torch.randint(0, 5, (B, N, Hkv), generator=gen)])
-    out = []
-    for heads in (H, Hkv):
-        b = torch.randint(0, nb, (B, N, heads), generator=gen)
-        if kind == "half":      # half the tokens, with all their heads, in bucket 0
-            b = torch.where(torch.rand(B, N, 1, generator=gen) < 0.5, 0, b)
-        if kind == "dropped":   # ~30% dropped, with several negative ids
-            drop = torch.rand(B, N, heads, generator=gen) < 0.3
-            b = torch.where(drop, -torch.randint(1, 4, (B, N, heads), generator=gen), b)
-        out.append(b)
-    return tuple(out)
-
-
 class _CountA2A:
     """Counts ``torch.distributed.all_to_all_single`` calls (the bucket strategy and
     ``_comm`` look it up on the module at call time)."""
@@ -113,9 +87,8 @@ def _set_chunks(value):
 
 
 def _check_case(name, spec, rank, world, seed, counter):
-    from helpers import assert_close_rel
+    from helpers import sp_case, sp_check_shard
 
-    from dist_sparse_attn import reference_attention
     from dist_sparse_attn.parallel import sequence_parallel_attention as spa
 
     lengths = spec["lengths"]
@@ -136,39 +109,18 @@ def _check_case(name, spec, rank, world, seed, counter):
         assert spa(q, q, q, b, b, backend="torch").shape == q.shape
         return
 
-    B, H, Hkv, N = spec["B"], spec["H"], spec["Hkv"], sum(lengths)
-    causal, include_self = spec.get("causal", True), spec.get("include_self", True)
-    dtype = spec.get("dtype", torch.float64)
-    q = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
-    k = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
-    v = torch.randn(B, N, Hkv, D, generator=gen, dtype=dtype)
-    g = torch.randn(B, N, H, D, generator=gen, dtype=dtype)
-    qb, kb = _buckets(spec["buckets"], spec.get("nb"), q, k, gen)
-    if "drop_rank" in spec:     # one rank keeps nothing: no queries, no keys to send
-        a = sum(lengths[:spec["drop_rank"]])
-        qb[:, a:a + lengths[spec["drop_rank"]]] = -1
-        kb[:, a:a + lengths[spec["drop_rank"]]] = -1
-    kw = dict(causal=causal, include_self=include_self)
-
-    full = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    o_ref = reference_attention(*full, qb, kb, **kw)
-    ref_grads = torch.autograd.grad(o_ref, full, g)
-
+    case = sp_case(spec, D, gen)
+    qb, kb = case["qb"], case["kb"]
     K = spec["chunks"]
     _set_chunks(K)
-    shard = [x[:, lo:hi].clone().requires_grad_(True) for x in (q, k, v)]
+    shard = [case[x][:, lo:hi].clone().requires_grad_(True) for x in "qkv"]
     n0 = counter.n
-    o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy="bucket", backend="torch", **kw)
+    o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy="bucket", backend="torch",
+            **case["kw"])
     n_fwd = counter.n - n0
-    grads = torch.autograd.grad(o, shard, g[:, lo:hi], allow_unused=True)
+    grads = torch.autograd.grad(o, shard, case["g"][:, lo:hi], allow_unused=True)
     n_bwd = counter.n - n0 - n_fwd
-    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(shard, grads)]
-
-    assert o.shape == (B, hi - lo, H, D) and o.dtype == dtype
-    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    assert_close_rel(o, o_ref[:, lo:hi].detach(), name="o", **tol)
-    for nm, gr, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close_rel(gr, ref[:, lo:hi], name=nm, **tol)
+    sp_check_shard(case, o, grads, lo, hi)
     if max(int(qb.max()), int(kb.max())) < 0:
         want = (0, 0)           # every token dropped: returns before any exchange
     else:
