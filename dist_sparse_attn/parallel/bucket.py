@@ -176,10 +176,15 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     v_rows = _gather_rows(v.reshape(-1, D), idx_k)                            # (Sk, D)
     x_send = _interleave([q_rows.reshape(-1), k_rows.reshape(-1), v_rows.reshape(-1)],
                          [[a * D for a in sq], [a * D for a in sk], [a * D for a in sk]])
+    # each buffer below is a full copy of this rank's q/k/v and autograd keeps none of
+    # them: drop each as soon as the next exists (lower peak memory at long sequences)
+    del q_rows, k_rows, v_rows
     x_recv = _comm.all_to_all(x_send, [(a + 2 * b) * D for a, b in zip(sq, sk)],
                               [(a + 2 * b) * D for a, b in zip(rq, rk)], group)
+    del x_send
     qr, kr, vr = _deinterleave(x_recv, [[a * D for a in rq], [a * D for a in rk],
                                         [a * D for a in rk]])
+    del x_recv
     qr, kr, vr = qr.view(-1, D), kr.view(-1, D), vr.view(-1, D)              # (Mq|Mk, D)
 
     # ---- the owner's groups as one stream: bucket = group id ---------------------------
