@@ -5,23 +5,22 @@ sequence -- every number from the real training entry point
 
 Suites (``--suite``, comma list or ``all``):
 
-  speed1    1 GPU. Dense SDPA (flash, cuDNN), hash-sparse (8/16/32 buckets), QK-sparse
-            (30/50/70 % dropped) at 16k, 64k and 8k tokens: a short run each (10 steps,
-            median step time after 2 warm-up steps, one eval batch at the end, no
-            checkpoints, no retrieval eval).
-  quality1  1 GPU. Equal-step loss curves of dense-cuDNN, hash16 and qk-drop50 at 16k
-            tokens (200 steps, eval every 25, train.retrieval_mix 0.2) and the
-            long-range retrieval accuracy at the end.
+  speed1    1 GPU. Dense SDPA (flash, cuDNN), hash-sparse (8/16/32 buckets; 16 with 4
+            block-local heads), QK-sparse (30/50/70 % dropped) at 16k, 64k and 8k tokens:
+            a short run each (10 steps, median step time after 2 warm-up steps, one eval
+            batch at the end, no checkpoints, no retrieval eval).
+  quality1  1 GPU. Equal-step loss curves of dense-cuDNN, hash16 with 4 block-local
+            heads, hash16 and qk-drop50 at 16k tokens (200 steps, eval every 25,
+            train.retrieval_mix 0.2) and the long-range retrieval accuracy at the end.
   speed4    4 GPUs, one sequence over all four (sequence parallelism). Dense
             DeepSpeed-Ulysses (sp_strategy=ds-ulysses, SDPA cuDNN / flash) vs the
-            library's bucket strategy (hash 16/32/64 buckets, qk-drop50) at 128k and 64k.
+            library's strategies (bucket: hash 16/32/64 buckets, hash 64 with local
+            heads, qk-drop50; ulysses: hash 64) at 128k and 64k.
   longest4  4 GPUs, activation checkpointing, hash-sparse with n_buckets = N / 512
             (fixed expected bucket size), N doubling 256k -> 4M, 4 steps each; stops at
             the first failure (OOM, timeout, error). Records step time and peak memory.
-            Known limit: lsh_buckets (hashing.py) holds (N/4, 12 heads, n_buckets) float32
-            scores per rank when n_buckets > 64 (no fused kernel), ~3 x 4 B x N/4 x 12 x
-            N/1024: 36 GiB at 1M, 144 GiB at 2M -- expect the OOM there, not in
-            attention; ``--max-buckets`` caps n_buckets (larger buckets instead).
+            Measured on 4 H100s: 1M at 16.5 GiB and 2M at 42.1 GiB per GPU;
+            ``--max-buckets`` caps n_buckets (larger buckets instead).
 
 Config names (``--configs``): ``dense-<backend>`` (backend auto/flash/cudnn/efficient/math),
 ``dsu-<backend>`` (dense over DeepSpeed-Ulysses; several GPUs), ``hash<nb>``,
@@ -74,18 +73,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = {
     "speed1": dict(
         world=1, preset="configs/gpt2_small_16k.toml",
-        configs=["dense-cudnn", "dense-flash", "hash8", "hash16", "hash32",
+        configs=["dense-cudnn", "dense-flash", "hash8", "hash16", "hash32", "hash16-loc4",
                  "qk-drop30", "qk-drop50", "qk-drop70"],
-        core=["dense-cudnn", "dense-flash", "hash16", "hash32"],
+        core=["dense-cudnn", "dense-flash", "hash16", "hash16-loc4", "hash32"],
         seqlens=[16384, 65536, 8192], steps=10, timeout=180, warmup_excluded=2),
     "quality1": dict(
         world=1, preset="configs/gpt2_small_16k.toml",
-        configs=["dense-cudnn", "hash16", "qk-drop50"], core=None,
+        configs=["dense-cudnn", "hash16-loc4", "hash16", "qk-drop50"], core=None,
         seqlens=[16384], steps=200, timeout=420, warmup_excluded=2),
     "speed4": dict(
         world=4, preset="configs/gpt2_small_128k_sp4.toml",
-        configs=["dsu-cudnn", "dsu-flash", "hash16", "hash32", "hash64", "qk-drop50"],
-        core=["dsu-cudnn", "dsu-flash", "hash64"],
+        configs=["dsu-cudnn", "dsu-flash", "hash16", "hash32", "hash64", "ulysses-hash64",
+                 "hash64-loc4", "qk-drop50"],
+        core=["dsu-cudnn", "dsu-flash", "hash64", "ulysses-hash64"],
         seqlens=[131072, 65536], steps=10, timeout=240, warmup_excluded=2),
     "longest4": dict(
         world=4, preset="configs/gpt2_small_128k_sp4.toml",

@@ -1,0 +1,74 @@
+"""benchmarks/bench_train.py: config names -> training overrides, and one real CPU run of
+the speed1 suite (two tiny configs, 3 steps each, ~40 s) whose JSON, table and the
+entry point's own config.json must agree with what was asked for."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import bench_train as BT  # noqa: E402
+
+
+def test_parse_and_format_lengths():
+    assert BT.parse_n("16k") == 16384 and BT.parse_n("2M") == 2 ** 21 and BT.parse_n("300") == 300
+    assert BT.fmt_n(16384) == "16k" and BT.fmt_n(2 ** 22) == "4M" and BT.fmt_n(1000) == "1000"
+
+
+@pytest.mark.parametrize("name,world,want,info", [
+    ("dense-cudnn", 1, ["model.attention=dense", "model.sdpa_backend=cudnn"],
+     dict(kind="dense", baseline=True)),
+    ("dsu-flash", 4, ["model.attention=dense", "model.sdpa_backend=flash",
+                      "train.sp_strategy=ds-ulysses"], dict(sp_strategy="ds-ulysses")),
+    ("hash16", 1, ["model.attention=hash", "model.n_buckets=16"], dict(n_buckets=16)),
+    ("hash16-loc4", 1, ["model.attention=hash", "model.n_buckets=16", "model.local_heads=4"],
+     dict(local_heads=4)),
+    ("ulysses-hash64", 4, ["model.n_buckets=64", "train.sp_strategy=ulysses"],
+     dict(sp_strategy="ulysses")),
+    ("qk-drop30", 1, ["model.attention=qk", "model.qk_keep_rate=0.7000"],
+     dict(qk_keep_rate=0.7)),
+])
+def test_config_sets(name, world, want, info):
+    sets, got = BT.config_sets(name, 131072, world, cpu=False)
+    for s in want:
+        assert s in sets, (s, sets)
+    for k, v in info.items():
+        assert got[k] == v, (k, got)
+    assert "model.local_heads=4" not in sets or name.endswith("-loc4")
+
+
+def test_config_sets_fixed_bucket_size_and_errors():
+    sets, info = BT.config_sets("hash-b512", 2 ** 21, 4, cpu=False)
+    assert info["n_buckets"] == 4096 and "model.n_buckets=4096" in sets
+    _, capped = BT.config_sets("hash-b512", 2 ** 21, 4, cpu=False, max_buckets=1000)
+    assert capped["n_buckets"] == 1000
+    for bad in ("sparse16", "dense-fast", "qk-drop100", "hash16-local4"):
+        with pytest.raises(ValueError):
+            BT.config_sets(bad, 4096, 1, cpu=False)
+
+
+@pytest.mark.timeout(400)
+def test_speed1_cpu_smoke(tmp_path):
+    out = tmp_path / "bt"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), "--suite", "speed1",
+           "--device", "cpu", "--seqlens", "256", "--steps", "3",
+           "--configs", "dense-auto,hash8-loc2", "--extra-set", "model.n_layer=2",
+           "--extra-set", "model.n_embd=64", "--extra-set", "model.n_head=4", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=380)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out / "train_speed1.json").read_text())
+    runs = {x["config"]: x for x in doc["runs"]}
+    assert set(runs) == {"dense-auto", "hash8-loc2"}
+    for x in runs.values():
+        assert x["status"] == "ok" and x["median_step_ms"] > 0 and x["tokens_per_step"] == 256
+    cfg = json.loads((out / "speed1" / "hash8-loc2_N256" / "config.json").read_text())["model"]
+    assert (cfg["attention"], cfg["n_buckets"], cfg["local_heads"], cfg["n_layer"]) == \
+        ("hash", 8, 2, 2)
+    table = (out / "train_speed1.md").read_text()
+    assert "| 256 | hash8-loc2 | ok |" in table and "| 256 | dense-auto | ok |" in table
