@@ -117,7 +117,8 @@ class TrainConfig:
     """Steps left out of the step-time statistics (compilation, allocator warmup)."""
     profile: bool = False
     """Profile one step after the excluded warmup steps (torch.profiler) and write the
-    top operators by device time to ``out_dir/profile_rank<r>.txt`` (where the step goes)."""
+    top operators by device time, then by allocated memory, and the step's peak memory
+    to ``out_dir/profile_rank<r>.txt`` (where the step and the memory go)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,13 +449,23 @@ class Trainer:
     def _profiled_step(self) -> float:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        with profile(activities=acts) as prof:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with profile(activities=acts, profile_memory=True) as prof:
             loss = self.train_step()
             if self.cuda:
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        mem = "self_cuda_memory_usage" if self.cuda else "self_cpu_memory_usage"
+        table = prof.key_averages()
         with open(os.path.join(self.tcfg.out_dir, f"profile_rank{self.rank}.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+            f.write(table.table(sort_by=key, row_limit=40))
+            # where the memory goes: operators by the memory they allocate (net of frees)
+            f.write(f"\n\nBy allocated memory ({mem}):\n")
+            f.write(table.table(sort_by=mem, row_limit=25))
+            if self.cuda:
+                f.write(f"\npeak allocated during the step: "
+                        f"{torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB\n")
         return loss
 
     @torch.no_grad()

@@ -419,6 +419,7 @@ def test_profile_written(attention_runs):
     """train.profile=true: the operator table of one step, the sparse op in it."""
     table = Path(attention_runs["hash"].out, "profile_rank0.txt").read_text()
     assert "aten::" in table and "BucketedAttentionFunction" in table, table[:2000]
+    assert "By allocated memory (self_cpu_memory_usage)" in table, table[-2000:]
 
 
 @pytest.mark.timeout(600)
