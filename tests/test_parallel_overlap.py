@@ -124,7 +124,7 @@ def _check_case(name, spec, rank, world, seed, counter):
     if max(int(qb.max()), int(kb.max())) < 0:
         want = (0, 0)           # every token dropped: returns before any exchange
     else:
-        want = (4, 2) if K == 1 else (2 + 2 * K, 2 * K)
+        want = (6, 4) if K == 1 else (2 + 2 * K, 2 * K)   # K=1: q, k, v separately
     assert (n_fwd, n_bwd) == want, f"all_to_all_single calls fwd/bwd {(n_fwd, n_bwd)} != {want}"
 
 

@@ -5,11 +5,12 @@ Only ``all_to_all_single`` (uneven and zero splits work on gloo and NCCL) and
 sizes. Every differentiable exchange goes through :class:`_AllToAllSingle`,
 whose backward is the same exchange in the opposite direction.
 
-Each strategy packs everything that travels in one direction into ONE flat
-buffer, so the forward and the backward run exactly one collective per
-exchange, in the same order on every rank (several independent collectives in
-a backward could be run in a different order on different ranks by the
-autograd engine and deadlock).
+Everything that travels in one direction goes through ONE autograd node: one
+flat buffer (:func:`all_to_all`), or several tensors exchanged one after the
+other inside one node (:func:`all_to_all_many`, no packing copy), so the
+forward and the backward issue their collectives in the same order on every
+rank (several independent nodes in a backward could be run in a different order
+on different ranks by the autograd engine and deadlock).
 """
 from __future__ import annotations
 
@@ -90,6 +91,45 @@ def all_to_all_start(inp: torch.Tensor, send_splits: Sequence[int],
     work = dist.all_to_all_single(out, inp, output_split_sizes=recv_splits,
                                   input_split_sizes=send_splits, group=group, async_op=True)
     return PendingAllToAll(out, inp, work)
+
+
+class _AllToAllMany(torch.autograd.Function):
+    """Several ``all_to_all_single`` exchanges along dim 0 as ONE autograd node: forward
+    and backward issue them in the same fixed order on every rank (separate nodes could
+    be run in different orders by different ranks' autograd engines)."""
+
+    @staticmethod
+    def forward(ctx, send_splits, recv_splits, group, *inputs):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        outs = []
+        for x, s, r in zip(inputs, send_splits, recv_splits):
+            out = x.new_empty((sum(r),) + tuple(x.shape[1:]))
+            dist.all_to_all_single(out, x.contiguous(), output_split_sizes=r,
+                                   input_split_sizes=s, group=group)
+            outs.append(out)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        back = []
+        for g, s, r in zip(grads, ctx.send_splits, ctx.recv_splits):
+            gi = g.new_empty((sum(s),) + tuple(g.shape[1:]))
+            dist.all_to_all_single(gi, g.contiguous(), output_split_sizes=s,
+                                   input_split_sizes=r, group=ctx.group)
+            back.append(gi)
+        return (None, None, None, *back)
+
+
+def all_to_all_many(tensors: Sequence[torch.Tensor], send_splits, recv_splits,
+                    group) -> List[torch.Tensor]:
+    """Differentiable ``all_to_all_single`` of each tensor along dim 0 with its own
+    (uneven) split sizes, in order: no packing copy into one buffer, and one autograd
+    node, so the backward's exchanges keep the same order on every rank."""
+    send = [[int(x) for x in s] for s in send_splits]
+    recv = [[int(x) for x in r] for r in recv_splits]
+    if any(t.requires_grad for t in tensors):
+        return list(_AllToAllMany.apply(send, recv, group, *tensors))
+    return [all_to_all(t, s, r, group) for t, s, r in zip(tensors, send, recv)]
 
 
 def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:

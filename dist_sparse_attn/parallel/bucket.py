@@ -18,9 +18,9 @@ measured.)
 
 Communication per call, in this order on every rank:
     forward  1 all_reduce (group sizes), 1 all_to_all (item counts),
-             1 all_to_all (int64 positions + group ids), 1 all_to_all (q, k, v rows),
+             1 all_to_all (int64 positions + group ids), 3 all_to_all (q, k, v rows),
              1 all_to_all (outputs back)
-    backward 1 all_to_all (output gradients), 1 all_to_all (q, k, v gradients)
+    backward 1 all_to_all (output gradients), 3 all_to_all (q, k, v gradients)
 (+ 2 all_gathers to number the groups when bucket ids are too sparse for a
 dense table, see ``_group_index``.)
 
@@ -170,22 +170,14 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
                                  [2 * a + 2 * b for a, b in zip(rq, rk)], group)
     rpos_q, rgid_q, rpos_k, rgid_k = _deinterleave(meta_recv, [rq, rq, rk, rk])
 
-    # rows, per destination [q rows | k rows | v rows], flattened to one buffer
+    # rows: q, k and v each exchanged as they are gathered (three exchanges in one
+    # autograd node; no packing into one buffer, which cost a copy each way)
     q_rows = _gather_rows(q.reshape(-1, D), idx_q)                            # (Sq, D)
     k_rows = _gather_rows(k.reshape(-1, D), idx_k)                            # (Sk, D)
     v_rows = _gather_rows(v.reshape(-1, D), idx_k)                            # (Sk, D)
-    x_send = _interleave([q_rows.reshape(-1), k_rows.reshape(-1), v_rows.reshape(-1)],
-                         [[a * D for a in sq], [a * D for a in sk], [a * D for a in sk]])
-    # each buffer below is a full copy of this rank's q/k/v and autograd keeps none of
-    # them: drop each as soon as the next exists (lower peak memory at long sequences)
-    del q_rows, k_rows, v_rows
-    x_recv = _comm.all_to_all(x_send, [(a + 2 * b) * D for a, b in zip(sq, sk)],
-                              [(a + 2 * b) * D for a, b in zip(rq, rk)], group)
-    del x_send
-    qr, kr, vr = _deinterleave(x_recv, [[a * D for a in rq], [a * D for a in rk],
-                                        [a * D for a in rk]])
-    del x_recv
-    qr, kr, vr = qr.view(-1, D), kr.view(-1, D), vr.view(-1, D)              # (Mq|Mk, D)
+    qr, kr, vr = _comm.all_to_all_many([q_rows, k_rows, v_rows], [sq, sk, sk],
+                                       [rq, rk, rk], group)                   # (Mq|Mk, D)
+    del q_rows, k_rows, v_rows      # full copies of the shard: free before the kernel
 
     # ---- the owner's groups as one stream: bucket = group id ---------------------------
     if qr.shape[0] and kr.shape[0]:
