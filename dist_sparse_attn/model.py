@@ -245,13 +245,19 @@ class CausalSelfAttention(nn.Module):
         """The attention op (never compiled by the model: it may communicate and sync
         with the host): q (B, N, H, D), k/v (B, N, Hkv, D) -> (B, N, H, D)."""
         B, H, Hkv = q.shape[0], self.n_head, self.n_kv_head
+        default_positions = positions is None       # arange(N): one device, none given
+        if default_positions:
+            positions = torch.arange(q.shape[1], device=q.device)
         if sp_group is not None:
             y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
         elif self.attention == "dense":
             y = dense_causal_sdpa(q, k, v, self.sdpa_backend)                  # (B, N, H, D)
         elif self.attention == "hash" and self.local_heads:
             qb, kb = self._hash_buckets(q, k, positions)
-            nb = max(self.n_buckets, -(-q.shape[1] // self.local_window))
+            # the bound on bucket ids that lets the counting sort run holds for default
+            # positions only (local ids are position // window); else torch.sort
+            nb = max(self.n_buckets, -(-q.shape[1] // self.local_window)) \
+                if default_positions else None
             y = _bucketed_default_positions(q, k, v, qb, kb, nb)
         elif self.attention == "hash":
             y = hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed)
@@ -455,11 +461,15 @@ class GPT(nn.Module):
 
     def _forward(self, idx, targets, positions, sp_group, sp_strategy):
         B, N = idx.shape
+        rope_positions = positions
         if positions is None:
-            positions = torch.arange(N, device=idx.device)
+            rope_positions = torch.arange(N, device=idx.device)
             if sp_group is not None:
-                positions = positions + _shard_offset(N, sp_group, idx.device)
-        cos, sin = rope_cos_sin(positions, self.config.n_embd // self.config.n_head,
+                positions = rope_positions = rope_positions + _shard_offset(N, sp_group,
+                                                                            idx.device)
+        # (positions stays None for blocks on one device without explicit positions:
+        # attention then knows they are arange(N))
+        cos, sin = rope_cos_sin(rope_positions, self.config.n_embd // self.config.n_head,
                                 self.config.rope_base)                        # (B|1, N, 1, D/2)
         x = self.transformer.drop(self.transformer.wte(idx))                   # (B, N, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)        # once, not in every layer

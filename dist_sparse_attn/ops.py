@@ -114,7 +114,8 @@ def _bucketed_default_positions(q, k, v, q_buckets, k_buckets, n_buckets, *, cau
     """``bucketed_attention`` with default positions, for buckets the caller made (e.g.
     the model's LSH + block-local heads) and promises lie in [0, n_buckets) or are
     negative: no range check, and on CUDA the stable counting sort of
-    :func:`~dist_sparse_attn.layout.sort_keys` instead of ``torch.sort``."""
+    :func:`~dist_sparse_attn.layout.sort_keys` instead of ``torch.sort``.
+    ``n_buckets=None``: no such promise (torch.sort; buckets must still be valid)."""
     if torch.compiler.is_compiling() or not q.is_cuda:
         return _attention(q, k, v, q_buckets, k_buckets, *_default_positions(q, k),
                           causal=causal, include_self=include_self,

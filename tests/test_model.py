@@ -184,6 +184,26 @@ def test_local_heads_buckets_and_semantics():
     from dist_sparse_attn.hashing import lsh_buckets
     assert torch.equal(qb[..., :2], lsh_buckets(q, 4, seed=attn.seed, group_size=2)[..., :2])
     assert torch.equal(kb[..., 0], lsh_buckets(k, 4, seed=attn.seed)[..., 0])
+    # the counting sort's bucket bound is promised only for default positions
+    from dist_sparse_attn import model as M
+    seen = []
+    real = M._bucketed_default_positions
+
+    def spy(*a, **kw):
+        seen.append(a[5])
+        return real(*a, **kw)
+    # every head local: shifting positions by whole windows changes nothing (RoPE is
+    # relative; the LSH heads would hash differently, their buckets follow RoPE)
+    model = GPT(GPTConfig(attention="hash", **{**TINY, "local_heads": 2, "local_window": 8}))
+    try:
+        M._bucketed_default_positions = spy
+        idx2 = torch.randint(0, 256, (1, 48))
+        want = model(idx2)[0]
+        got = model(idx2, positions=torch.arange(48) + 8 * 1000)[0]  # windows shift whole
+    finally:
+        M._bucketed_default_positions = real
+    assert seen[0] == max(4, -(-48 // 8)) and all(nb is None for nb in seen[2:]), seen
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)   # RoPE is relative
     # the local heads see only their window: output at a window start depends on itself only
     hashed = GPT(cfg)
     a = hashed(idx)[0]
