@@ -19,7 +19,7 @@ def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
 
 
 _ROTATIONS: dict = {}
-_ROTATIONS_MAX = 256
+_ROTATIONS_MAX = 4096     # entries of (heads/g, D, nb/2) floats: layers x devices x q/k
 
 
 def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
@@ -37,8 +37,8 @@ def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
         with torch.inference_mode(False):
             rot = lsh_rotations(heads, dim, n_buckets, seed=seed,
                                 group_size=group_size).to(device)
-        if len(_ROTATIONS) >= _ROTATIONS_MAX:
-            _ROTATIONS.clear()
+        if len(_ROTATIONS) >= _ROTATIONS_MAX:       # evict the oldest entry (dicts keep order)
+            del _ROTATIONS[next(iter(_ROTATIONS))]
         _ROTATIONS[key] = rot
     return rot
 

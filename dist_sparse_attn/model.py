@@ -357,8 +357,8 @@ def _block_post(block: "Block", x, y):
 COMPILE_BACKEND = os.environ.get("DSA_COMPILE_BACKEND", "inductor")
 """The ``torch.compile`` backend of ``compile="blocks"``: "inductor", or from the
 environment variable ``DSA_COMPILE_BACKEND`` (an internal knob: "aot_eager" to tell a
-tracing problem from an inductor one, or where no C++ compiler is available). Read when
-the first block runs."""
+tracing problem from an inductor one, or where no C++ compiler is available). Read once,
+when this module is imported (set the variable before importing dist_sparse_attn)."""
 _COMPILED: dict = {}
 
 

@@ -399,7 +399,10 @@ class Trainer:
             self.sp_rank = dist.get_rank(self.sp_group)
             self.dp_rank = mpu.get_data_parallel_rank()
         self.lo, self.hi = shard_bounds(tcfg.seq_len, self.sp_rank, self.sp)
-        self.positions = torch.arange(self.lo, self.hi, device=self.device)
+        # one device: None = the model's default arange(N), which lets the block-local
+        # heads use the counting sort (a promise the model cannot check for given positions)
+        self.positions = (torch.arange(self.lo, self.hi, device=self.device)
+                          if self.sp > 1 else None)
         # DeepSpeed 0.19.8's ZeRO-3 averages the gradients of replicated parameters over the
         # whole dp x sp grid (ZeRO 0-2 sum them and divide by dp): scale the loss given to
         # backward by sp so every stage makes the single-device update (tests/test_train.py
@@ -488,7 +491,7 @@ class Trainer:
         n = self.tcfg.retrieval_samples
         L = self.tcfg.retrieval_seq_len or self.tcfg.seq_len
         lo, hi = shard_bounds(L, self.sp_rank, self.sp)
-        pos = torch.arange(lo, hi, device=self.device)
+        pos = torch.arange(lo, hi, device=self.device) if self.sp > 1 else None
         self.engine.eval()
         correct = torch.zeros((), device=self.device)
         for i in range(0, n, self.tcfg.micro_batch):

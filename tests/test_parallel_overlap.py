@@ -58,6 +58,11 @@ for _name, _spec in _BASE.items():
         CASES[f"{_name}_c{_k}"] = dict(_spec, chunks=_k)
 # the unpipelined path through the same counting (its collective count differs)
 CASES["w2_lsh_gqa_c1"] = dict(_BASE["w2_lsh_gqa"], chunks=1)
+# inside a non-reentrant activation checkpoint (one group: a rank owning nothing, empty
+# chunks; and several groups): each chunk's inner graph must not re-trigger the recompute
+CASES["w2_single_group_ckpt_c2"] = dict(lengths=[30, 20], B=1, H=2, Hkv=1, buckets="single",
+                                        chunks=2, ckpt=True)
+CASES["w3_few_groups_ckpt_c2"] = dict(_BASE["w3_few_groups"], chunks=2, ckpt=True)
 CASES["w2_mismatch"] = dict(lengths=[20, 30], kind="mismatch")
 CASES["w3_invalid_env"] = dict(lengths=[20, 30, 10], kind="invalid")
 WORLDS = {w: [n for n, c in CASES.items() if len(c["lengths"]) == w] for w in (2, 3, 4)}
@@ -115,8 +120,17 @@ def _check_case(name, spec, rank, world, seed, counter):
     _set_chunks(K)
     shard = [case[x][:, lo:hi].clone().requires_grad_(True) for x in "qkv"]
     n0 = counter.n
-    o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy="bucket", backend="torch",
-            **case["kw"])
+    if spec.get("ckpt"):
+        from torch.utils.checkpoint import checkpoint
+        # "* ones" after the attention saves a tensor, so the backward recomputes the
+        # block through the attention (once: the recompute stops at the last saved tensor)
+        o = checkpoint(lambda q_, k_, v_: spa(q_, k_, v_, qb[:, lo:hi], kb[:, lo:hi],
+                                              strategy="bucket", backend="torch",
+                                              **case["kw"]) * torch.ones_like(q_),
+                       *shard, use_reentrant=False)
+    else:
+        o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy="bucket", backend="torch",
+                **case["kw"])
     n_fwd = counter.n - n0
     grads = torch.autograd.grad(o, shard, case["g"][:, lo:hi], allow_unused=True)
     n_bwd = counter.n - n0 - n_fwd
@@ -125,6 +139,8 @@ def _check_case(name, spec, rank, world, seed, counter):
         want = (0, 0)           # every token dropped: returns before any exchange
     else:
         want = (6, 4) if K == 1 else (2 + 2 * K, 2 * K)   # K=1: q, k, v separately
+        if spec.get("ckpt"):    # the backward recomputes the forward once, no more
+            want = (want[0], want[1] + want[0])
     assert (n_fwd, n_bwd) == want, f"all_to_all_single calls fwd/bwd {(n_fwd, n_bwd)} != {want}"
 
 

@@ -301,7 +301,12 @@ def _local_attention(qr, kr, vr, plan, c, graph):
     if graph:
         leaves = [x.detach().requires_grad_() for x in (qr, kr, vr)]
         qr, kr, vr = leaves
-    with torch.set_grad_enabled(graph):
+    # identity saved-tensor hooks: the chunk's own graph must not go through an outer
+    # non-reentrant checkpoint's hooks (its backward runs torch.autograd.grad, a new graph
+    # task, which would recompute the whole checkpointed block -- collectives included --
+    # once per chunk, and skip it for empty chunks: ranks out of step, a hang)
+    with torch.set_grad_enabled(graph), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         o = bucketed_attention(qr[None, :, None, :], kr[None, :, None, :], vr[None, :, None, :],
                                plan.rgid_q[c][None, :, None], plan.rgid_k[c][None, :, None],
                                q_positions=plan.rpos_q[c][None],
