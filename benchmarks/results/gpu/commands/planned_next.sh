@@ -17,6 +17,7 @@ if [ "${1:-1}" = 1 ]; then
   DSA_COUNTING_SORT=0 bt 0 70 ab_torchsort --suite speed1 --seqlens 16k --configs hash16,dense-cudnn --budget-s 65
   bt 0 70 ab_countsort --suite speed1 --seqlens 16k --configs hash16,hash16-loc4 --budget-s 65
   timeout 240 torchrun --standalone --nproc_per_node 4 benchmarks/check_parallel_gpu.py --out $R/chk > $R/check_P4.txt 2>&1; echo "check rc=$?"; grep -E "^#.*runs|FAIL" $R/check_P4.txt
+  timeout 60 torchrun --standalone --nproc_per_node 2 benchmarks/check_parallel_gpu.py --no-high-precision --out $R/chkp2 > $R/check_P2.txt 2>&1; echo "check P=2 rc=$?"; grep -E "^#.*runs|FAIL" $R/check_P2.txt
   DSA_BUCKET_CHUNKS=2 timeout 60 torchrun --standalone --nproc_per_node 4 benchmarks/check_parallel_gpu.py --strategies bucket --out $R/chk2 > $R/check_P4_c2.txt 2>&1; echo "check c2 rc=$?"; grep -E "^#.*runs|FAIL" $R/check_P4_c2.txt
   timeout 100 torchrun --standalone --nproc_per_node 4 benchmarks/bench_parallel.py --out $R/par --seqlens $SEQ --iters 5 --warmup 2 > $R/par_P4.txt 2>&1; echo "bench P=4 rc=$?"
 else
