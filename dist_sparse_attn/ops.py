@@ -122,12 +122,22 @@ def _bucketed_default_positions(q, k, v, q_buckets, k_buckets, n_buckets, *, cau
                           softmax_scale=softmax_scale, return_lse=False, backend=backend)
     qpos, kpos = _default_positions(q, k)
     with torch.no_grad():
-        q_streams = sort_keys(bucket_keys(q_buckets, qpos), n_buckets)
-        k_streams = sort_keys(bucket_keys(k_buckets, kpos), n_buckets)
+        q_key, k_key = bucket_keys(q_buckets, qpos), bucket_keys(k_buckets, kpos)
+    return _attention_from_keys(q, k, v, q_key, k_key, n_buckets, causal=causal,
+                                include_self=include_self, softmax_scale=softmax_scale,
+                                backend=backend)[0]
+
+
+def _attention_from_keys(q, k, v, q_key, k_key, n_buckets, *, causal, include_self,
+                         softmax_scale, backend):
+    """(o, lse) from unsorted stream keys (S, N) int64: sorted by
+    :func:`~dist_sparse_attn.layout.sort_keys` (``n_buckets``: its promise, or None),
+    then the plan and the autograd Function. Eager only (CUDA fast path)."""
+    with torch.no_grad():
+        q_streams, k_streams = sort_keys(q_key, n_buckets), sort_keys(k_key, n_buckets)
     plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
                              include_self=include_self, softmax_scale=softmax_scale)
-    o, _ = BucketedAttentionFunction.apply(q, k, v, plan, _backend_impl(backend, q.device))
-    return o
+    return BucketedAttentionFunction.apply(q, k, v, plan, _backend_impl(backend, q.device))
 
 
 def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_self=True,
@@ -149,13 +159,11 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
         # buckets are in [0, n_buckets) at positions arange(N), so a counting
         # sort by bucket replaces torch.sort (same result, fewer launches)
         with torch.no_grad():
-            q_streams = sort_keys(lsh_sort_keys(q, n_buckets, seed=seed, group_size=g),
-                                  n_buckets)
-            k_streams = sort_keys(lsh_sort_keys(k, n_buckets, seed=seed), n_buckets)
-        plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
-                                 include_self=include_self, softmax_scale=softmax_scale)
-        o, lse = BucketedAttentionFunction.apply(q, k, v, plan,
-                                                 _backend_impl(backend, q.device))
+            q_key = lsh_sort_keys(q, n_buckets, seed=seed, group_size=g)
+            k_key = lsh_sort_keys(k, n_buckets, seed=seed)
+        o, lse = _attention_from_keys(q, k, v, q_key, k_key, n_buckets, causal=causal,
+                                      include_self=include_self, softmax_scale=softmax_scale,
+                                      backend=backend)
         return (o, lse) if return_lse else o
     with torch.no_grad():
         qb = lsh_buckets(q, n_buckets, seed=seed, group_size=g)
