@@ -139,6 +139,30 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
     return results
 
 
+def world_runs(launch, tmp_path_factory, label):
+    """The module fixture of the multi-process test files: ``get(world)`` runs
+    ``launch(world, outdir, seed)`` once per world size and caches its results; the seed
+    is ``DSA_TEST_SEED`` or random, printed for replay."""
+    import os
+    cache = {}
+    value = os.environ.get("DSA_TEST_SEED")
+    seed = int(value) if value else int.from_bytes(os.urandom(3), "little")
+
+    def get(world):
+        if world not in cache:
+            cache[world] = launch(world, tmp_path_factory.mktemp(f"world{world}"), seed)
+        return cache[world]
+    print(f"{label} test seed: {seed} (replay with DSA_TEST_SEED={seed})")
+    return get
+
+
+def assert_ranks_ok(results, world, case):
+    """Every rank of ``run_workers`` results reported "ok" for ``case``."""
+    errors = [f"rank {r}:\n{results[case, r]}" for r in range(world)
+              if results[case, r] != "ok"]
+    assert not errors, "\n".join(errors)
+
+
 def record_cases(cases, check, rank, outdir) -> bool:
     """Worker side of :func:`run_workers`: run ``check(i, name)`` for every case name,
     write "ok" or the traceback to ``outdir/<name>.<rank>``, then barrier and destroy

@@ -36,7 +36,7 @@ import sys
 import pytest
 import torch
 
-from helpers import record_cases, run_workers
+from helpers import assert_ranks_ok, record_cases, run_workers
 
 pytest.importorskip("deepspeed")
 
@@ -247,8 +247,7 @@ def results(tmp_path_factory):
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("case", CASES)
 def test_deepspeed_distributed(results, case):
-    errors = [f"rank {r}:\n{results[case, r]}" for r in range(WORLD) if results[case, r] != "ok"]
-    assert not errors, "\n".join(errors)
+    assert_ranks_ok(results, WORLD, case)
 
 
 @pytest.mark.timeout(60)

@@ -12,7 +12,7 @@ import torch
 
 from dist_sparse_attn.data import TokenData, eval_retrieval, shard_sequence, stdlib_corpus
 from dist_sparse_attn.model import GPT, GPTConfig, position_keep
-from helpers import run_workers
+from helpers import assert_ranks_ok, run_workers
 
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_buckets=4)
 
@@ -315,5 +315,4 @@ def sp_results(tmp_path_factory):
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("case", list(SP_CASES))
 def test_sequence_parallel_model_matches_full_sequence(sp_results, case):
-    errors = [f"rank {r}:\n{sp_results[case, r]}" for r in range(2) if sp_results[case, r] != "ok"]
-    assert not errors, "\n".join(errors)
+    assert_ranks_ok(sp_results, 2, case)

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_sparse_attn.parallel.bucket import _lpt_owners
-from helpers import free_port, record_cases, run_workers
+from helpers import assert_ranks_ok, free_port, record_cases, run_workers, world_runs
 
 JOIN_TIMEOUT_S = 240
 
@@ -234,25 +234,14 @@ def _launch(world, outdir, seed):
 
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
-    cache = {}
-    value = os.environ.get("DSA_TEST_SEED")
-    seed = int(value) if value else int.from_bytes(os.urandom(3), "little")
-
-    def get(world):
-        if world not in cache:
-            cache[world] = _launch(world, tmp_path_factory.mktemp(f"world{world}"), seed)
-        return cache[world]
-    print(f"parallel test seed: {seed} (replay with DSA_TEST_SEED={seed})")
-    return get
+    return world_runs(_launch, tmp_path_factory, "parallel")
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLDS.items() for c in cs],
                          ids=[c for cs in WORLDS.values() for c in cs])
 def test_sequence_parallel(world_results, world, case):
-    res = world_results(world)
-    errors = [f"rank {r}:\n{res[case, r]}" for r in range(world) if res[case, r] != "ok"]
-    assert not errors, "\n".join(errors)
+    assert_ranks_ok(world_results(world), world, case)
 
 
 def test_lpt_balances_skewed_groups():

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from helpers import record_cases, run_workers
+from helpers import assert_ranks_ok, record_cases, run_workers, world_runs
 
 JOIN_TIMEOUT_S = 150
 D = 16
@@ -157,29 +157,21 @@ def _worker(rank, world, port, names, seed, outdir):
 # test side
 # ---------------------------------------------------------------------------------------------
 
+def _launch(world, outdir, seed):
+    return run_workers(_worker, world, outdir, WORLDS[world], JOIN_TIMEOUT_S,
+                       extra_args=(WORLDS[world], seed))
+
+
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
-    cache = {}
-    value = os.environ.get("DSA_TEST_SEED")
-    seed = int(value) if value else int.from_bytes(os.urandom(3), "little")
-
-    def get(world):
-        if world not in cache:
-            cache[world] = run_workers(_worker, world, tmp_path_factory.mktemp(f"world{world}"),
-                                       WORLDS[world], JOIN_TIMEOUT_S,
-                                       extra_args=(WORLDS[world], seed))
-        return cache[world]
-    print(f"overlap test seed: {seed} (replay with DSA_TEST_SEED={seed})")
-    return get
+    return world_runs(_launch, tmp_path_factory, "overlap")
 
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLDS.items() for c in cs],
                          ids=[c for cs in WORLDS.values() for c in cs])
 def test_bucket_overlap(world_results, world, case):
-    res = world_results(world)
-    errors = [f"rank {r}:\n{res[case, r]}" for r in range(world) if res[case, r] != "ok"]
-    assert not errors, "\n".join(errors)
+    assert_ranks_ok(world_results(world), world, case)
 
 
 def test_chunk_split_balanced_and_deterministic():
