@@ -29,14 +29,14 @@ ATTENTIONS = ("dense", "hash", "qk")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
-COMPILE_MODES = ("off", "blocks", "model")
-"""``GPTConfig.compile``: "off" (eager), "blocks" (``torch.compile`` of each block's
-work before and after the attention call; see :func:`_block_pre`) or "model" (the
-whole single-device forward in one graph, attention as the library's custom ops)."""
 """Sequence-parallel strategies of the model: the library's three
 (:func:`dist_sparse_attn.parallel.sequence_parallel_attention`) and "ds-ulysses",
 DeepSpeed-Ulysses' ``DistributedAttention`` over the local op (SDPA for "dense"):
 the baseline the benchmarks compare with."""
+COMPILE_MODES = ("off", "blocks", "model")
+"""``GPTConfig.compile``: "off" (eager), "blocks" (``torch.compile`` of each block's
+work before and after the attention call; see :func:`_block_pre`) or "model" (the
+whole single-device forward in one graph, attention as the library's custom ops)."""
 
 
 def dense_causal_sdpa(q, k, v, backend: str = "auto"):
@@ -168,6 +168,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # attention
 # ---------------------------------------------------------------------------------------------
 
+def _batch_positions(positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """Integer positions (n,) or (B, n) -> (batch, n) int64 (a broadcast view)."""
+    pos = positions.long()
+    return (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)
+
+
 def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: float,
                   seed: int, salt: int) -> torch.Tensor:
     """QK-sparse keep rule: a token is kept for a head iff a hash of its GLOBAL
@@ -182,8 +188,7 @@ def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: fl
 
     positions (n,) or (B, n) integer -> keep (B, n, heads) bool.
     """
-    pos = positions.long()
-    pos = (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)            # (B, n)
+    pos = _batch_positions(positions, batch)                                   # (B, n)
     head = torch.arange(heads, device=pos.device)                              # (heads,)
     mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
              + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
@@ -283,8 +288,7 @@ class CausalSelfAttention(nn.Module):
         qb = lsh_buckets(q, self.n_buckets, seed=self.seed, group_size=g)
         kb = lsh_buckets(k, self.n_buckets, seed=self.seed)
         if self.local_heads:
-            pos = positions.long()
-            pos = (pos[None] if pos.dim() == 1 else pos).expand(q.shape[0], -1)   # (B, n)
+            pos = _batch_positions(positions, q.shape[0])                          # (B, n)
             win = (pos // self.local_window)[..., None]                            # (B, n, 1)
             L = self.local_heads
             qb[..., H - L * g:] = win.to(qb.dtype)
@@ -355,24 +359,24 @@ def _block_post(block: "Block", x, y):
 
 
 COMPILE_BACKEND = os.environ.get("DSA_COMPILE_BACKEND", "inductor")
-"""The ``torch.compile`` backend of ``compile="blocks"``: "inductor", or from the
+"""The ``torch.compile`` backend of ``GPTConfig.compile``: "inductor", or from the
 environment variable ``DSA_COMPILE_BACKEND`` (an internal knob: "aot_eager" to tell a
 tracing problem from an inductor one, or where no C++ compiler is available). Read once,
 when this module is imported (set the variable before importing dist_sparse_attn)."""
 _COMPILED: dict = {}
 
 
-def _compiled_block_fns():
-    """``torch.compile`` of :func:`_block_pre` and :func:`_block_post`, made once per
-    process (per backend). The block is an argument, not the compiled object: dynamo
-    treats its parameters as graph inputs (torch >= 2.5 inlines nn.Modules), so every
-    block of the same shapes reuses one graph per function instead of recompiling per
-    layer; ``dynamic=False`` keeps the shapes static (one graph per sequence length)."""
-    if COMPILE_BACKEND not in _COMPILED:
-        _COMPILED[COMPILE_BACKEND] = tuple(
-            torch.compile(f, backend=COMPILE_BACKEND, dynamic=False)
-            for f in (_block_pre, _block_post))
-    return _COMPILED[COMPILE_BACKEND]
+def _compiled(fn):
+    """``torch.compile(fn)``, made once per process (per backend). Used on functions that
+    take the module as an argument (:func:`_block_pre`, :func:`_block_post`,
+    :func:`_model_forward`), not on modules: dynamo treats the parameters as graph inputs
+    (torch >= 2.5 inlines nn.Modules), so every block of the same shapes reuses one graph
+    instead of recompiling per layer; ``dynamic=False`` keeps the shapes static (one graph
+    per sequence length)."""
+    key = (fn, COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
+    return _COMPILED[key]
 
 
 class Block(nn.Module):
@@ -386,8 +390,8 @@ class Block(nn.Module):
         self.compile_mode = config.compile   # (nn.Module.compile is a method)
 
     def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
-        pre, post = _compiled_block_fns() if self.compile_mode == "blocks" \
-            else (_block_pre, _block_post)
+        pre, post = (_compiled(_block_pre), _compiled(_block_post)) \
+            if self.compile_mode == "blocks" else (_block_pre, _block_post)
         q, k, v = pre(self, x, cos, sin)
         y = self.attn.attend(q, k, v, positions, sp_group, sp_strategy)       # eager, always
         return post(self, x, y)
@@ -456,7 +460,7 @@ class GPT(nn.Module):
                 and not torch.compiler.is_compiling()):
             for block in self.transformer.h:       # cached before tracing (no graph break)
                 block.attn.draw_rotations(idx.device)
-            return _compiled_model_fn()(self, idx, targets, positions)
+            return _compiled(_model_forward)(self, idx, targets, positions)
         return self._forward(idx, targets, positions, sp_group, sp_strategy)
 
     def _forward(self, idx, targets, positions, sp_group, sp_strategy):
@@ -507,15 +511,6 @@ class GPT(nn.Module):
 def _model_forward(model: GPT, idx, targets, positions):
     """The single-device forward compiled by ``GPTConfig.compile="model"``."""
     return model._forward(idx, targets, positions, None, "bucket")
-
-
-def _compiled_model_fn():
-    """``torch.compile`` of :func:`_model_forward`, made once per process (per backend);
-    the model is an argument (its parameters become graph inputs), shapes static."""
-    key = ("model", COMPILE_BACKEND)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_model_forward, backend=COMPILE_BACKEND, dynamic=False)
-    return _COMPILED[key]
 
 
 def _shard_offset(n_local: int, group, device) -> int:
