@@ -329,23 +329,20 @@ class _PipelinedAttention(torch.autograd.Function):
         q2, k2, v2 = q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)
 
         def rows_out(c):                # Xc: [q rows | k rows | v rows] per destination
-            sq, sk = plan.sq[c], plan.sk[c]
+            parts, send = _qkv_splits(plan.sq[c], plan.sk[c], D)
             buf = _interleave([q2[plan.idx_q[c]].reshape(-1), k2[plan.idx_k[c]].reshape(-1),
-                               v2[plan.idx_k[c]].reshape(-1)],
-                              [[a * D for a in sq], [a * D for a in sk], [a * D for a in sk]])
-            return _comm.all_to_all_start(buf, [(a + 2 * b) * D for a, b in zip(sq, sk)],
-                                          [(a + 2 * b) * D for a, b in
-                                           zip(plan.rq[c], plan.rk[c])], plan.group)
+                               v2[plan.idx_k[c]].reshape(-1)], parts)
+            return _comm.all_to_all_start(buf, send, _qkv_splits(plan.rq[c], plan.rk[c], D)[1],
+                                          plan.group)
 
         outs, graphs = [None] * K, [None] * K
         pending_x = {0: rows_out(0)}
         for c in range(K):
             if c + 1 < K:
                 pending_x[c + 1] = rows_out(c + 1)          # travels while chunk c computes
-            rq, rk = plan.rq[c], plan.rk[c]
+            rq = plan.rq[c]
             qr, kr, vr = _deinterleave(pending_x.pop(c).wait(),
-                                       [[a * D for a in rq], [a * D for a in rk],
-                                        [a * D for a in rk]])
+                                       _qkv_splits(rq, plan.rk[c], D)[0])
             o, leaves = _local_attention(qr.view(-1, D), kr.view(-1, D), vr.view(-1, D),
                                          plan, c, plan.graph)
             if leaves is not None:
@@ -394,23 +391,29 @@ class _PipelinedAttention(torch.autograd.Function):
                 dq, dk, dv = (torch.zeros_like(x) if d is None else d
                               for x, d in zip(leaves, (dq, dk, dv)))
             # Dc: [dq | dk | dv] home while chunk c + 1 runs
-            buf = _interleave([dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)],
-                              [[a * D for a in rq], [a * D for a in rk], [a * D for a in rk]])
-            backs[c] = _comm.all_to_all_start(
-                buf, [(a + 2 * b) * D for a, b in zip(rq, rk)],
-                [(a + 2 * b) * D for a, b in zip(plan.sq[c], plan.sk[c])], plan.group)
+            parts, send = _qkv_splits(rq, rk, D)
+            buf = _interleave([dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)], parts)
+            backs[c] = _comm.all_to_all_start(buf, send,
+                                              _qkv_splits(plan.sq[c], plan.sk[c], D)[1],
+                                              plan.group)
         dq = g2.new_zeros(g2.shape)                                           # (B*n*H, D)
         dk = g2.new_zeros(plan.shape_k[0] * plan.shape_k[1] * plan.shape_k[2], D)
         dv = torch.zeros_like(dk)
         for c in range(K):
-            sq, sk = plan.sq[c], plan.sk[c]
-            gq, gk, gv = _deinterleave(backs[c].wait(), [[a * D for a in sq],
-                                                         [a * D for a in sk],
-                                                         [a * D for a in sk]])
+            gq, gk, gv = _deinterleave(backs[c].wait(),
+                                       _qkv_splits(plan.sq[c], plan.sk[c], D)[0])
             dq.index_copy_(0, plan.idx_q[c], gq.view(-1, D))
             dk.index_copy_(0, plan.idx_k[c], gk.view(-1, D))
             dv.index_copy_(0, plan.idx_k[c], gv.view(-1, D))
         return (dq.view(plan.shape_q), dk.view(plan.shape_k), dv.view(plan.shape_k), None)
+
+
+def _qkv_splits(n_q, n_k, D):
+    """A [q rows | k rows | v rows] buffer per peer, from the peers' q and k row counts:
+    the element splits of its three parts (for :func:`_interleave` /
+    :func:`_deinterleave`) and each peer's total (the exchange's split sizes)."""
+    parts = [[a * D for a in n_q], [b * D for b in n_k], [b * D for b in n_k]]
+    return parts, [(a + 2 * b) * D for a, b in zip(n_q, n_k)]
 
 
 class _GatherRows(torch.autograd.Function):
