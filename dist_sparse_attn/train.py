@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -119,6 +120,16 @@ class TrainConfig:
     """Profile one step after the excluded warmup steps (torch.profiler) and write the
     top operators by device time, then by allocated memory, and the step's peak memory
     to ``out_dir/profile_rank<r>.txt`` (where the step and the memory go)."""
+    gc_freeze: bool = True
+    """After the first step, collect once and ``gc.freeze()``: the objects of the setup and
+    the first step (modules, DeepSpeed's engine, compiled kernels) move to the permanent
+    generation, so Python's cyclic collector no longer scans them at every full
+    collection. Without it a full collection walks the whole heap, which at small,
+    host-bound steps shows up as tens of milliseconds of step time."""
+    gc_interval: int = 0
+    """0: Python's automatic cyclic collector stays on. N > 0: it is off while training
+    and ``gc.collect()`` runs every N steps on every rank at once (inside the timed step,
+    so its cost is counted), as Megatron-LM's manual GC does; no rank pauses alone."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +233,8 @@ def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
     for name in ("steps", "micro_batch", "grad_accum"):
         if getattr(tcfg, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(tcfg, name)}")
+    if tcfg.gc_interval < 0:
+        raise ConfigError(f"train.gc_interval must be >= 0 (0: automatic GC), got {tcfg.gc_interval}")
     if tcfg.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {tcfg.precision!r}")
     if not 0.0 <= tcfg.retrieval_mix < 1.0:
@@ -540,23 +553,46 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def run(self) -> dict:
+        clock, frozen, enabled = _GcClock(), [], gc.isenabled()
+        gc.callbacks.append(clock)
+        if self.tcfg.gc_interval > 0:
+            gc.disable()
+        try:
+            return self._run(clock, frozen)
+        finally:
+            gc.callbacks.remove(clock)
+            if frozen:
+                gc.unfreeze()
+            if enabled:
+                gc.enable()
+
+    def _run(self, clock: _GcClock, frozen: list) -> dict:
         t = self.tcfg
         tokens_per_step = t.micro_batch * t.grad_accum * self.dp * t.seq_len
-        step_times, last_loss, eval_loss = [], float("nan"), None
+        step_times, gc_times, last_loss, eval_loss = [], [], float("nan"), None
         since_log = []          # losses since the last log line (the line shows their mean)
         t_start = time.perf_counter()
         first = self.step
         while self.step < t.steps:
             if self.cuda:
                 torch.cuda.synchronize()
+            clock.take()            # collections outside the step (eval, logging) not counted
             t0 = time.perf_counter()
             if t.profile and self.step == first + t.warmup_steps_excluded:
                 loss = self._profiled_step()
             else:
                 loss = self.train_step()    # the all_reduce inside synchronises the ranks
+            if t.gc_interval > 0 and self.step % t.gc_interval == 0:
+                gc.collect()
             dt = time.perf_counter() - t0
+            gc_ms, _ = clock.take()
             if self.step - first > t.warmup_steps_excluded:
                 step_times.append(dt)
+                gc_times.append(gc_ms)
+            if t.gc_freeze and not frozen:
+                gc.collect()        # after the first step: setup and compiled kernels are old
+                gc.freeze()
+                frozen.append(True)
             last_loss = loss
             since_log.append(loss)
             if not math.isfinite(loss):
@@ -567,7 +603,7 @@ class Trainer:
                 avg = statistics.fmean(since_log)
                 since_log = []
                 rec = {"step": self.step, "loss": loss, "loss_avg": avg, "lr": lr_at(self.step - 1, t),
-                       "step_ms": dt * 1e3, "tokens_per_s": tokens_per_step / mean_dt}
+                       "step_ms": dt * 1e3, "gc_ms": gc_ms, "tokens_per_s": tokens_per_step / mean_dt}
                 self.log(rec)
                 if self.rank == 0:
                     done = self.step / t.steps
@@ -600,6 +636,8 @@ class Trainer:
             "final_train_loss": last_loss, "final_eval_loss": eval_loss,
             "retrieval_accuracy": retrieval, "wall_s": wall,
             "median_step_ms": med * 1e3 if med else None,
+            "mean_step_ms": statistics.fmean(step_times) * 1e3 if step_times else None,
+            "gc_ms_per_step": statistics.fmean(gc_times) if gc_times else None,
             "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / med if med else None,
             "peak_mem_gib_per_gpu": mem, "n_params": self.n_params,
@@ -621,6 +659,26 @@ class Trainer:
                   + (f", peak memory {mem:.2f} GiB/GPU" if mem else "")
                   + f"; outputs in {t.out_dir}", flush=True)
         return summary
+
+
+class _GcClock:
+    """Time spent in Python's cyclic garbage collector (``gc.callbacks``)."""
+
+    def __init__(self):
+        self.ms, self.count, self._t0 = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.ms += (time.perf_counter() - self._t0) * 1e3
+            self.count += 1
+            self._t0 = None
+
+    def take(self) -> tuple[float, int]:
+        out = self.ms, self.count
+        self.ms, self.count = 0.0, 0
+        return out
 
 
 def plot_history(metrics_path: str, png_path: str):
