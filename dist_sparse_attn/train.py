@@ -120,16 +120,6 @@ class TrainConfig:
     """Profile one step after the excluded warmup steps (torch.profiler) and write the
     top operators by device time, then by allocated memory, and the step's peak memory
     to ``out_dir/profile_rank<r>.txt`` (where the step and the memory go)."""
-    gc_freeze: bool = True
-    """After the first step, collect once and ``gc.freeze()``: the objects of the setup and
-    the first step (modules, DeepSpeed's engine, compiled kernels) move to the permanent
-    generation, so Python's cyclic collector no longer scans them at every full
-    collection. Without it a full collection walks the whole heap, which at small,
-    host-bound steps shows up as tens of milliseconds of step time."""
-    gc_interval: int = 0
-    """0: Python's automatic cyclic collector stays on. N > 0: it is off while training
-    and ``gc.collect()`` runs every N steps on every rank at once (inside the timed step,
-    so its cost is counted), as Megatron-LM's manual GC does; no rank pauses alone."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +223,6 @@ def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
     for name in ("steps", "micro_batch", "grad_accum"):
         if getattr(tcfg, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(tcfg, name)}")
-    if tcfg.gc_interval < 0:
-        raise ConfigError(f"train.gc_interval must be >= 0 (0: automatic GC), got {tcfg.gc_interval}")
     if tcfg.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {tcfg.precision!r}")
     if not 0.0 <= tcfg.retrieval_mix < 1.0:
@@ -553,20 +541,14 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def run(self) -> dict:
-        clock, frozen, enabled = _GcClock(), [], gc.isenabled()
+        clock = _GcClock()      # time in Python's cyclic GC per step (metrics, summary)
         gc.callbacks.append(clock)
-        if self.tcfg.gc_interval > 0:
-            gc.disable()
         try:
-            return self._run(clock, frozen)
+            return self._run(clock)
         finally:
             gc.callbacks.remove(clock)
-            if frozen:
-                gc.unfreeze()
-            if enabled:
-                gc.enable()
 
-    def _run(self, clock: _GcClock, frozen: list) -> dict:
+    def _run(self, clock: "_GcClock") -> dict:
         t = self.tcfg
         tokens_per_step = t.micro_batch * t.grad_accum * self.dp * t.seq_len
         step_times, gc_times, last_loss, eval_loss = [], [], float("nan"), None
@@ -582,17 +564,11 @@ class Trainer:
                 loss = self._profiled_step()
             else:
                 loss = self.train_step()    # the all_reduce inside synchronises the ranks
-            if t.gc_interval > 0 and self.step % t.gc_interval == 0:
-                gc.collect()
             dt = time.perf_counter() - t0
             gc_ms, _ = clock.take()
             if self.step - first > t.warmup_steps_excluded:
                 step_times.append(dt)
                 gc_times.append(gc_ms)
-            if t.gc_freeze and not frozen:
-                gc.collect()        # after the first step: setup and compiled kernels are old
-                gc.freeze()
-                frozen.append(True)
             last_loss = loss
             since_log.append(loss)
             if not math.isfinite(loss):

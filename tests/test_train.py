@@ -423,6 +423,29 @@ def test_profile_written(attention_runs):
 
 
 @pytest.mark.timeout(600)
+def test_step_statistics_in_summary(attention_runs):
+    """Median and mean step time and the cyclic GC's milliseconds per timed step."""
+    s = attention_runs["dense"].summary()
+    assert 0 < s["median_step_ms"] and 0 < s["mean_step_ms"]
+    assert s["gc_ms_per_step"] is not None and 0 <= s["gc_ms_per_step"] < s["mean_step_ms"]
+
+
+def test_gc_clock_times_collections():
+    import gc
+    from dist_sparse_attn.train import _GcClock
+    clock = _GcClock()
+    gc.callbacks.append(clock)
+    try:
+        gc.collect()
+        gc.collect()
+    finally:
+        gc.callbacks.remove(clock)
+    ms, n = clock.take()
+    assert n == 2 and ms > 0
+    assert clock.take() == (0.0, 0)
+
+
+@pytest.mark.timeout(600)
 def test_attentions_differ(attention_runs):
     """The three settings really are different models (same data and initial weights)."""
     curves = {a: [round(v, 5) for _, v in sorted(j.losses().items())]
