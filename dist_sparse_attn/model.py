@@ -95,6 +95,15 @@ class GPTConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)
     instead of storing its activations."""
+    mlp_chunk: int = 0
+    """Tokens per MLP chunk. > 0: each block's MLP runs over the sequence in chunks of this
+    many tokens, each chunk under its own non-reentrant checkpoint when gradients are
+    on, so a forward, a recompute or a backward holds one chunk's 4 * n_embd hidden
+    activations (c_fc output, GELU output, their gradients) at a time instead of the
+    whole local sequence's: at 1M tokens per GPU and n_embd=768 that is 6 GiB per such
+    tensor, against 0.4 GiB for 64k-token chunks. Costs one extra MLP forward per step.
+    For the longest sequences, with ``activation_checkpointing``. 0: no chunking.
+    Needs ``compile="off"``."""
     sdpa_backend: str = "auto"
     """attention="dense": the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
     "efficient" or "math" (the dense baselines of the benchmarks)."""
@@ -137,6 +146,13 @@ class GPTConfig:
                              f"got {self.sdpa_backend!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int) \
+                or self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk must be an int >= 0 (0: no chunking), "
+                             f"got {self.mlp_chunk!r}")
+        if self.mlp_chunk and self.compile != "off":
+            raise ValueError(f"mlp_chunk={self.mlp_chunk} needs compile='off' (the chunks' "
+                             f"checkpoints are eager), got compile={self.compile!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,9 +358,19 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.chunk = config.mlp_chunk
+
+    def _mlp(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        """x (B, N, C). With ``chunk`` < N: the tokens in chunks (GPTConfig.mlp_chunk)."""
+        if not self.chunk or x.shape[1] <= self.chunk:
+            return self._mlp(x)
+        parts = x.split(self.chunk, dim=1)
+        if torch.is_grad_enabled():     # keep only each chunk's input; recompute its hidden
+            return torch.cat([checkpoint(self._mlp, p, use_reentrant=False) for p in parts], 1)
+        return torch.cat([self._mlp(p) for p in parts], 1)
 
 
 def _block_pre(block: "Block", x, cos, sin):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from dist_sparse_attn.data import TokenData, eval_retrieval, shard_sequence, stdlib_corpus
+from torch.utils.checkpoint import checkpoint
+
 from dist_sparse_attn.model import GPT, GPTConfig, position_keep
 from helpers import assert_ranks_ok, run_workers
 
@@ -120,6 +122,80 @@ def test_activation_checkpointing_same_logits_and_grads():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "block_ckpt"])
+def test_mlp_chunk_same_logits_and_grads(ckpt):
+    """mlp_chunk (chunks of 16 over 50 tokens: the last one short) computes the same
+    function and gradients, alone and inside the blocks' activation checkpoints."""
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(attention="hash", **TINY)).double()
+    chunked = GPT(GPTConfig(attention="hash", mlp_chunk=16, activation_checkpointing=ckpt,
+                            **TINY)).double()
+    chunked.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 256, (2, 50))
+    grads = []
+    for m in (plain, chunked):
+        logits, loss = m(idx, idx.roll(-1, 1))
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    with torch.no_grad():       # the no-grad path (eval) chunks too
+        torch.testing.assert_close(chunked(idx)[0], plain(idx)[0], rtol=1e-12, atol=1e-12)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12)
+
+
+def _largest_tensor_made(fn):
+    """The largest numel among the outputs of every aten op that fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.numel
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "block_ckpt"])
+def test_mlp_chunk_never_materialises_the_whole_hidden(ckpt):
+    """Forward and backward of the MLP over N tokens: unchunked, some op makes an
+    N x 4C tensor (the hidden activation or its gradient); with mlp_chunk no tensor is
+    larger than N x C (the input, the output, their gradients)."""
+    from dist_sparse_attn.model import MLP
+    N, C = 256, 8
+    cfg = dict(n_embd=C, n_head=2)
+    for chunk, bound in ((0, 4 * N * C), (32, N * C)):
+        torch.manual_seed(0)
+        mlp = MLP(GPTConfig(mlp_chunk=chunk, **cfg))
+        x = torch.randn(1, N, C, requires_grad=True)
+
+        def step():
+            y = checkpoint(mlp, x, use_reentrant=False) if ckpt else mlp(x)
+            y.square().sum().backward()
+
+        largest = _largest_tensor_made(step)
+        if chunk:
+            assert largest <= bound, (chunk, largest)
+        else:
+            assert largest == bound, largest
+        if not ckpt:
+            # what autograd keeps for backward: the hidden (2 x N x 4C: c_fc and GELU
+            # outputs) unchunked; with chunks at most the input's N x C elements
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t.numel()) or t, lambda t: t):
+                y = mlp(x)
+            kept = sum(saved)
+            assert (kept <= N * C) if chunk else (kept >= 2 * 4 * N * C), (chunk, kept)
+
+
 def test_eval_retrieval_on_gpt():
     model = GPT(GPTConfig(attention="hash", **TINY))
     model.train()
@@ -157,6 +233,11 @@ def test_config_validation():
         GPTConfig(attention="dense", local_heads=1)
     with pytest.raises(ValueError, match="local_window"):
         GPTConfig(attention="hash", local_heads=1, local_window=0)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="mlp_chunk must be"):
+            GPTConfig(mlp_chunk=bad)
+    with pytest.raises(ValueError, match="needs compile='off'"):
+        GPTConfig(mlp_chunk=64, compile="blocks")
 
 
 def test_local_heads_buckets_and_semantics():
@@ -243,6 +324,9 @@ SP_CASES = {
     "dense_ulysses": ("dense", "ulysses", {}, False),
     "hash_bucket": ("hash", "bucket", {}, False),
     "hash_bucket_ckpt": ("hash", "bucket", {"activation_checkpointing": True}, True),
+    # the MLP in chunks of 8 tokens (shards of 19 / 18), nested in the blocks' checkpoints
+    "hash_bucket_ckpt_mlp_chunk": ("hash", "bucket", {"activation_checkpointing": True,
+                                                      "mlp_chunk": 8}, False),
     # block-local heads take GLOBAL position // window: windows straddle the shard boundary
     "hash_local_bucket": ("hash", "bucket", {"local_heads": 1, "local_window": 8}, False),
     "hash_local_ulysses": ("hash", "ulysses", {"local_heads": 2, "local_window": 16}, True),

@@ -476,6 +476,8 @@ CONFIG_ERRORS = {
     "seq_len_below_world": (4, ["train.seq_len=2"],
                             "seq_len=2 is shorter than the sequence-parallel size 4"),
     "bad_precision": (1, ["train.precision=fp8"], "train.precision must be"),
+    "mlp_chunk_with_compile": (1, ["model.mlp_chunk=4096", "model.compile=blocks"],
+                               "mlp_chunk=4096 needs compile='off'"),
 }
 
 
