@@ -72,3 +72,19 @@ def test_speed1_cpu_smoke(tmp_path):
         ("hash", 8, 2, 2)
     table = (out / "train_speed1.md").read_text()
     assert "| 256 | hash8-loc2 | ok |" in table and "| 256 | dense-auto | ok |" in table
+
+
+def test_longest4_uses_expandable_segments_unless_set(monkeypatch):
+    """longest4's runs get the allocator's expandable segments (measured: 4M tokens went
+    from an OOM in step 1 to a trained step 1); an explicit setting is kept; other
+    suites are left alone."""
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    args = BT.parse_args(["--suite", "longest4,speed1", "--seqlens", "longest4=256k",
+                          "--seqlens", "speed1=8k", "--configs", "speed1=hash16"])
+    jobs = BT.plan("longest4", args, cpu=False)
+    assert jobs and all(j["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+                        for j in jobs)
+    assert all("PYTORCH_CUDA_ALLOC_CONF" not in j["env"] for j in BT.plan("speed1", args, cpu=False))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert all(j["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+               for j in BT.plan("longest4", args, cpu=False))
