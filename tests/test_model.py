@@ -108,15 +108,20 @@ def test_position_keep_rule():
     assert torch.equal(kb, position_keep(pos + 5, B, H, 0.25, 3, 0))
 
 
+def _next_byte_grads(models, idx):
+    """Each model's parameter gradients of its next-byte loss on idx."""
+    grads = []
+    for m in models:
+        m(idx, idx.roll(-1, 1))[1].backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    return grads
+
+
 def test_activation_checkpointing_same_logits_and_grads():
     plain, ckpt = _pair("hash", "hash")
     ckpt.config.activation_checkpointing = True
     idx = torch.randint(0, 256, (2, 48))
-    grads = []
-    for m in (plain, ckpt):
-        logits, loss = m(idx, idx.roll(-1, 1))
-        loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
+    grads = _next_byte_grads((plain, ckpt), idx)
     torch.testing.assert_close(ckpt(idx)[0], plain(idx)[0])
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
@@ -132,11 +137,7 @@ def test_mlp_chunk_same_logits_and_grads(ckpt):
                             **TINY)).double()
     chunked.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 256, (2, 50))
-    grads = []
-    for m in (plain, chunked):
-        logits, loss = m(idx, idx.roll(-1, 1))
-        loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
+    grads = _next_byte_grads((plain, chunked), idx)
     with torch.no_grad():       # the no-grad path (eval) chunks too
         torch.testing.assert_close(chunked(idx)[0], plain(idx)[0], rtol=1e-12, atol=1e-12)
     for n in grads[0]:
