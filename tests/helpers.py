@@ -139,10 +139,11 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
     return results
 
 
-def world_runs(launch, tmp_path_factory, label):
-    """The module fixture of the multi-process test files: ``get(world)`` runs
-    ``launch(world, outdir, seed)`` once per world size and caches its results; the seed
-    is ``DSA_TEST_SEED`` or random, printed for replay."""
+def world_runs(worker, worlds, timeout_s, tmp_path_factory, label):
+    """The module fixture of the multi-process test files: ``get(world)`` runs the cases
+    ``worlds[world]`` once per world size in ``world`` spawned processes
+    (``run_workers(worker, ..., extra_args=(names, seed))``) and caches the results; the
+    seed is ``DSA_TEST_SEED`` or random, printed for replay."""
     import os
     cache = {}
     value = os.environ.get("DSA_TEST_SEED")
@@ -150,10 +151,19 @@ def world_runs(launch, tmp_path_factory, label):
 
     def get(world):
         if world not in cache:
-            cache[world] = launch(world, tmp_path_factory.mktemp(f"world{world}"), seed)
+            cache[world] = run_workers(worker, world, tmp_path_factory.mktemp(f"world{world}"),
+                                       worlds[world], timeout_s,
+                                       extra_args=(worlds[world], seed))
         return cache[world]
     print(f"{label} test seed: {seed} (replay with DSA_TEST_SEED={seed})")
     return get
+
+
+def world_cases(worlds):
+    """``pytest.mark.parametrize("world,case", **world_cases(worlds))`` keywords for
+    {world: [case, ...]}: every (world, case) pair, the case names as ids."""
+    return dict(argvalues=[(w, c) for w, cs in worlds.items() for c in cs],
+                ids=[c for cs in worlds.values() for c in cs])
 
 
 def assert_ranks_ok(results, world, case):

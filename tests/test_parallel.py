@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_sparse_attn.parallel.bucket import _lpt_owners
-from helpers import assert_ranks_ok, free_port, record_cases, run_workers, world_runs
+from helpers import assert_ranks_ok, free_port, record_cases, world_cases, world_runs
 
 JOIN_TIMEOUT_S = 240
 
@@ -224,22 +224,13 @@ def _worker(rank, world, port, names, seed, outdir):
 # test side
 # ---------------------------------------------------------------------------------------------
 
-def _launch(world, outdir, seed):
-    """Run every case of this world size in ``world`` spawned processes.
-
-    Returns {(case, rank): "ok" or an error text}."""
-    return run_workers(_worker, world, outdir, WORLDS[world], JOIN_TIMEOUT_S,
-                       extra_args=(WORLDS[world], seed))
-
-
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
-    return world_runs(_launch, tmp_path_factory, "parallel")
+    return world_runs(_worker, WORLDS, JOIN_TIMEOUT_S, tmp_path_factory, "parallel")
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLDS.items() for c in cs],
-                         ids=[c for cs in WORLDS.values() for c in cs])
+@pytest.mark.parametrize("world,case", **world_cases(WORLDS))
 def test_sequence_parallel(world_results, world, case):
     assert_ranks_ok(world_results(world), world, case)
 

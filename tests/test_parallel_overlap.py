@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from helpers import assert_ranks_ok, record_cases, run_workers, world_runs
+from helpers import assert_ranks_ok, record_cases, world_cases, world_runs
 
 JOIN_TIMEOUT_S = 150
 D = 16
@@ -157,19 +157,13 @@ def _worker(rank, world, port, names, seed, outdir):
 # test side
 # ---------------------------------------------------------------------------------------------
 
-def _launch(world, outdir, seed):
-    return run_workers(_worker, world, outdir, WORLDS[world], JOIN_TIMEOUT_S,
-                       extra_args=(WORLDS[world], seed))
-
-
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
-    return world_runs(_launch, tmp_path_factory, "overlap")
+    return world_runs(_worker, WORLDS, JOIN_TIMEOUT_S, tmp_path_factory, "overlap")
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLDS.items() for c in cs],
-                         ids=[c for cs in WORLDS.values() for c in cs])
+@pytest.mark.parametrize("world,case", **world_cases(WORLDS))
 def test_bucket_overlap(world_results, world, case):
     assert_ranks_ok(world_results(world), world, case)
 
