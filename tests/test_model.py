@@ -9,10 +9,9 @@ import traceback
 
 import pytest
 import torch
-
-from dist_sparse_attn.data import TokenData, eval_retrieval, shard_sequence, stdlib_corpus
 from torch.utils.checkpoint import checkpoint
 
+from dist_sparse_attn.data import TokenData, eval_retrieval, shard_sequence, stdlib_corpus
 from dist_sparse_attn.model import GPT, GPTConfig, position_keep
 from helpers import assert_ranks_ok, run_workers
 
@@ -192,7 +191,7 @@ def test_mlp_chunk_never_materialises_the_whole_hidden(ckpt):
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(
                     lambda t: saved.append(t.numel()) or t, lambda t: t):
-                y = mlp(x)
+                mlp(x)
             kept = sum(saved)
             assert (kept <= N * C) if chunk else (kept >= 2 * 4 * N * C), (chunk, kept)
 

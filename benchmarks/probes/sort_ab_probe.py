@@ -1,6 +1,9 @@
-"""Probe (GPU): why the 16k training step is slower with the Triton counting sort.
+"""Probe (GPU): is the Triton counting sort slower than torch.sort in a 16k step's attention?
 
-Times 12 back-to-back hash_sparse_attention forward+backward calls (one GPT-2-small
+Written when a 16k training A/B showed hash16 slower with the counting sort; on an
+H100 (fourth session) this probe showed the opposite (17.7-20.2 vs 22.9-27.0 ms per
+12 calls), and repeated training runs put the A/B down to host variance
+(benchmarks/README.md, "Fourth session"). Times 12 back-to-back hash_sparse_attention forward+backward calls (one GPT-2-small
 step's attention, B=1, N=16k, H=12, D=64, bf16, 16 buckets) with the counting sort
 on and off (DSA_COUNTING_SORT), device time by CUDA events and host time by the
 wall clock, then profiles one such "step" per mode (top kernels by CUDA time).
