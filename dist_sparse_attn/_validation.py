@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -112,6 +113,14 @@ def normalize_positions(name, pos, B, N, device):
         _check_range(name, pos, -_INT32_MAX - 1, _INT32_MAX, "in [-2**31, 2**31 - 1] (int32)")
     pos = pos.to(torch.int64)
     return pos.expand(B, N) if pos.dim() == 1 else pos
+
+
+def check_flags(**flags):
+    """Every keyword must be a bool (``causal='no'`` or ``include_self=None`` would
+    otherwise be read by truthiness)."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_scale(softmax_scale):

@@ -30,32 +30,14 @@ builds the plan once.
 (No ``from __future__ import annotations`` here: ``custom_op`` infers the
 schemas from the annotations.)
 """
-import os
 from typing import Optional
 
 import torch
 
+from . import kernels
 from .plan import make_plan
 
-_BACKENDS = ("torch", "triton")
 
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA, else "torch"; the same errors as the eager path."""
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" \
-            and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (got device {device}) or "
-                         "TRITON_INTERPRET=1 set before dist_sparse_attn is imported")
-    return backend
-
-
-def _impl(backend: str, device: torch.device):
-    from .ops import _backend_impl    # lazy: ops imports this module
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} here, got {backend!r}")
-    return _backend_impl(backend, device)
 
 
 def _plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal, include_self,
@@ -86,7 +68,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch
              k_buckets: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor,
              causal: bool, include_self: bool, scale: Optional[float],
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fwd, _ = _impl(backend, q.device)
+    fwd, _ = kernels.implementation(backend)
     plan = _plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal, include_self,
                  scale)
     o, lse, aux = fwd(q, k, v, plan)
@@ -118,7 +100,7 @@ def attn_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
              q_positions: torch.Tensor, k_positions: torch.Tensor, causal: bool,
              include_self: bool, scale: Optional[float],
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, bwd = _impl(backend, q.device)
+    _, bwd = kernels.implementation(backend)
     plan = _plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal, include_self,
                  scale)
     return bwd(do.contiguous(), dlse, q, k, v, o, lse, aux, plan)
@@ -165,7 +147,7 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, *, causal,
               include_self, softmax_scale, backend):
     """(o, lse) of bucketed attention on validated inputs, through the custom ops."""
-    backend = resolve_backend(backend, q.device)
+    backend = kernels.resolve(backend, q.device, q.dtype)
     scale = None if softmax_scale is None else float(softmax_scale)
     o, lse, _ = attn_fwd(q, k, v, q_buckets, k_buckets, q_positions, k_positions,
                          bool(causal), bool(include_self), scale, backend)

@@ -69,6 +69,7 @@ class SparseAttention(nn.Module):
         _check_mode(mode, n_buckets)
         V.check_scale(softmax_scale)
         V.check_backend(backend)
+        V.check_flags(causal=causal, include_self=include_self)
         if mode == "qk" and not include_self:
             raise ValueError("mode='qk' always includes self (include_self=True)")
         self.mode, self.n_buckets, self.seed = mode, n_buckets, int(seed)

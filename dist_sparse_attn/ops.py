@@ -5,33 +5,19 @@ Function -> backend (Triton kernels on CUDA, tiled PyTorch elsewhere).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _validation as V
 from . import compile_ops
+from . import kernels
 from .hashing import keep_to_buckets, lsh_buckets, lsh_sort_keys
 from .layout import bucket_keys, sort_keys
 from .plan import AttentionPlan, make_plan, plan_from_streams
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _backend_impl(backend: str, device: torch.device):
-    """(forward, backward) callables of the chosen backend."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "torch":
-        from .kernels.torch_tiled import tiled_backward, tiled_forward
-        return tiled_forward, tiled_backward
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"backend='triton' needs CUDA tensors (got device {device}) or "
-                         "TRITON_INTERPRET=1 set before dist_sparse_attn is imported")
-    from .kernels import triton_attn
-    return triton_attn.triton_forward, triton_attn.triton_backward
+def _backend_impl(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """(forward, backward) callables of the backend that runs (see :func:`kernels.resolve`)."""
+    return kernels.implementation(kernels.resolve(backend, device, dtype))
 
 
 class BucketedAttentionFunction(torch.autograd.Function):
@@ -83,6 +69,7 @@ def bucketed_attention(q, k, v, q_buckets, k_buckets, *, q_positions=None,
     q_positions = V.normalize_positions("q_positions", q_positions, B, Nq, q.device)
     k_positions = V.normalize_positions("k_positions", k_positions, B, Nk, q.device)
     V.check_scale(softmax_scale)
+    V.check_flags(causal=causal, include_self=include_self, return_lse=return_lse)
     return _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
                       include_self=include_self, softmax_scale=softmax_scale,
                       return_lse=return_lse, backend=backend)
@@ -96,7 +83,7 @@ def _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, *, causa
                                        k_positions, causal=causal, include_self=include_self,
                                        softmax_scale=softmax_scale, backend=backend)
         return (o, lse) if return_lse else o
-    impl = _backend_impl(backend, q.device)
+    impl = _backend_impl(backend, q.device, q.dtype)
     plan = make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
                      include_self=include_self, softmax_scale=softmax_scale)
     o, lse = BucketedAttentionFunction.apply(q, k, v, plan, impl)
@@ -137,7 +124,8 @@ def _attention_from_keys(q, k, v, q_key, k_key, n_buckets, *, causal, include_se
         q_streams, k_streams = sort_keys(q_key, n_buckets), sort_keys(k_key, n_buckets)
     plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
                              include_self=include_self, softmax_scale=softmax_scale)
-    return BucketedAttentionFunction.apply(q, k, v, plan, _backend_impl(backend, q.device))
+    return BucketedAttentionFunction.apply(q, k, v, plan,
+                                           _backend_impl(backend, q.device, q.dtype))
 
 
 def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_self=True,
@@ -153,6 +141,7 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
     V.check_qkv(q, k, v)
     V.check_n_buckets(n_buckets)
     V.check_scale(softmax_scale)
+    V.check_flags(causal=causal, include_self=include_self, return_lse=return_lse)
     g = q.shape[2] // k.shape[2]
     if q.is_cuda and not torch.compiler.is_compiling():
         # fused hashing writes the sort keys directly: one launch per side; its
@@ -188,6 +177,7 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, causal=True, softmax_scale=N
     V.check_keep("q_keep", q_keep, B, Nq, H, q.device)
     V.check_keep("k_keep", k_keep, B, k.shape[1], k.shape[2], q.device)
     V.check_scale(softmax_scale)
+    V.check_flags(causal=causal, return_lse=return_lse)
     return _attention(q, k, v, keep_to_buckets(q_keep), keep_to_buckets(k_keep),
                       *_default_positions(q, k), causal=causal, include_self=True,
                       softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)
@@ -244,6 +234,7 @@ def bucketed_attention_varlen(q, k, v, q_buckets, k_buckets, cu_seqlens_q, cu_se
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of "
                          f"segments, got {cq.numel() - 1} and {ck.numel() - 1}")
     V.check_scale(softmax_scale)
+    V.check_flags(causal=causal, include_self=include_self, return_lse=return_lse)
     seg_q = torch.searchsorted(cq[1:], torch.arange(Tq, device=q.device), right=True)
     seg_k = torch.searchsorted(ck[1:], torch.arange(Tk, device=q.device), right=True)
     if q_positions is None:

@@ -243,7 +243,8 @@ def test_compiled_errors_are_the_eager_ones(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
         cfn(q, k, v, qb, kb, "triton")
-    assert compile_ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    from dist_sparse_attn import kernels
+    assert kernels.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
 
 
 # ------------------------------------------------------------------- the ops

@@ -208,6 +208,25 @@ def _check(name, rank, seed):
         kv = torch.randn(1, 6, 2, 8)
         with pytest.raises(ValueError, match="batch_dim_idx"):
             attn(q, kv, kv, 1)
+        # an error on rank 1 only: rank 0 must not enter the head exchange alone
+        with pytest.raises(ValueError, match="divisible" if rank == 1 else "rank"):
+            attn(q[:, :, :3] if rank == 1 else q, kv, kv, 0)
+        # settings that differ between ranks: every rank raises, naming the setting
+        # (before: each rank hashed or scaled its heads its own way, a wrong result)
+        for name, kw in (("seed", dict(seed=rank)), ("n_buckets", dict(n_buckets=4 + 2 * rank)),
+                         ("softmax_scale", dict(softmax_scale=0.1 + rank)),
+                         ("include_self", dict(include_self=rank == 0))):
+            opts = dict(n_buckets=4, backend="torch")
+            opts.update(kw)
+            nb = opts.pop("n_buckets")
+            other = ulysses_sparse_attention(dist.group.WORLD, "hash", nb, **opts)
+            with pytest.raises(ValueError, match=f"{name} differs between ranks"):
+                other(q, kv, kv, 0)
+        with pytest.raises(ValueError, match="mode differs between ranks"):
+            ulysses_sparse_attention(dist.group.WORLD, "hash" if rank else "dense",
+                                     4 if rank else None, backend="torch")(q, kv, kv, 0)
+        with pytest.raises(ValueError, match="N/P differs between ranks"):
+            attn(q[:, :5 + rank], kv[:, :5 + rank], kv[:, :5 + rank], 0)
         assert attn(q, kv, kv, 0).shape == q.shape      # the group is still in step
     elif name.startswith("zero"):
         _zero_case(int(name[-1]), rank, seed)

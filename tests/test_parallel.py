@@ -39,6 +39,7 @@ CASES = {
     "ulysses_w2_dropped": dict(lengths=[70, 31], B=1, H=2, Hkv=2, buckets="dropped", nb=3,
                                strategy="ulysses", include_self=False),
     "errors_w2": dict(lengths=[20, 30], kind="errors"),
+    "disagree_w2": dict(lengths=[20, 30], kind="disagree"),
     # world 3
     "bucket_w3": dict(lengths=[37, 64, 11], B=2, H=2, Hkv=1, buckets="random", nb=4),
     "bucket_w3_gqa_skewed": dict(lengths=[37, 64, 11], B=1, H=4, Hkv=2, buckets="skewed", nb=6),
@@ -121,6 +122,9 @@ def _check_case(name, spec, rank, world, seed):
         assert spa(q, q, q, kb, kb, backend="torch").shape == q.shape
         assert spa(q, q, q, kb, kb, strategy="allgather", backend="torch").shape == q.shape
         return
+    if spec.get("kind") == "disagree":
+        _check_disagreements(rank, hi - lo, gen)
+        return
     if spec.get("kind") == "ulysses_error":
         q = torch.randn(1, hi - lo, 4, D, generator=gen)
         k = torch.randn(1, hi - lo, 2, D, generator=gen)
@@ -139,6 +143,65 @@ def _check_case(name, spec, rank, world, seed):
             strategy=spec.get("strategy", "bucket"), backend="torch", **case["kw"])
     grads = torch.autograd.grad(o, shard, case["g"][:, lo:hi], allow_unused=True)
     sp_check_shard(case, o, grads, lo, hi)
+
+
+def _check_disagreements(rank, n, gen):
+    """Arguments that must agree across ranks but differ on rank 1: every rank raises a
+    ValueError naming the argument (before: a wrong result on every rank, or a hang),
+    and the group stays in step."""
+    from dist_sparse_attn.parallel import (sequence_parallel_attention as spa,
+                                           sequence_parallel_hash_attention as spha,
+                                           sequence_parallel_qk_attention as spqk)
+
+    q = torch.randn(1, n, 2, D, generator=gen)
+    kb = torch.zeros(1, n, 2, dtype=torch.long)
+    keep = torch.ones(1, n, 2, dtype=torch.bool)
+
+    def on1(a, b):          # a on rank 0, b on rank 1
+        return b if rank == 1 else a
+
+    def expect(name, fn):
+        with pytest.raises(ValueError, match=f"{name} differs between ranks"):
+            fn()
+
+    kw = dict(backend="torch")
+    expect("n_buckets", lambda: spha(q, q, q, on1(4, 6), seed=3, **kw))
+    expect("seed", lambda: spha(q, q, q, 4, seed=on1(3, 4), **kw))
+    expect("softmax_scale", lambda: spha(q, q, q, 4, softmax_scale=on1(None, 0.5), **kw))
+    expect("softmax_scale", lambda: spa(q, q, q, kb, kb, softmax_scale=on1(0.25, 0.5), **kw))
+    expect("causal", lambda: spa(q, q, q, kb, kb, causal=on1(True, False), **kw))
+    expect("include_self", lambda: spa(q, q, q, kb, kb, include_self=on1(True, False), **kw))
+    expect("causal", lambda: spqk(q, q, q, keep, keep, causal=on1(True, False), **kw))
+    expect("strategy", lambda: spa(q, q, q, kb, kb, strategy=on1("bucket", "allgather"), **kw))
+    expect("backend", lambda: spa(q, q, q, kb, kb, backend=on1("torch", "triton")))
+    qd = on1(q, q.double())
+    expect("dtype", lambda: spa(qd, qd, qd, kb, kb, **kw))
+    # the same call through different conveniences: hashed on rank 0, given buckets on 1
+    expect("mode", lambda: spha(q, q, q, 4, **kw) if rank == 0 else spa(q, q, q, kb, kb, **kw))
+    # the bucket strategy's overlap chunks (read from the environment on each rank)
+    os.environ["DSA_BUCKET_CHUNKS"] = on1("1", "2")
+    try:
+        expect("overlap_chunks", lambda: spa(q, q, q, kb, kb, **kw))
+    finally:
+        del os.environ["DSA_BUCKET_CHUNKS"]
+    # a local error of another type on rank 1 only (here an invalid chunk count):
+    # rank 1 raises it, rank 0 learns of it instead of waiting in the next collective
+    os.environ["DSA_BUCKET_CHUNKS"] = on1("1", "two")
+    try:
+        with pytest.raises(ValueError, match="DSA_BUCKET_CHUNKS" if rank == 1 else "rank"):
+            spa(q, q, q, kb, kb, **kw)
+    finally:
+        del os.environ["DSA_BUCKET_CHUNKS"]
+    # arguments of the wrong type are refused, not read by truthiness
+    with pytest.raises(ValueError, match="causal"):
+        spa(q, q, q, kb, kb, causal="no", **kw)
+    with pytest.raises(ValueError, match="include_self"):
+        spha(q, q, q, 4, include_self=None, **kw)
+    with pytest.raises(ValueError, match="group"):
+        spa(q, q, q, kb, kb, group="world", **kw)
+    # still in step: the same valid call on every rank works and agrees with itself
+    o = spha(q, q, q, 4, seed=3, **kw)
+    assert o.shape == q.shape and torch.isfinite(o).all()
 
 
 def _check_convenience(spec, rank, gen):

@@ -107,7 +107,7 @@ def _check_case(name, spec, rank, world, seed, counter):
             msg = "differs between ranks"
         else:                               # an invalid value on the last rank only
             _set_chunks("two" if rank == world - 1 else 2)
-            msg = "integer" if rank == world - 1 else "differs between ranks"
+            msg = "integer" if rank == world - 1 else rf"invalid inputs on rank\(s\) \[{world - 1}\]"
         with pytest.raises(ValueError, match=msg):
             spa(q, q, q, b, b, backend="torch")
         _set_chunks(2)                      # the group is still in step

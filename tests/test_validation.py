@@ -82,6 +82,9 @@ QKV_ERRORS = [
     ("scale-inf", dict(softmax_scale=float("inf")), r"softmax_scale .*inf"),
     ("scale-bool", dict(softmax_scale=True), r"softmax_scale"),
     ("scale-tensor", dict(softmax_scale=torch.tensor([0.1, 0.2])), r"softmax_scale"),
+    ("causal-str", dict(causal="no"), r"causal must be True or False, got 'no'"),
+    ("causal-int", dict(causal=0), r"causal must be True or False"),
+    ("return_lse-str", dict(return_lse="yes"), r"return_lse must be True or False"),
 ]
 
 BUCKETED_ERRORS = QKV_ERRORS + [
@@ -122,7 +125,12 @@ def test_bucketed_attention_errors(over, match):
         call_bucketed(**over)
 
 
+BUCKETED_ERRORS += [
+    ("include_self-none", dict(include_self=None), r"include_self must be True or False, got None"),
+]
+
 HASH_ERRORS = QKV_ERRORS + [
+    ("include_self-none", dict(include_self=None), r"include_self must be True or False"),
     ("n_buckets-odd", dict(n_buckets=5), r"n_buckets must be an even integer >= 2, got 5"),
     ("n_buckets-one", dict(n_buckets=1), r"n_buckets"),
     ("n_buckets-zero", dict(n_buckets=0), r"n_buckets"),
@@ -168,6 +176,27 @@ def test_triton_on_cpu_needs_interpreter(fn, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         fn(backend="triton")
+
+
+@pytest.mark.parametrize("fn", [call_bucketed, call_hash, call_qk],
+                         ids=["bucketed", "hash", "qk"])
+def test_triton_refuses_float64(fn):
+    """The Triton kernels compute in float16/bfloat16/float32: float64 with
+    backend='triton' is a ValueError naming the dtype (not an error deep in Triton), and
+    backend='auto' takes the PyTorch backend for float64, whose result is exact."""
+    d = dict(q=torch.randn(B, NQ, H, D, dtype=torch.float64),
+             k=torch.randn(B, NK, HKV, D, dtype=torch.float64),
+             v=torch.randn(B, NK, HKV, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"backend='triton' supports .*float64"):
+        fn(backend="triton", **d)
+    assert fn(backend="auto", **d).dtype == torch.float64
+
+
+def test_module_flags_are_checked():
+    with pytest.raises(ValueError, match="causal"):
+        dsa.SparseAttention("hash", 4, causal="yes")
+    with pytest.raises(ValueError, match="include_self"):
+        dsa.SparseAttention("dense", include_self=None)
 
 
 def test_int32_bucket_at_drop_sentinel():

@@ -33,7 +33,10 @@ from torch import nn
 
 from .. import _validation as V
 from ..hashing import _buckets_from_rotations, _rotations_on
+from ..kernels import resolve as _resolve_backend
 from ..modules import SequenceParallelSparseAttention, SparseAttention, _forward_args
+from ..parallel import _comm
+from ..plan import softmax_scale_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +276,25 @@ class UlyssesLocalSparseAttention(nn.Module):
         """The head-parallel group now (None: one rank)."""
         return _resolve(self.group)
 
+    # what every rank of the group must agree on (see SparseDistributedAttention.forward)
+    AGREEMENT = ("B", "N/P", "H", "Hkv", "D", "dtype", "device", "mode", "n_buckets", "seed",
+                 "softmax_scale", "causal", "include_self", "backend")
+
+    def agreement_row(self, q, k, v) -> torch.Tensor:
+        """This rank's values of :attr:`AGREEMENT` for shards q (B, N/P, H, D), k/v
+        (B, N/P, Hkv, D), int64 (raises ValueError on invalid shards)."""
+        V.check_qkv(q, k, v)
+        B, n, H, D = q.shape
+        a = self.attn
+        return torch.tensor(
+            [B, n, H, k.shape[2], D, _comm.DTYPE_CODES[q.dtype],
+             _comm.DEVICE_CODES.get(q.device.type, 2), _comm.MODE_CODES[self.mode],
+             -1 if self.n_buckets is None else int(self.n_buckets), self.seed,
+             _comm.float_bits(softmax_scale_for(D, a.softmax_scale)), int(a.causal),
+             int(a.include_self), _comm.BACKEND_CODES[_resolve_backend(a.backend, q.device,
+                                                                       q.dtype)]],
+            dtype=torch.int64)
+
     def forward(self, q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None):
         if self.mode != "hash":
             return self.attn(q, k, v, q_keep, k_keep, q_buckets=q_buckets, k_buckets=k_buckets)
@@ -291,6 +313,12 @@ class UlyssesLocalSparseAttention(nn.Module):
                f"mode={self.mode!r}{nb}"
 
 
+def _check_batch_dim(batch_dim_idx):
+    if batch_dim_idx != 0:
+        raise ValueError(f"batch_dim_idx must be 0 (layout (B, N, heads, D)), "
+                         f"got {batch_dim_idx!r}")
+
+
 @functools.lru_cache(maxsize=None)
 def _sparse_distributed_attention_class():
     """``DistributedAttention`` with the group resolved at forward time and checked
@@ -303,28 +331,43 @@ def _sparse_distributed_attention_class():
 
         def forward(self, query, key, value, batch_dim_idx=0, rotary_pos_emb=None, *args,
                     **kwargs):
-            if batch_dim_idx != 0:
-                raise ValueError(f"batch_dim_idx must be 0 (layout (B, N, heads, D)), "
-                                 f"got {batch_dim_idx!r}")
             group = self.local_attn.process_group()
             if group is None:           # one rank: no exchange, the same rotary embedding
+                _check_batch_dim(batch_dim_idx)
                 if rotary_pos_emb is not None:
                     cos, sin = (t.permute(1, 0, 2, 3) for t in rotary_pos_emb)
                     query = apply_rotary_pos_emb(query, cos, sin)
                     key = apply_rotary_pos_emb(key, cos, sin)
                 return self.local_attn(query, key, value, *args, **kwargs)
-            P = dist.get_world_size(group)
-            for name, t in (("query", query), ("key", key), ("value", value)):
-                if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                    raise ValueError(f"{name} must be a 4-D tensor (B, N/P, heads, D), got "
-                                     f"{getattr(t, 'shape', type(t).__name__)}")
-                if t.shape[2] % P:
-                    raise ValueError(
-                        f"{name} heads ({t.shape[2]}) must be divisible by the sequence-parallel "
-                        f"group size ({P}): DeepSpeed's uneven-heads split is not supported")
-            if self.num_kv_heads is not None and self.num_kv_heads != key.shape[2]:
-                raise ValueError(f"num_kv_heads ({self.num_kv_heads}) differs from the key "
-                                 f"heads ({key.shape[2]})")
+            # Check this rank's shards and that every rank agrees (shapes, dtype, mode,
+            # n_buckets, seed, scale, causal, include_self, backend) with ONE all_gather
+            # before the head exchange: a rank that differed would otherwise hash or mask
+            # its heads differently and return a wrong result without an error, and a
+            # rank that raised alone would leave the others waiting in the exchange.
+            row, error = None, None
+            try:
+                _check_batch_dim(batch_dim_idx)
+                P = dist.get_world_size(group)
+                for name, t in (("query", query), ("key", key), ("value", value)):
+                    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                        raise ValueError(f"{name} must be a 4-D tensor (B, N/P, heads, D), got "
+                                         f"{getattr(t, 'shape', type(t).__name__)}")
+                    if t.shape[2] % P:
+                        raise ValueError(
+                            f"{name} heads ({t.shape[2]}) must be divisible by the "
+                            f"sequence-parallel group size ({P}): DeepSpeed's uneven-heads "
+                            "split is not supported")
+                if self.num_kv_heads is not None and self.num_kv_heads != key.shape[2]:
+                    raise ValueError(f"num_kv_heads ({self.num_kv_heads}) differs from the key "
+                                     f"heads ({key.shape[2]})")
+                row = self.local_attn.agreement_row(query, key, value)
+            except Exception as e:      # noqa: BLE001 -- raised on every rank after the gather
+                error = e
+            what = "ulysses_sparse_attention"
+            rows = _comm.gather_rows(row, len(self.local_attn.AGREEMENT), group, what=what,
+                                     local_error=error)
+            _comm.check_same(rows, self.local_attn.AGREEMENT, what=what,
+                             floats=("softmax_scale",))
             self.spg = group
             return super().forward(query, key, value, batch_dim_idx, rotary_pos_emb, *args,
                                    **kwargs)

@@ -43,7 +43,7 @@ from .. import _validation as V
 from ..hashing import keep_to_buckets, lsh_buckets
 from . import _comm
 from .allgather import allgather_attention
-from .bucket import bucket_parallel_attention
+from .bucket import bucket_parallel_attention, overlap_chunks
 from .ulysses import ulysses_attention
 
 STRATEGIES = {"bucket": bucket_parallel_attention, "ulysses": ulysses_attention,
@@ -72,9 +72,11 @@ def sequence_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, st
     Returns:
         o (B, n_r, H, D): this rank's shard of the single-device result.
 
-    Raises ValueError on every rank of the group when any rank's inputs are
-    invalid or B, H, Hkv, D, dtype, causal, include_self or strategy differ
-    between ranks (checked with one small all_gather).
+    Raises ValueError on every rank of the group when any rank's inputs are invalid
+    or an argument that must agree differs between ranks: B, H, Hkv, D, dtype, device
+    type, causal, include_self, strategy, the softmax scale in use, the backend that
+    runs, the bucket strategy's overlap chunks (and n_buckets and seed for
+    :func:`sequence_parallel_hash_attention`). Checked with one small all_gather.
     """
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=include_self, softmax_scale=softmax_scale,
@@ -82,10 +84,13 @@ def sequence_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, st
 
 
 def _dispatch(q, k, v, q_buckets, k_buckets, *, group, strategy, causal, include_self,
-              softmax_scale, backend, local_error=None):
+              softmax_scale, backend, mode="bucketed", n_buckets=None, seed=None,
+              local_error=None):
     meta = _comm.validate_and_gather_meta(
         q, k, v, q_buckets, k_buckets, group=group, strategy=strategy, strategies=STRATEGIES,
         causal=causal, include_self=include_self, softmax_scale=softmax_scale, backend=backend,
+        mode=mode, n_buckets=n_buckets, seed=seed,
+        overlap_chunks=overlap_chunks if strategy == "bucket" else 1,
         local_error=local_error)
     return STRATEGIES[strategy](q, k, v, q_buckets, k_buckets, group=group, causal=causal,
                                 include_self=include_self, softmax_scale=softmax_scale,
@@ -104,6 +109,7 @@ def sequence_parallel_hash_attention(q, k, v, n_buckets, *, seed=0, group=None,
     result equals the single-device ``hash_sparse_attention`` on the whole
     sequence. Other arguments as in :func:`sequence_parallel_attention`.
     """
+    _comm.check_group(group)
     q_buckets = k_buckets = None
     error = None
     try:
@@ -111,11 +117,12 @@ def sequence_parallel_hash_attention(q, k, v, n_buckets, *, seed=0, group=None,
         q_buckets = lsh_buckets(q.detach(), n_buckets, seed=seed,
                                 group_size=q.shape[2] // k.shape[2])          # (B, n_r, H)
         k_buckets = lsh_buckets(k.detach(), n_buckets, seed=seed)             # (B, n_r, Hkv)
-    except ValueError as e:     # raised on every rank after the validation gather
+    except Exception as e:      # noqa: BLE001 -- raised on every rank after the gather
         error = e
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=include_self, softmax_scale=softmax_scale,
-                     backend=backend, local_error=error)
+                     backend=backend, mode="hash", n_buckets=n_buckets, seed=seed,
+                     local_error=error)
 
 
 def sequence_parallel_qk_attention(q, k, v, q_keep, k_keep, *, group=None,
@@ -128,6 +135,7 @@ def sequence_parallel_qk_attention(q, k, v, q_keep, k_keep, *, group=None,
     dropped keys are never attended. The default strategy "allgather" sends
     only the kept keys. Other arguments as in :func:`sequence_parallel_attention`.
     """
+    _comm.check_group(group)
     q_buckets = k_buckets = None
     error = None
     try:
@@ -136,11 +144,11 @@ def sequence_parallel_qk_attention(q, k, v, q_keep, k_keep, *, group=None,
         V.check_keep("q_keep", q_keep, B, n, H, q.device)
         V.check_keep("k_keep", k_keep, B, k.shape[1], k.shape[2], q.device)
         q_buckets, k_buckets = keep_to_buckets(q_keep), keep_to_buckets(k_keep)
-    except ValueError as e:     # raised on every rank after the validation gather
+    except Exception as e:      # noqa: BLE001 -- raised on every rank after the gather
         error = e
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=True, softmax_scale=softmax_scale,
-                     backend=backend, local_error=error)
+                     backend=backend, mode="qk", local_error=error)
 
 
 __all__ = ["sequence_parallel_attention", "sequence_parallel_hash_attention",

@@ -14,15 +14,12 @@ on different ranks by the autograd engine and deadlock).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .. import _validation as V
-
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-
 
 class _AllToAllSingle(torch.autograd.Function):
     """out = all_to_all_single(inp) along dim 0; backward sends the gradient back."""
@@ -148,36 +145,119 @@ def all_gather_equal(t: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(out)
 
 
-# metadata row: [ok, B, H, Hkv, D, dtype, n, max bucket, causal, include_self, strategy]
-_META = 11
+# ---------------------------------------------------------------------------------------------
+# agreement between ranks
+# ---------------------------------------------------------------------------------------------
+
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+DEVICE_CODES = {"cpu": 0, "cuda": 1}
+BACKEND_CODES = {"torch": 0, "triton": 1}
+MODE_CODES = {"bucketed": 0, "hash": 1, "qk": 2, "dense": 3}
+
+
+def float_bits(x: float) -> int:
+    """A float as the int64 with the same bits (exact comparison across ranks)."""
+    return int(torch.tensor([float(x)], dtype=torch.float64).view(torch.int64))
+
+
+def _bits_float(b: int) -> float:
+    return float(torch.tensor([b], dtype=torch.int64).view(torch.float64))
+
+
+def check_group(group):
+    """``group`` is None (the default group) or a ProcessGroup, and torch.distributed is
+    up: raised at once (there is no group to agree over)."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be a torch.distributed ProcessGroup or None, "
+                         f"got {type(group).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("sequence-parallel attention needs torch.distributed initialized "
+                         "(torch.distributed.init_process_group) on every rank")
+
+
+def gather_rows(row, width: int, group, *, what: str, local_error=None) -> torch.Tensor:
+    """All-gather one int64 row of ``width`` values per rank (ONE small collective) and
+    return them (P, width) on the CPU.
+
+    ``row``: this rank's values (a CPU or device int64 tensor), or None when this rank
+    met ``local_error`` while building it. A local error is not raised at once (the other
+    ranks would wait forever in the gather): it travels as a flag, and afterwards every
+    rank raises -- the failing rank its own error, the others a ValueError naming the
+    failing ranks.
+    """
+    ok = row is not None and local_error is None
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    row = torch.full((width,), -1, dtype=torch.int64) if not ok else row.to(torch.int64)
+    dev = row.device
+    if dist.get_backend(group) == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    rows = all_gather_equal(torch.cat([flag.to(dev), row.to(dev)]), group).cpu()
+    if local_error is not None:
+        raise local_error
+    bad = (rows[:, 0] != 1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{what}: invalid inputs on rank(s) {bad} of the group (see the "
+                         "error raised there)")
+    return rows[:, 1:]
+
+
+def check_same(rows: torch.Tensor, names, *, what: str, floats=()):
+    """Raise a ValueError (the same on every rank) naming the first column of ``rows``
+    (P, len(names)) whose value differs between ranks; None names are not checked."""
+    for col, name in enumerate(names):
+        if name is None or (rows[:, col] == rows[0, col]).all():
+            continue
+        values = rows[:, col].tolist()
+        if name in floats:
+            values = [_bits_float(b) for b in values]
+        raise ValueError(f"{what}: {name} differs between ranks: {values} (rank order); "
+                         "every rank of the group must pass the same value")
+
+
+class Meta(NamedTuple):
+    """What the strategies need from the agreement exchange."""
+    lengths: List[int]          # every rank's shard length, in group order
+    max_bucket: int             # the largest bucket id on any rank (-1: all dropped)
+    overlap_chunks: int         # pipeline chunks of the bucket strategy (1: none)
+
+
+# the row gathered by validate_and_gather_meta; None = differs legitimately between ranks
+_META_NAMES = ("B", "H", "Hkv", "D", "dtype", "device", None, None, "causal", "include_self",
+               "strategy", "mode", "n_buckets", "seed", "softmax_scale", "backend",
+               "overlap_chunks")
 
 
 def strategy_meta(meta, q, k, v, q_buckets, k_buckets, *, group, strategy, causal,
-                  include_self, softmax_scale, backend):
-    """(lengths, global max bucket) for a strategy: as the dispatcher gathered it,
-    or gathered here when the strategy function is called directly."""
+                  include_self, softmax_scale, backend, overlap_chunks=1) -> Meta:
+    """The :class:`Meta` of a strategy call: as the dispatcher gathered it, or gathered
+    here when the strategy function is called directly."""
     if meta is not None:
         return meta
     return validate_and_gather_meta(q, k, v, q_buckets, k_buckets, group=group,
                                     strategy=strategy, strategies=(strategy,), causal=causal,
                                     include_self=include_self, softmax_scale=softmax_scale,
-                                    backend=backend)
+                                    backend=backend, overlap_chunks=overlap_chunks)
 
 
 def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, strategies,
-                             causal, include_self, softmax_scale, backend, local_error=None):
+                             causal, include_self, softmax_scale, backend, mode="bucketed",
+                             n_buckets=None, seed=None, overlap_chunks=1,
+                             local_error=None) -> Meta:
     """Validate this rank's inputs and check that all ranks agree, with ONE all_gather.
 
-    A local error is not raised at once (the other ranks would wait forever in
-    the gather): it travels as ``ok = 0`` and every rank raises a ValueError.
-    ``local_error``: a ValueError the caller already met on this rank (e.g. while
-    hashing), raised here after the gather in the same way.
+    Every argument that must be the same on every rank is compared: B, H, Hkv, D, dtype,
+    device type, causal, include_self, strategy, mode ("bucketed", "hash", "qk"),
+    n_buckets and seed (hash mode), the softmax scale in use, the backend that runs and
+    the bucket strategy's overlap chunks (``overlap_chunks``: an int, or a function
+    returning it, evaluated here so that its error reaches every rank too). Any difference, or an invalid input on any
+    rank, raises a ValueError on every rank (``local_error``: an error the caller already
+    met on this rank, e.g. while hashing, raised here after the gather in the same way).
 
-    Returns (lengths: list of every rank's shard length, global max bucket).
+    Returns :class:`Meta` (every rank's shard length, the global max bucket, the chunks).
     """
-    dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    row = torch.full((_META,), -1, dtype=torch.int64)
-    error = None
+    check_group(group)
+    what = "sequence_parallel_attention"
+    row = None
     try:
         if local_error is not None:
             raise local_error
@@ -192,27 +272,29 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
         V.check_buckets("q_buckets", q_buckets, B, n, H, q.device)
         V.check_buckets("k_buckets", k_buckets, B, n, k.shape[2], q.device)
         V.check_scale(softmax_scale)
-        row = torch.tensor([1, B, H, k.shape[2], D, _DTYPE_CODES[q.dtype], n, -1, int(causal),
-                            int(include_self), list(strategies).index(strategy)],
-                           dtype=torch.int64)
-    except ValueError as e:
-        error = e
-    if dist.get_backend(group) == "nccl":
-        row = row.to(dev)
-    if error is None and q_buckets.numel() + k_buckets.numel():
-        # the max bucket joins the row on the device: no host sync before the gather
-        mb = torch.stack([t.max() for t in (q_buckets, k_buckets) if t.numel()]).max()
-        row[7] = mb.to(row.device, torch.int64)
-    rows = all_gather_equal(row, group).cpu()                                 # (P, _META)
-    if error is not None:
-        raise error
-    bad = (rows[:, 0] != 1).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"sequence_parallel_attention: invalid inputs on rank(s) {bad} of the "
-                         "group (see the error raised there)")
-    names = ("B", "H", "Hkv", "D", "dtype", None, None, "causal", "include_self", "strategy")
-    for col, name in enumerate(names, start=1):
-        if name is not None and not (rows[:, col] == rows[0, col]).all():
-            raise ValueError(f"sequence_parallel_attention: {name} differs between ranks: "
-                             f"{rows[:, col].tolist()} (rank order)")
-    return rows[:, 6].tolist(), int(rows[:, 7].max())
+        V.check_flags(causal=causal, include_self=include_self)
+        from ..kernels import resolve
+        from ..plan import softmax_scale_for
+        ran = resolve(backend, q.device, q.dtype)
+        if callable(overlap_chunks):        # e.g. bucket.overlap_chunks (reads the env)
+            overlap_chunks = overlap_chunks()
+        if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) \
+                or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
+        row = torch.tensor(
+            [B, H, k.shape[2], D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 2), n,
+             -1, int(causal), int(include_self), list(strategies).index(strategy),
+             MODE_CODES[mode], -1 if n_buckets is None else int(n_buckets),
+             -1 if seed is None else int(seed), float_bits(softmax_scale_for(D, softmax_scale)),
+             BACKEND_CODES[ran], overlap_chunks], dtype=torch.int64)
+        if dist.get_backend(group) == "nccl":
+            row = row.to(q.device)
+        if q_buckets.numel() + k_buckets.numel():
+            # the max bucket joins the row on the device: no host sync before the gather
+            mb = torch.stack([t.max() for t in (q_buckets, k_buckets) if t.numel()]).max()
+            row[7] = mb.to(row.device, torch.int64)
+    except Exception as e:      # noqa: BLE001 -- re-raised after the gather, on every rank
+        local_error = e
+    rows = gather_rows(row, len(_META_NAMES), group, what=what, local_error=local_error)
+    check_same(rows, _META_NAMES, what=what, floats=("softmax_scale",))
+    return Meta(rows[:, 6].tolist(), int(rows[:, 7].max()), int(rows[0, 16]))

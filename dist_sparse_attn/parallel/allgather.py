@@ -66,7 +66,7 @@ def allgather_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=Tru
     Memory: every rank holds all kept key items of the sequence, so this suits
     QK-sparse attention with a high drop rate; use "bucket" for hash-sparse.
     """
-    lengths, max_bucket = _comm.strategy_meta(
+    lengths, max_bucket, _ = _comm.strategy_meta(
         _meta, q, k, v, q_buckets, k_buckets, group=group, strategy="allgather", causal=causal,
         include_self=include_self, softmax_scale=softmax_scale, backend=backend)
     rank = dist.get_rank(group)

@@ -96,9 +96,10 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
         group: process group (None: the default group).
     Returns this rank's shard (B, n_r, H, D) of the single-device result.
     """
-    lengths, max_bucket = _comm.strategy_meta(
+    lengths, max_bucket, chunks = _comm.strategy_meta(
         _meta, q, k, v, q_buckets, k_buckets, group=group, strategy="bucket", causal=causal,
-        include_self=include_self, softmax_scale=softmax_scale, backend=backend)
+        include_self=include_self, softmax_scale=softmax_scale, backend=backend,
+        overlap_chunks=overlap_chunks)
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     B, n, H, D = q.shape
     Hkv = k.shape[2]
@@ -129,20 +130,11 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     # ---- group sizes (local and global) and the owner of every group -------------------
     # One device->host copy for the cost-balanced assignment; the send counts follow on
     # the host from the local sizes, so the only other sync is the count exchange.
-    # Column G (the dropped items' count, unused) carries (chunks, chunks^2) instead: after
-    # the sum, P * sum(K^2) == sum(K)^2 iff every rank uses the same number of chunks.
-    try:
-        chunks, chunks_error = overlap_chunks(), None
-    except ValueError as e:         # raised below on every rank, after the all_reduce
-        chunks, chunks_error = 0, e
     local = torch.stack([torch.bincount(gid_q, minlength=n_groups + 1),
-                         torch.bincount(gid_k, minlength=n_groups + 1)])      # (2, G + 1)
-    local[0, n_groups], local[1, n_groups] = chunks, chunks * chunks
+                         torch.bincount(gid_k, minlength=n_groups + 1)])[:, :n_groups]  # (2, G)
     total = local.clone()
     dist.all_reduce(total, group=group)
-    total, local = torch.stack([total, local]).cpu().unbind(0)                # (2, G + 1) each
-    _check_chunks(int(total[0, n_groups]), int(total[1, n_groups]), P, chunks_error)
-    total, local = total[:, :n_groups], local[:, :n_groups]                   # (2, G) each
+    total, local = torch.stack([total, local]).cpu().unbind(0)                # (2, G) each
     owner = _lpt_owners(total[0], total[1], P)                                # (G,), -1 unrouted
     if chunks > 1:
         return _pipelined(q, k, v, gid_q, gid_k, pos_q, pos_k, total, local, owner, chunks,
@@ -196,18 +188,6 @@ def bucket_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, caus
     o_back = _comm.all_to_all(o_r.reshape(-1), [a * D for a in rq], [a * D for a in sq], group)
     out = q.new_zeros(B * n * H, D).index_copy(0, idx_q, o_back.view(-1, D))
     return out.view(B, n, H, D)
-
-
-def _check_chunks(sum_k: int, sum_k2: int, P: int, local_error) -> None:
-    """Raise on every rank when the ranks' chunk counts differ or are invalid."""
-    if sum_k2 * P != sum_k * sum_k:
-        if local_error is not None:
-            raise local_error
-        raise ValueError(f"bucket strategy: the number of overlap chunks differs between "
-                         f"ranks (${CHUNKS_ENV} / bucket.OVERLAP_CHUNKS must be equal on "
-                         f"every rank of the group)")
-    if local_error is not None:
-        raise local_error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def ulysses_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
         group: process group (None: the default group). Its size P must divide H and Hkv.
     Returns this rank's shard (B, n_r, H, D) of the single-device result.
     """
-    lengths, _ = _comm.strategy_meta(
+    lengths, _, _ = _comm.strategy_meta(
         _meta, q, k, v, q_buckets, k_buckets, group=group, strategy="ulysses", causal=causal,
         include_self=include_self, softmax_scale=softmax_scale, backend=backend)
     P = dist.get_world_size(group)
