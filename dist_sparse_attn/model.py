@@ -12,6 +12,7 @@ token by its GLOBAL position, so the shards' logits equal the full sequence's.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -25,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .hashing import keep_to_buckets, lsh_buckets
 from .ops import _bucketed_default_positions, hash_sparse_attention, qk_sparse_attention
 
-ATTENTIONS = ("dense", "hash", "qk")
+ATTENTIONS = ("dense", "hash", "qk", "none")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
@@ -74,8 +75,11 @@ class GPTConfig:
     bias: bool = False
     """Biases in the Linear layers and LayerNorms (nanoGPT's switch)."""
     attention: str = "dense"
-    """"dense" (causal SDPA), "hash" (LSH buckets, :func:`hash_sparse_attention`) or
-    "qk" (query/key dropping, :func:`qk_sparse_attention`; rule in :class:`CausalSelfAttention`)."""
+    """"dense" (causal SDPA), "hash" (LSH buckets, :func:`hash_sparse_attention`),
+    "qk" (query/key dropping, :func:`qk_sparse_attention`; rule in :class:`CausalSelfAttention`)
+    or "none": every token attends only itself (the output is its own value vector),
+    the attention-free floor of a benchmark: the same model and step with no token
+    mixing, no attention kernel and no communication."""
     n_buckets: int = 8
     """LSH buckets per head for attention="hash" (even, >= 2)."""
     hash_seed: int = 0
@@ -88,6 +92,13 @@ class GPTConfig:
     hashing alone misses. The other heads hash as usual. 0: every head hashes."""
     local_window: int = 512
     """Window (tokens) of the block-local heads; buckets are ``global position // window``."""
+    bucket_cap: float = 0.0
+    """attention="hash": > 0 caps every (batch, kv head, bucket) at ``bucket_cap`` times the
+    mean bucket size (``seq_len / n_buckets`` keys) by splitting larger buckets into
+    consecutive pieces in token order (:func:`dist_sparse_attn.balance.cap_buckets`): a
+    query then attends the most recent keys of its bucket's piece. Bounds the cost of a
+    skewed hash (the largest bucket's tiles, the sequence-parallel owner's load).
+    0: no cap."""
     qk_keep_rate: float = 0.5
     """attention="qk": fraction of the (token, head) items kept, in (0, 1]."""
     rope_base: float = 10000.0
@@ -95,6 +106,17 @@ class GPTConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)
     instead of storing its activations."""
+    offload_checkpoints: bool = False
+    """With ``activation_checkpointing``: keep what the blocks save for backward (their
+    inputs, n_layer x tokens x n_embd) in pinned host memory instead of on the device
+    (``torch.autograd.graph.save_on_cpu``), copied back when backward reaches each
+    block. For the longest sequences: at 4M tokens per GPU and n_embd=768 that is 72 GiB
+    of bf16 block inputs moved off the GPU, at the price of two host copies per step."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the output head and loss. > 0: ``forward(idx, targets)``
+    computes ln_f, the head, the float32 logits and the cross-entropy chunk by chunk,
+    each chunk under a non-reentrant checkpoint, so no (tokens x vocab) logits of the
+    whole sequence exist (the returned logits are None). 0: whole-sequence logits."""
     mlp_chunk: int = 0
     """Tokens per MLP chunk. > 0: each block's MLP runs over the sequence in chunks of this
     many tokens, each chunk under its own non-reentrant checkpoint when gradients are
@@ -150,6 +172,16 @@ class GPTConfig:
                 or self.mlp_chunk < 0:
             raise ValueError(f"mlp_chunk must be an int >= 0 (0: no chunking), "
                              f"got {self.mlp_chunk!r}")
+        if self.bucket_cap and (self.bucket_cap < 1 or self.attention != "hash"):
+            raise ValueError(f"bucket_cap={self.bucket_cap} must be 0 (off) or >= 1 (times the "
+                             f"mean bucket size), with attention='hash'")
+        if self.offload_checkpoints and not self.activation_checkpointing:
+            raise ValueError("offload_checkpoints needs activation_checkpointing=True (what it "
+                             "offloads are the checkpointed blocks' inputs)")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) \
+                or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be an int >= 0 (0: no chunking), "
+                             f"got {self.loss_chunk!r}")
         if self.mlp_chunk and self.compile != "off":
             raise ValueError(f"mlp_chunk={self.mlp_chunk} needs compile='off' (the chunks' "
                              f"checkpoints are eager), got compile={self.compile!r}")
@@ -236,6 +268,7 @@ class CausalSelfAttention(nn.Module):
         self.n_buckets, self.seed = config.n_buckets, config.hash_seed + layer_idx
         self.keep_rate = config.qk_keep_rate
         self.local_heads, self.local_window = config.local_heads, config.local_window
+        self.bucket_cap = config.bucket_cap
         self.sdpa_backend = config.sdpa_backend
         kv_dim = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
@@ -269,16 +302,21 @@ class CausalSelfAttention(nn.Module):
         default_positions = positions is None       # arange(N): one device, none given
         if default_positions:
             positions = torch.arange(q.shape[1], device=q.device)
-        if sp_group is not None:
+        if self.attention == "none":        # each token attends only itself: o = v
+            y = v.repeat_interleave(H // Hkv, dim=2)                           # (B, N, H, D)
+        elif sp_group is not None:
             y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
         elif self.attention == "dense":
             y = dense_causal_sdpa(q, k, v, self.sdpa_backend)                  # (B, N, H, D)
-        elif self.attention == "hash" and self.local_heads:
+        elif self.attention == "hash" and (self.local_heads or self.bucket_cap):
             qb, kb = self._hash_buckets(q, k, positions)
             # the bound on bucket ids that lets the counting sort run holds for default
             # positions only (local ids are position // window); else torch.sort
             nb = max(self.n_buckets, -(-q.shape[1] // self.local_window)) \
                 if default_positions else None
+            if self.bucket_cap:
+                qb, kb = self._cap(qb, kb, None)
+                nb = None
             y = _bucketed_default_positions(q, k, v, qb, kb, nb)
         elif self.attention == "hash":
             y = hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed)
@@ -311,6 +349,20 @@ class CausalSelfAttention(nn.Module):
             kb[..., Hkv - L:] = win.to(kb.dtype)
         return qb, kb
 
+    @torch.no_grad()
+    def _cap(self, qb, kb, group):
+        """:func:`~dist_sparse_attn.balance.cap_buckets` at ``bucket_cap`` x the mean bucket
+        size of the whole sequence (``seq_len / n_buckets`` keys)."""
+        from .balance import cap_buckets
+        n = kb.shape[1]
+        if group is not None:
+            import torch.distributed as dist
+            n_all = torch.tensor([n], device=kb.device)
+            dist.all_reduce(n_all, group=group)
+            n = int(n_all)
+        return cap_buckets(qb, kb, max(1, math.ceil(self.bucket_cap * n / self.n_buckets)),
+                           group=group)
+
     def _keeps(self, positions, batch, H, Hkv):
         """Keep masks (B, n, H) for queries and (B, n, Hkv) for keys."""
         return (position_keep(positions, batch, H, self.keep_rate, self.seed, salt=0),
@@ -327,6 +379,8 @@ class CausalSelfAttention(nn.Module):
         with torch.no_grad():
             if self.attention == "hash":
                 qb, kb = self._hash_buckets(q, k, positions)
+                if self.bucket_cap:
+                    qb, kb = self._cap(qb, kb, group)
             elif self.attention == "qk":
                 q_keep, k_keep = self._keeps(positions, q.shape[0], H, Hkv)
                 qb, kb = keep_to_buckets(q_keep), keep_to_buckets(k_keep)
@@ -503,19 +557,44 @@ class GPT(nn.Module):
                                 self.config.rope_base)                        # (B|1, N, 1, D/2)
         x = self.transformer.drop(self.transformer.wte(idx))                   # (B, N, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)        # once, not in every layer
-        for block in self.transformer.h:
-            if self.config.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, positions, sp_group, sp_strategy,
-                               use_reentrant=False)
-            else:
-                x = block(x, cos, sin, positions, sp_group, sp_strategy)
+        checkpointing = self.config.activation_checkpointing and torch.is_grad_enabled()
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=idx.is_cuda) \
+            if checkpointing and self.config.offload_checkpoints else contextlib.nullcontext()
+        with offload:
+            for block in self.transformer.h:
+                if checkpointing:
+                    x = checkpoint(block, x, cos, sin, positions, sp_group, sp_strategy,
+                                   use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, positions, sp_group, sp_strategy)
+        chunk = self.config.loss_chunk
+        if targets is not None and chunk and N > chunk:
+            return None, self._chunked_loss(x, targets, chunk)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)                                               # (B, N, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
+            loss = F.cross_entropy(_upcast(logits).view(-1, logits.size(-1)),
+                                   targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _head_loss(self, x, targets):
+        """Sum of the cross-entropy of one chunk x (B, n, C) against targets (B, n), and
+        its count of counted targets (not -1)."""
+        logits = _upcast(self.lm_head(self.transformer.ln_f(x)))              # (B, n, V)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction="sum")
+
+    def _chunked_loss(self, x, targets, chunk: int):
+        """The mean cross-entropy of ``forward`` computed ``chunk`` tokens at a time: each
+        chunk's logits exist only while it is computed (and recomputed in backward, under
+        a non-reentrant checkpoint), never the (B, N, vocab) logits of the sequence."""
+        total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
+        grad = torch.is_grad_enabled()
+        for xs, ts in zip(x.split(chunk, dim=1), targets.split(chunk, dim=1)):
+            total = total + (checkpoint(self._head_loss, xs, ts, use_reentrant=False)
+                             if grad else self._head_loss(xs, ts))
+        return total / (targets != -1).sum().clamp(min=1)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                              device_type: str | None = None):
@@ -532,6 +611,11 @@ class GPT(nn.Module):
         if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
             extra["fused"] = True
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
+def _upcast(logits):
+    """Logits in at least float32 for the loss (bf16 logits lose the softmax's tail)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _model_forward(model: GPT, idx, targets, positions):

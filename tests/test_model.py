@@ -196,6 +196,113 @@ def test_mlp_chunk_never_materialises_the_whole_hidden(ckpt):
             assert (kept <= N * C) if chunk else (kept >= 2 * 4 * N * C), (chunk, kept)
 
 
+def test_attention_none_mixes_no_tokens():
+    """attention="none" (the benchmarks' attention-free floor): a token's logits depend on
+    that token only, and the model still trains (finite gradients into every block)."""
+    model = GPT(GPTConfig(attention="none", **TINY))
+    idx = torch.randint(0, 256, (2, 20))
+    other = idx.clone()
+    other[:, ::2] = torch.randint(0, 256, (2, 10))
+    a, b = model(idx)[0], model(other)[0]
+    same = (idx == other)
+    torch.testing.assert_close(a[same], b[same])
+    assert not torch.allclose(a[~same], b[~same])
+    model(idx, idx.roll(-1, 1))[1].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "block_ckpt"])
+def test_loss_chunk_same_loss_and_grads(ckpt):
+    """loss_chunk (chunks of 16 over 50 tokens, some targets ignored) gives the same mean
+    loss and gradients as the whole-sequence head, and returns no logits."""
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(attention="hash", **TINY)).double()
+    chunked = GPT(GPTConfig(attention="hash", loss_chunk=16, activation_checkpointing=ckpt,
+                            **TINY)).double()
+    chunked.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 256, (2, 50))
+    tgt = idx.roll(-1, 1)
+    tgt[:, -3:] = -1
+    losses = []
+    for m in (plain, chunked):
+        logits, loss = m(idx, tgt)
+        loss.backward()
+        losses.append(loss)
+    assert logits is None
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    for (n, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(idx, tgt)[1], losses[0].detach(), rtol=1e-12,
+                                   atol=0)
+
+
+def test_loss_chunk_never_materialises_the_logits():
+    """Forward + backward of the loss: unchunked, some op makes the (N, vocab) logits;
+    with loss_chunk no tensor reaches that size (attention="none": the attention's own
+    tiles stay out of the count; every other tensor is far smaller than N x vocab)."""
+    N = 256
+    cfg = dict(TINY, n_layer=1)
+    for chunk in (0, 32):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(attention="none", loss_chunk=chunk, **cfg))
+        idx = torch.randint(0, 256, (1, N))
+        largest = _largest_tensor_made(lambda: model(idx, idx.roll(-1, 1))[1].backward())
+        if chunk:
+            assert largest < N * 256, largest
+        else:
+            assert largest >= N * 256, largest
+
+
+def test_offload_checkpoints_moves_block_inputs_and_keeps_grads(monkeypatch):
+    """offload_checkpoints: the checkpointed blocks' saved inputs go through the host
+    offload hooks (one (B, N, C) block input per layer at least), and the gradients equal
+    plain activation checkpointing."""
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(attention="hash", activation_checkpointing=True, **TINY)).double()
+    off = GPT(GPTConfig(attention="hash", activation_checkpointing=True,
+                        offload_checkpoints=True, **TINY)).double()
+    off.load_state_dict(plain.state_dict())
+    packed = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def recording(pin_memory=False):
+        ctx = real(pin_memory=pin_memory)
+        pack = ctx.pack_hook
+
+        def hook(t):
+            packed.append(tuple(t.shape))
+            return pack(t)
+        ctx.pack_hook = hook
+        return ctx
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", recording)
+    idx = torch.randint(0, 256, (2, 24))
+    grads = _next_byte_grads((plain, off), idx)
+    assert packed.count((2, 24, TINY["n_embd"])) >= TINY["n_layer"], packed
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12)
+
+
+def test_bucket_cap_is_cap_buckets_of_the_lsh_buckets():
+    """The model's bucket_cap is exactly bucketed_attention on cap_buckets of its LSH (and
+    block-local) buckets, at ceil(bucket_cap * N / n_buckets) keys per bucket."""
+    import math
+
+    from dist_sparse_attn import bucketed_attention
+    from dist_sparse_attn.balance import cap_buckets
+    cfg = GPTConfig(attention="hash", bucket_cap=1.0, local_heads=1, local_window=8,
+                    **{**TINY, "n_buckets": 2})
+    attn = GPT(cfg).transformer.h[0].attn
+    B, N, D = 2, 40, TINY["n_embd"] // TINY["n_head"]
+    q = torch.randn(B, N, 4, D)
+    k, v = torch.randn(B, N, 2, D), torch.randn(B, N, 2, D)
+    qb, kb = attn._hash_buckets(q, k, torch.arange(N))
+    want = bucketed_attention(q, k, v, *cap_buckets(qb, kb, math.ceil(N / 2)))
+    torch.testing.assert_close(attn.attend(q, k, v, None), want)
+    assert not torch.allclose(want, bucketed_attention(q, k, v, qb, kb))
+
+
 def test_eval_retrieval_on_gpt():
     model = GPT(GPTConfig(attention="hash", **TINY))
     model.train()
@@ -335,6 +442,12 @@ SP_CASES = {
     "qk_bucket_half": ("qk", "bucket", {"qk_keep_rate": 0.5}, False),
     "qk_allgather_third_ckpt": ("qk", "allgather", {"qk_keep_rate": 0.3,
                                                     "activation_checkpointing": True}, True),
+    # the bucket cap counts the lower ranks' keys of every bucket
+    "hash_cap_bucket": ("hash", "bucket", {"bucket_cap": 1.0, "n_buckets": 2}, False),
+    "hash_cap_local_ulysses_offload": ("hash", "ulysses", {
+        "bucket_cap": 1.0, "n_buckets": 2, "local_heads": 1, "local_window": 8,
+        "activation_checkpointing": True, "offload_checkpoints": True}, True),
+    "none_bucket": ("none", "bucket", {}, False),
 }
 N_SP = 37     # odd: shards of 19 and 18 tokens
 
@@ -359,7 +472,8 @@ def _sp_case(name, rank, world):
     if rank == 1:   # local positions instead of global ones: RoPE disagrees with rank 0's keys
         wrong = model(x, positions=torch.arange(x.shape[1]), sp_group=dist.group.WORLD,
                       sp_strategy=strategy)[0]
-        assert not torch.allclose(wrong, full_logits[:, pos], atol=1e-4)
+        if attention != "none":     # (no attention: q and k, and so RoPE, are unused)
+            assert not torch.allclose(wrong, full_logits[:, pos], atol=1e-4)
     else:
         model(x, positions=pos, sp_group=dist.group.WORLD, sp_strategy=strategy)  # same collectives
     torch.testing.assert_close(logits, full_logits[:, pos], rtol=1e-4, atol=1e-5)
