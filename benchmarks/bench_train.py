@@ -16,6 +16,12 @@ Suites (``--suite``, comma list or ``all``):
             DeepSpeed-Ulysses (sp_strategy=ds-ulysses, SDPA cuDNN / flash) vs the
             library's strategies (bucket: hash 16/32/64 buckets, hash 64 with local
             heads, qk-drop50; ulysses: hash 64) at 128k and 64k.
+  longest1  1 GPU, the longest sequences: activation checkpointing, chunked MLP and
+            loss (64k tokens), the attention-free floor (``floor``: attention="none",
+            the same model and step with no token mixing) beside hash-sparse with
+            n_buckets = N / 512, with and without offloading the checkpoints to host
+            memory (``-off``), N = 256k, 1M, 2M, 4M; each config stops at its first
+            failure. The table gives every run's step time over the floor's.
   longest4  4 GPUs, activation checkpointing, hash-sparse with n_buckets = N / 512
             (fixed expected bucket size), N doubling 256k -> 4M, 4 steps each; stops at
             the first failure (OOM, timeout, error). Records step time and peak memory.
@@ -28,7 +34,9 @@ Suites (``--suite``, comma list or ``all``):
 Config names (``--configs``): ``dense-<backend>`` (backend auto/flash/cudnn/efficient/math),
 ``dsu-<backend>`` (dense over DeepSpeed-Ulysses; several GPUs), ``hash<nb>``,
 ``hash-b<size>`` (n_buckets = N / size, even), ``hash<nb>-loc<k>`` (the last k kv heads
-block-local, ``model.local_heads``), ``qk-drop<percent dropped>``; prefix
+block-local, ``model.local_heads``), ``qk-drop<percent dropped>``, ``floor`` (attention
+"none": the attention-free floor); suffixes ``-cap<r>`` (``model.bucket_cap=r``) and
+``-off`` (``model.offload_checkpoints``, with activation checkpointing); prefix
 ``ulysses-`` / ``allgather-`` selects the library's other sequence-parallel strategies.
 
 Every run has its own directory ``OUT/<suite>/<config>_N<len>/`` (the entry point's
@@ -94,12 +102,19 @@ SUITES = {
         world=4, preset="configs/gpt2_small_128k_sp4.toml",
         configs=["hash-b512"], core=None,
         seqlens=[2 ** 18, 2 ** 19, 2 ** 20, 2 ** 21, 2 ** 22], steps=4, timeout=360,
-        warmup_excluded=1,
+        warmup_excluded=1, long=True,
         # measured at 4M tokens on 4 H100s: the default allocator failed in step 1 with
         # 10.5 GiB reserved but free; with expandable segments step 1 trained
         env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    "longest1": dict(
+        world=1, preset="configs/gpt2_small_16k.toml",
+        configs=["floor", "hash-b512", "floor-off", "hash-b512-off"], core=None,
+        seqlens=[2 ** 18, 2 ** 20, 2 ** 21, 2 ** 22], steps=4, timeout=420,
+        warmup_excluded=1, long=True,
+        sets=["model.mlp_chunk=65536", "model.loss_chunk=65536"],
+        env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
 }
-ALL = ["speed1", "quality1", "speed4", "longest4"]
+ALL = ["speed1", "quality1", "speed4", "longest4", "longest1"]
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
@@ -240,8 +255,23 @@ def config_sets(name: str, seq_len: int, world: int, cpu: bool, max_buckets: int
         if name.startswith(s + "-"):
             strategy, base = s, name[len(s) + 1:]
     info = {"kind": None, "baseline": False}
+    suffix_sets = []
+    while True:             # -off (offload checkpoints) and -cap<r> (bucket cap), any order
+        m = re.fullmatch(r"(.+)-(off|cap\d+(?:\.\d+)?)", base)
+        if not m:
+            break
+        base, suffix = m.group(1), m.group(2)
+        if suffix == "off":
+            info["offload"] = True
+            suffix_sets.append("model.offload_checkpoints=true")
+        else:
+            info["bucket_cap"] = float(suffix[3:])
+            suffix_sets.append(f"model.bucket_cap={float(suffix[3:])}")
     m = re.fullmatch(r"(dense|dsu)-(\w+)", base)
-    if m:
+    if base == "floor":
+        info.update(kind="floor")
+        sets = ["model.attention=none"]
+    elif m:
         backend = m.group(2)
         if backend not in BACKENDS:
             raise ValueError(f"{name}: SDPA backend must be one of {BACKENDS}")
@@ -276,7 +306,9 @@ def config_sets(name: str, seq_len: int, world: int, cpu: bool, max_buckets: int
         sets = ["model.attention=qk", f"model.qk_keep_rate={1 - drop / 100:.4f}"]
     else:
         raise ValueError(f"unknown config {name!r}: use dense-<backend>, dsu-<backend>, "
-                         "hash<nb>[-loc<k>], hash-b<bucket size>, qk-drop<percent>")
+                         "hash<nb>[-loc<k>], hash-b<bucket size>, qk-drop<percent>, floor, "
+                         "with optional suffixes -cap<r>, -off")
+    sets += suffix_sets
     if world > 1:
         sets.append(f"train.sp_strategy={strategy}")
     info["sp_strategy"] = strategy if world > 1 else None
@@ -329,8 +361,8 @@ def suite_sets(suite: str, steps: int, args) -> list[str]:
                      "train.retrieval_samples=0", "train.retrieval_mix=0", "train.log_interval=1"]
     if spec["world"] > 1:
         sets += ["train.sequence_parallel=0"]
-    sets.append(f"model.activation_checkpointing={'true' if suite == 'longest4' else 'false'}")
-    return sets
+    sets.append(f"model.activation_checkpointing={'true' if spec.get('long') else 'false'}")
+    return sets + list(spec.get("sets", ()))
 
 
 def extra_sets(args, suite: str) -> list[str]:
@@ -551,7 +583,7 @@ def plan(suite: str, args, cpu: bool) -> list[dict]:
     steps = int(scoped(args.steps, suite, spec["steps"]))
     timeout = float(scoped(args.run_timeout, suite, spec["timeout"]))
     world = spec["world"] if spec["world"] == 1 else args.nproc
-    if suite == "longest4":
+    if spec.get("long"):
         order = [(n, c) for c in cfgs for n in lens]
     else:
         core = [c for c in cfgs if spec["core"] and c in spec["core"]] if args.order == "core-first" else []
@@ -688,7 +720,7 @@ def run_suite(suite: str, args, cpu: bool, t_start: float) -> dict:
     if spec["world"] > 1 and not cpu and cuda_count() < args.nproc:
         skip_reason = f"needs {args.nproc} GPUs, this machine has {cuda_count()}"
         print(f"[bench] suite {suite}: skipped, {skip_reason}", flush=True)
-    stopped = {}           # longest4: config -> why its longer runs are skipped
+    stopped = {}           # long suites: config -> why its longer runs are skipped
     for job in jobs:
         if (job["id"], job["steps"]) in done_ids:
             continue
@@ -712,7 +744,7 @@ def run_suite(suite: str, args, cpu: bool, t_start: float) -> dict:
         print(progress_line(rec, result["runs"]), flush=True)
         if interrupted:
             raise Interrupted(rec.get("reason", "signal"))
-        if suite == "longest4" and rec["status"] != "ok":
+        if spec.get("long") and rec["status"] != "ok":
             stopped[rec["config"]] = f"stopped after {rec['config']} N={fmt_n(rec['seq_len'])} {rec['status']}"
     result["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
     atomic_json(path, result)
@@ -783,6 +815,18 @@ def targets(res) -> list[dict]:
             best = max(sparse, key=lambda r: r["tokens_per_s"])
             add(f"4 GPUs 128k best sparse SP ({best['config']}) / fastest DS-Ulysses ({d['config']})",
                 best["tokens_per_s"] / d["tokens_per_s"], 5.0)
+    elif suite == "longest1":
+        for r in runs:
+            ratio = floor_ratio(r, runs) if r.get("kind") == "hash" else None
+            if ratio is not None:
+                out.append({"target": f"{r['config']} step / attention-free step at "
+                                      f"N={fmt_n(r['seq_len'])}",
+                            "value": round(ratio, 3), "goal": "<= 1.5", "met": ratio <= 1.5})
+        okr = [r for r in runs if r.get("status") == "ok" and r.get("kind") == "hash"]
+        if okr:
+            best = max(okr, key=lambda r: r["seq_len"])
+            out.append({"target": "longest sequence trained on 1 GPU (aim 4M)",
+                        "value": best["seq_len"], "goal": 2 ** 22, "met": best["seq_len"] >= 2 ** 22})
     elif suite == "longest4":
         okr = [r for r in runs if r.get("status") == "ok"]
         if okr:
@@ -841,16 +885,18 @@ def table(res) -> str:
                           f"{_set_value(rs, 'train.retrieval_mix')}, eval every "
                           f"{_set_value(rs, 'train.eval_interval')} steps."]
     else:
-        hdr = ["N", "config", "n_buckets", "status", "step ms", "tokens/s", "tok/s/GPU", "peak GiB/GPU", "wall s", "note"]
+        hdr = ["N", "config", "n_buckets", "status", "step ms", "× floor", "tokens/s", "tok/s/GPU",
+               "peak GiB/GPU", "wall s", "note"]
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for r in runs:
             ok = r.get("status") == "ok"
             row = [fmt_n(r["seq_len"]), r["config"], str(r.get("n_buckets", "-")), r.get("status", "?"),
-                   fmt(r.get("median_step_ms")) if ok else "-", fmt_rate(r.get("tokens_per_s")) if ok else "-",
+                   fmt(r.get("median_step_ms")) if ok else "-", fmt(floor_ratio(r, runs), ".2f"),
+                   fmt_rate(r.get("tokens_per_s")) if ok else "-",
                    fmt_rate(r.get("tokens_per_s_per_gpu")) if ok else "-",
                    fmt(r.get("peak_mem_gib_per_gpu"), ".2f"), fmt(r.get("wall_s"), ".0f"), _note(r)]
             lines.append("| " + " | ".join(row) + " |")
-        okr = [r for r in runs if r.get("status") == "ok"]
+        okr = [r for r in runs if r.get("status") == "ok" and r.get("kind") != "floor"]
         if okr:
             b = max(okr, key=lambda r: r["seq_len"])
             lines += ["", f"Longest that trained: N = {b['seq_len']:,} ({fmt_n(b['seq_len'])}) tokens, "
@@ -863,6 +909,19 @@ def table(res) -> str:
             met = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
             lines.append(f"- {t['target']}: {t['value']} (goal {t['goal']}): {met}")
     return "\n".join(lines) + "\n"
+
+
+def floor_ratio(r, runs):
+    """Step time over the attention-free floor's (config ``floor``, with the same offload
+    setting) at the same length, or None."""
+    if r.get("status") != "ok" or not r.get("median_step_ms"):
+        return None
+    for f in runs:
+        if f.get("kind") == "floor" and f["seq_len"] == r["seq_len"] \
+                and bool(f.get("offload")) == bool(r.get("offload")) \
+                and f.get("status") == "ok" and f.get("median_step_ms"):
+            return r["median_step_ms"] / f["median_step_ms"]
+    return None
 
 
 def _note(r) -> str:

@@ -33,6 +33,12 @@ def test_parse_and_format_lengths():
      dict(sp_strategy="ulysses")),
     ("qk-drop30", 1, ["model.attention=qk", "model.qk_keep_rate=0.7000"],
      dict(qk_keep_rate=0.7)),
+    ("floor", 1, ["model.attention=none"], dict(kind="floor")),
+    ("floor-off", 1, ["model.attention=none", "model.offload_checkpoints=true"],
+     dict(kind="floor", offload=True)),
+    ("hash-b512-cap4-off", 1, ["model.n_buckets=256", "model.bucket_cap=4.0",
+                               "model.offload_checkpoints=true"],
+     dict(kind="hash", bucket_cap=4.0, offload=True)),
 ])
 def test_config_sets(name, world, want, info):
     sets, got = BT.config_sets(name, 131072, world, cpu=False)
@@ -48,9 +54,19 @@ def test_config_sets_fixed_bucket_size_and_errors():
     assert info["n_buckets"] == 4096 and "model.n_buckets=4096" in sets
     _, capped = BT.config_sets("hash-b512", 2 ** 21, 4, cpu=False, max_buckets=1000)
     assert capped["n_buckets"] == 1000
-    for bad in ("sparse16", "dense-fast", "qk-drop100", "hash16-local4"):
+    for bad in ("sparse16", "dense-fast", "qk-drop100", "hash16-local4", "floor-cap", "off"):
         with pytest.raises(ValueError):
             BT.config_sets(bad, 4096, 1, cpu=False)
+
+
+def test_floor_ratio_pairs_offload_settings():
+    runs = [dict(kind="floor", seq_len=8, status="ok", median_step_ms=10.0),
+            dict(kind="floor", offload=True, seq_len=8, status="ok", median_step_ms=20.0),
+            dict(kind="hash", seq_len=8, status="ok", median_step_ms=15.0),
+            dict(kind="hash", offload=True, seq_len=8, status="ok", median_step_ms=30.0),
+            dict(kind="hash", seq_len=16, status="ok", median_step_ms=30.0)]
+    assert BT.floor_ratio(runs[2], runs) == 1.5 and BT.floor_ratio(runs[3], runs) == 1.5
+    assert BT.floor_ratio(runs[4], runs) is None
 
 
 @pytest.mark.timeout(400)
