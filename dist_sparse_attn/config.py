@@ -357,15 +357,21 @@ def check_deepspeed_json(ds: dict, path: str):
     level = logger.level
     logger.setLevel(logging.WARNING)    # its INFO lines are for the real engine
     try:
-        # DeepSpeed checks train_batch_size against ITS idea of the data-parallel size,
-        # which is 1 here (no process group): give it the one-rank batch
+        # DeepSpeed checks train_batch_size against its idea of the data-parallel size
+        # (the world without a process group or mpu): check the batch of one
+        # data-parallel rank, under an mpu that says so (train_batch_size is ours anyway)
         DeepSpeedConfig({**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"]
-                         * ds["gradient_accumulation_steps"]})
+                         * ds["gradient_accumulation_steps"]}, mpu=_OneDataParallelRank())
     except (ValueError, TypeError, AssertionError, KeyError) as e:
         first = " ".join(str(e).split("\n")[:3]).strip() or type(e).__name__
         raise ConfigError(f"{path}: DeepSpeed rejects it: {' '.join(first.split())}") from None
     finally:
         logger.setLevel(level)
+
+
+class _OneDataParallelRank:
+    def get_data_parallel_world_size(self):
+        return 1
 
 
 def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1):

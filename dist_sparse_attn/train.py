@@ -46,6 +46,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -329,30 +330,31 @@ def _agree(fn, *args):
 
 
 def check_out_dir(path: str, create: bool):
-    """The output directory can be written: created (``create``) and probed with a file,
-    or, for a dry run, an existing directory, or a path whose nearest existing parent is a
-    writable directory. Raises :class:`ConfigError` naming train.out_dir."""
+    """The output directory can be written. ``create``: made (with its parents) and
+    probed with a file. Else (a dry run, which creates nothing that stays): a file is
+    created and removed in it, or in its nearest existing parent directory. Raises
+    :class:`ConfigError` naming train.out_dir."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"train.out_dir {path!r} exists and is not a directory")
+    where = os.path.abspath(path)
     if create:
         try:
             os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".write_test{os.getpid()}")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
         except OSError as e:
-            raise ConfigError(f"train.out_dir {path!r} cannot be written ({e.strerror})") from None
-        return
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"train.out_dir {path!r} cannot be created: {parent!r} is not a "
-                          "directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.out_dir {path!r} cannot be written ({parent!r} is not "
-                          "writable)")
+            raise ConfigError(f"train.out_dir {path!r} cannot be created ({e.strerror})") from None
+    else:
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            raise ConfigError(f"train.out_dir {path!r} cannot be created: {where!r} is not a "
+                              "directory")
+    try:        # permission bits do not tell (root, read-only mounts): try it
+        fd, probe = tempfile.mkstemp(prefix=".dsa_write_test", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"train.out_dir {path!r} cannot be written ({e.strerror} in "
+                          f"{where!r})") from None
 
 
 class Trainer:
@@ -376,10 +378,11 @@ class Trainer:
         self.n_params = model.get_num_params()
         optimizer = model.configure_optimizers(tcfg.weight_decay, tcfg.lr, tcfg.betas,
                                                device_type=self.device.type)
-        # every group gets the run's collective timeout (torch would give new groups its
-        # 30-minute default, and a stalled rank would hang the others in an all-to-all)
-        mpu = (SequenceParallelMPU(self.sp, timeout=datetime.timedelta(minutes=tcfg.timeout_min))
-               if self.sp > 1 else None)
+        # Every group gets the run's collective timeout: torch gives a new group its own
+        # default (30 min for gloo, 10 for NCCL), so a stalled rank would hang the others
+        # in an all-to-all. The mpu is passed with sp = 1 too: without one, DeepSpeed
+        # clones the world group for the gradient all-reduce, with that default.
+        mpu = SequenceParallelMPU(self.sp, timeout=datetime.timedelta(minutes=tcfg.timeout_min))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
         self.sp_group = None
@@ -836,6 +839,17 @@ def _prepare_out_dir(mcfg, tcfg, ds, world, resume: bool):
                    "deepspeed": ds, "world": world}, f, indent=1)
 
 
+def _peer_failure(e: BaseException) -> str | None:
+    """What a collective's error says about the other ranks, or None if it is not that."""
+    text = str(e).lower()
+    if "timed out" in text or "timeout" in text:
+        return "a collective did not complete in time: another rank stalled or died"
+    if "connection closed by peer" in text or "connection reset" in text \
+            or "broken pipe" in text:
+        return "another rank closed its connection (it died or stopped)"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank0 = _launch_rank() == 0
@@ -894,6 +908,14 @@ def main(argv=None) -> int:
         config_error(e)
         dist.destroy_process_group()
         return 2
+    except RuntimeError as e:     # torch.distributed's errors (DistError) included
+        why = _peer_failure(e)
+        if why is None:
+            raise
+        first = " ".join(str(e).split())[:300]
+        print(f"[train] rank {rank}: {why} (train.timeout_min={tcfg.timeout_min:g}); "
+              f"stopping: {first}", file=sys.stderr, flush=True)
+        return 1
     dist.barrier()
     dist.destroy_process_group()
     return 0
