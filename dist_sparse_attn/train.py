@@ -31,7 +31,14 @@ reproduces the following steps' losses.
 
 Outputs in ``out_dir``: ``metrics.jsonl`` (one JSON per log/eval line),
 ``summary.json``, ``loss.png``, ``config.json`` (the resolved configuration) and
-``checkpoints/`` (DeepSpeed's format, ``latest`` names the newest).
+``checkpoints/`` (DeepSpeed's format plus :data:`CHECKPOINT_META` per checkpoint;
+``latest`` names the newest complete one).
+
+Errors: a configuration, data file, output directory or checkpoint that cannot work is a
+:class:`~dist_sparse_attn.config.ConfigError`: exit code 2 and one line on rank 0's
+stderr, on every rank together (checks that may differ between ranks are agreed on with
+a collective, :func:`_agree`). The configuration itself (types, ranges, presets, the
+DeepSpeed JSON) lives in :mod:`dist_sparse_attn.config`.
 """
 from __future__ import annotations
 
