@@ -744,8 +744,9 @@ def _dry_resume(capsys, monkeypatch, config, out, world, *extra):
     from dist_sparse_attn import train
     for k in _LAUNCH_VARS:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))       # as a launcher sets it
     argv = ["--config", str(config), "--out", str(out), "--dry-run", "--device", "cpu",
-            "--world-size", str(world), "--set", f"train.steps={CKPT_STEPS}",
+            "--set", f"train.steps={CKPT_STEPS}",
             "--set", "train.warmup=1", "--set", "train.retrieval_mix=0.5", *extra]
     rc = train.main(argv)
     return rc, capsys.readouterr()
