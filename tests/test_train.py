@@ -844,17 +844,26 @@ def test_bad_checkpoints_stop_every_rank(work, config, finished):
 @pytest.mark.timeout(300)
 def test_bad_config_and_out_dir_without_dry_run(work, config):
     """Without --dry-run: model.n_layer=0 (trained a block-less model before), an output
-    directory that is a file. Exit 2, one line on stderr, nothing written."""
+    directory that is a file, one that cannot be written. Exit 2, one line on stderr,
+    nothing written."""
     file_out = work / "out_is_a_file"
     file_out.write_text("x")
+    if os.geteuid() != 0:
+        (work / "read_only").mkdir()
+        (work / "read_only").chmod(0o500)
+        locked = work / "read_only" / "out"
+    elif os.path.isdir("/sys/kernel"):      # root ignores permission bits, sysfs does not
+        locked = "/sys/kernel/dsa_test_out"
+    else:
+        pytest.skip("running as root without /sys: no unwritable directory to test with")
     specs = []
     for name, out, extra in (("n_layer0", work / "n_layer0", ["--set", "model.n_layer=0"]),
-                             ("file_out", file_out, [])):
+                             ("file_out", file_out, []), ("locked_out", locked, [])):
         args = ["--config", str(config), "--out", str(out), *extra]
         specs.append((_command("python", 1, args), str(work / name), _env()))
     jobs = run_jobs(specs, timeout_s=200)
     for job, text in zip(jobs, ("model.n_layer must be an int >= 1, got 0",
-                                "train.out_dir")):
+                                "train.out_dir", "cannot be")):
         assert job.rc == 2, job.tail()
         errors = [l for l in job.log.splitlines() if "configuration error" in l]
         assert len(errors) == 1 and text in errors[0], job.tail()
