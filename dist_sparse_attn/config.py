@@ -139,9 +139,6 @@ def find_file(path: str) -> str:
     return alt if os.path.exists(alt) else path
 
 
-_find = find_file
-
-
 def _toml():
     try:
         import tomllib
