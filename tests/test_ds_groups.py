@@ -60,6 +60,7 @@ def _timeout_worker(rank, world, port, outdir):
 
 def _arguments_worker(rank, world, port, outdir):
     """Bad arguments: the same ValueError on every rank, before any group is created."""
+    import torch.distributed as dist
     from dist_sparse_attn.integrations import ds_groups
     _init(rank, world, port)
     errors = []
@@ -78,6 +79,7 @@ def _arguments_worker(rank, world, port, outdir):
         except Exception as e:      # noqa: BLE001 - reported as the case's failure
             errors.append(f"{args} {kw}: {type(e).__name__}: {e}")
     _write(outdir, "bad_arguments", rank, "ok" if not errors else "\n".join(errors))
+    dist.barrier()      # rank 0 hosts the store: it must not leave before rank 1 is done with it
     os._exit(0)
 
 
