@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .hashing import keep_to_buckets, lsh_buckets
 from .ops import _bucketed_default_positions, hash_sparse_attention, qk_sparse_attention
+from .schema import setting, validate_instance
 
 ATTENTIONS = ("dense", "hash", "qk", "none")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -58,66 +59,69 @@ def dense_causal_sdpa(q, k, v, backend: str = "auto"):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 256
+    """The model's hyperparameters. Every field's type and range is declared next to it
+    (:func:`~dist_sparse_attn.schema.setting`) and checked on construction, with the
+    relations between fields: a bad value raises ValueError naming the field."""
+    vocab_size: int = setting(256, ge=1)
     """Vocabulary size; 256 = raw bytes (:mod:`dist_sparse_attn.data` is byte-level)."""
-    n_layer: int = 4
+    n_layer: int = setting(4, ge=1)
     """Number of transformer blocks."""
-    n_head: int = 4
+    n_head: int = setting(4, ge=1)
     """Number of query heads H."""
-    n_kv_head: int | None = None
+    n_kv_head: int | None = setting(None, ge=1)
     """Number of key/value heads Hkv (GQA/MQA); must divide n_head. None: n_head."""
-    n_embd: int = 128
+    n_embd: int = setting(128, ge=2)
     """Model width; n_embd // n_head is the head dim D, which must be even (RoPE)."""
-    seq_len: int = 256
+    seq_len: int = setting(256, ge=1)
     """Training sequence length (informational: RoPE needs no table of fixed size)."""
-    dropout: float = 0.0
+    dropout: float = setting(0.0, ge=0.0, lt=1.0)
     """Dropout on the residual branches and embeddings (not inside attention)."""
-    bias: bool = False
+    bias: bool = setting(False)
     """Biases in the Linear layers and LayerNorms (nanoGPT's switch)."""
-    attention: str = "dense"
+    attention: str = setting("dense", choices=ATTENTIONS)
     """"dense" (causal SDPA), "hash" (LSH buckets, :func:`hash_sparse_attention`),
     "qk" (query/key dropping, :func:`qk_sparse_attention`; rule in :class:`CausalSelfAttention`)
     or "none": every token attends only itself (the output is its own value vector),
     the attention-free floor of a benchmark: the same model and step with no token
     mixing, no attention kernel and no communication."""
-    n_buckets: int = 8
+    n_buckets: int = setting(8, ge=1)
     """LSH buckets per head for attention="hash" (even, >= 2)."""
-    hash_seed: int = 0
+    hash_seed: int = setting(0, ge=0)
     """Layer l hashes with seed ``hash_seed + l``: layers get different rotations,
     every rank and device the same ones."""
-    local_heads: int = 0
+    local_heads: int = setting(0, ge=0)
     """attention="hash": the last ``local_heads`` kv heads (and the query heads that read
     them) take block-local buckets ``position // local_window`` instead of LSH buckets:
     chunked causal attention within aligned windows, the short-range context that
     hashing alone misses. The other heads hash as usual. 0: every head hashes."""
-    local_window: int = 512
+    local_window: int = setting(512, ge=1)
     """Window (tokens) of the block-local heads; buckets are ``global position // window``."""
-    bucket_cap: float = 0.0
+    bucket_cap: float = setting(0.0, ge=0.0)
     """attention="hash": > 0 caps every (batch, kv head, bucket) at ``bucket_cap`` times the
     mean bucket size (``seq_len / n_buckets`` keys) by splitting larger buckets into
     consecutive pieces in token order (:func:`dist_sparse_attn.balance.cap_buckets`): a
     query then attends the most recent keys of its bucket's piece. Bounds the cost of a
     skewed hash (the largest bucket's tiles, the sequence-parallel owner's load).
     0: no cap."""
-    qk_keep_rate: float = 0.5
+    qk_keep_rate: float = setting(0.5, gt=0.0, le=1.0)
     """attention="qk": fraction of the (token, head) items kept, in (0, 1]."""
-    rope_base: float = 10000.0
+    rope_base: float = setting(10000.0, gt=1.0)
     """RoPE frequency base: pair i of a head rotates by ``pos * rope_base ** (-2i / D)``."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = setting(False)
     """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)
     instead of storing its activations."""
-    offload_checkpoints: bool = False
+    offload_checkpoints: bool = setting(False)
     """With ``activation_checkpointing``: keep what the blocks save for backward (their
     inputs, n_layer x tokens x n_embd) in pinned host memory instead of on the device
     (``torch.autograd.graph.save_on_cpu``), copied back when backward reaches each
     block. For the longest sequences: at 4M tokens per GPU and n_embd=768 that is 72 GiB
     of bf16 block inputs moved off the GPU, at the price of two host copies per step."""
-    loss_chunk: int = 0
+    loss_chunk: int = setting(0, ge=0)
     """Tokens per chunk of the output head and loss. > 0: ``forward(idx, targets)``
     computes ln_f, the head, the float32 logits and the cross-entropy chunk by chunk,
     each chunk under a non-reentrant checkpoint, so no (tokens x vocab) logits of the
     whole sequence exist (the returned logits are None). 0: whole-sequence logits."""
-    mlp_chunk: int = 0
+    mlp_chunk: int = setting(0, ge=0)
     """Tokens per MLP chunk. > 0: each block's MLP runs over the sequence in chunks of this
     many tokens, each chunk under its own non-reentrant checkpoint when gradients are
     on, so a forward, a recompute or a backward holds one chunk's 4 * n_embd hidden
@@ -126,10 +130,10 @@ class GPTConfig:
     tensor, against 0.4 GiB for 64k-token chunks. Costs one extra MLP forward per step.
     For the longest sequences, with ``activation_checkpointing``. 0: no chunking.
     Needs ``compile="off"``."""
-    sdpa_backend: str = "auto"
+    sdpa_backend: str = setting("auto", choices=tuple(SDPA_BACKENDS))
     """attention="dense": the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
     "efficient" or "math" (the dense baselines of the benchmarks)."""
-    compile: str = "off"
+    compile: str = setting("off", choices=COMPILE_MODES)
     """"off", or "blocks": ``torch.compile`` (default mode, no CUDA graphs, static shapes)
     of each block's per-token work around the attention call -- ln_1, the qkv projection,
     RoPE and the head reshape before it; the output projection, residual, ln_2 and MLP
@@ -142,46 +146,29 @@ class GPTConfig:
     block. Single device only: a call with ``sp_group`` runs eagerly."""
 
     def __post_init__(self):
+        validate_instance(self)         # every field's type and range (the settings above)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd={self.n_embd} must be n_head={self.n_head} times an "
                              "even head dim (RoPE rotates pairs)")
-        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+        if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if self.attention == "hash" and (self.n_buckets < 2 or self.n_buckets % 2):
-            raise ValueError(f"n_buckets must be even and >= 2, got {self.n_buckets}")
-        if not 0 <= self.local_heads <= self.n_kv_head:
+        if self.attention == "hash" and self.n_buckets % 2:
+            raise ValueError(f"n_buckets must be even and >= 2 for attention='hash', "
+                             f"got {self.n_buckets}")
+        if self.local_heads > self.n_kv_head:
             raise ValueError(f"local_heads={self.local_heads} must be in [0, n_kv_head="
                              f"{self.n_kv_head}]")
         if self.local_heads and self.attention != "hash":
             raise ValueError("local_heads applies to attention='hash' only, got "
                              f"attention={self.attention!r}")
-        if self.local_window < 1:
-            raise ValueError(f"local_window must be >= 1, got {self.local_window}")
-        if not 0.0 < self.qk_keep_rate <= 1.0:
-            raise ValueError(f"qk_keep_rate must be in (0, 1], got {self.qk_keep_rate}")
-        if self.sdpa_backend not in SDPA_BACKENDS:
-            raise ValueError(f"sdpa_backend must be one of {tuple(SDPA_BACKENDS)}, "
-                             f"got {self.sdpa_backend!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int) \
-                or self.mlp_chunk < 0:
-            raise ValueError(f"mlp_chunk must be an int >= 0 (0: no chunking), "
-                             f"got {self.mlp_chunk!r}")
         if self.bucket_cap and (self.bucket_cap < 1 or self.attention != "hash"):
             raise ValueError(f"bucket_cap={self.bucket_cap} must be 0 (off) or >= 1 (times the "
                              f"mean bucket size), with attention='hash'")
         if self.offload_checkpoints and not self.activation_checkpointing:
             raise ValueError("offload_checkpoints needs activation_checkpointing=True (what it "
                              "offloads are the checkpointed blocks' inputs)")
-        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) \
-                or self.loss_chunk < 0:
-            raise ValueError(f"loss_chunk must be an int >= 0 (0: no chunking), "
-                             f"got {self.loss_chunk!r}")
         if self.mlp_chunk and self.compile != "off":
             raise ValueError(f"mlp_chunk={self.mlp_chunk} needs compile='off' (the chunks' "
                              f"checkpoints are eager), got compile={self.compile!r}")

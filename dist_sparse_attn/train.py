@@ -31,7 +31,14 @@ reproduces the following steps' losses.
 
 Outputs in ``out_dir``: ``metrics.jsonl`` (one JSON per log/eval line),
 ``summary.json``, ``loss.png``, ``config.json`` (the resolved configuration) and
-``checkpoints/`` (DeepSpeed's format, ``latest`` names the newest).
+``checkpoints/`` (DeepSpeed's format plus :data:`CHECKPOINT_META` per checkpoint;
+``latest`` names the newest complete one).
+
+Errors: a configuration, data file, output directory or checkpoint that cannot work is a
+:class:`~dist_sparse_attn.config.ConfigError`: exit code 2 and one line on rank 0's
+stderr, on every rank together (checks that may differ between ranks are agreed on with
+a collective, :func:`_agree`). The configuration itself (types, ranges, presets, the
+DeepSpeed JSON) lives in :mod:`dist_sparse_attn.config`.
 """
 from __future__ import annotations
 
@@ -39,242 +46,27 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import model as _model
+from .config import (REPO, ConfigError, TrainConfig, check_compile, check_config,  # noqa: F401
+                     deepspeed_config, find_file, load_config)
+from .config import find_file as _find
 from .data import TokenData, load_bin, load_text, retrieval_batch, shard_bounds, stdlib_corpus
 from .integrations.ds_groups import SequenceParallelMPU
-from . import model as _model
-from .model import ATTENTIONS, GPT, SP_STRATEGIES, GPTConfig
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run (message says what and how to fix it)."""
-
-
-@dataclass
-class TrainConfig:
-    data: str = "stdlib"
-    """"stdlib" (this Python's standard library sources, byte-level: exists on every
-    machine), a text file (bytes), or a nanoGPT-style token ``.bin`` (uint16)."""
-    max_bytes: int = 4_000_000
-    """For "stdlib" and text files: read at most this many bytes."""
-    val_fraction: float = 0.1
-    """The last fraction of the tokens is the validation split."""
-    seq_len: int = 1024
-    """Tokens per training sequence (the whole sequence, before sequence-parallel sharding)."""
-    micro_batch: int = 1
-    """Sequences per data-parallel rank per micro-step (DeepSpeed's micro batch)."""
-    grad_accum: int = 1
-    """Micro-steps per optimizer step."""
-    steps: int = 200
-    """Optimizer steps."""
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 20
-    """Linear warmup steps, then cosine decay from lr to min_lr at ``steps``."""
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    sequence_parallel: int = 0
-    """Ranks per sequence-parallel group sp (must divide the world size); 0 = all ranks."""
-    sp_strategy: str = "bucket"
-    """"bucket", "ulysses", "allgather" or "ds-ulysses" (see :mod:`dist_sparse_attn.model`)."""
-    deepspeed_config: str = "configs/ds/zero1.json"
-    """DeepSpeed JSON (relative paths: to the current directory, then the repository)."""
-    precision: str = "auto"
-    """"auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"; written into the DeepSpeed config."""
-    eval_interval: int = 50
-    """Evaluate the validation loss every this many steps (and at the end); 0 = only at the end."""
-    eval_iters: int = 4
-    """Validation batches per evaluation (the same batches every time)."""
-    retrieval_mix: float = 0.0
-    """Fraction of training sequences replaced by the synthetic retrieval task
-    (:func:`dist_sparse_attn.data.retrieval_batch`), so the model can learn it."""
-    retrieval_samples: int = 32
-    """Retrieval-eval sequences at the end (0 = skip); accuracy of the planted digit."""
-    retrieval_seq_len: int = 0
-    """Length of retrieval-eval sequences; 0 = seq_len."""
-    log_interval: int = 10
-    checkpoint_interval: int = 0
-    """Save a DeepSpeed checkpoint every this many steps (and at the end); 0 = only at the end."""
-    save_checkpoint: bool = True
-    seed: int = 1337
-    out_dir: str = "runs/default"
-    timeout_min: float = 10.0
-    """Collective timeout: a rank that dies or stalls makes the others fail after this."""
-    warmup_steps_excluded: int = 2
-    """Steps left out of the step-time statistics (compilation, allocator warmup)."""
-    profile: bool = False
-    """Profile one step after the excluded warmup steps (torch.profiler) and write the
-    top operators by device time, then by allocated memory, and the step's peak memory
-    to ``out_dir/profile_rank<r>.txt`` (where the step and the memory go)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
-# ---------------------------------------------------------------------------------------------
-
-def _find(path: str) -> str:
-    if os.path.exists(path) or os.path.isabs(path):
-        return path
-    alt = os.path.join(REPO, path)
-    return alt if os.path.exists(alt) else path
-
-
-def _parse_value(text: str, current):
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"expected a boolean, got {text!r}")
-    if isinstance(current, int) or current is None and text.lstrip("-").isdigit():
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, tuple):
-        return tuple(float(t) for t in text.strip("()[]").split(","))
-    return text
-
-
-def load_config(path: str | None, overrides=()) -> tuple[GPTConfig, TrainConfig]:
-    """Read a TOML preset and apply ``section.field=value`` overrides.
-
-    Unknown sections, fields or bad values raise :class:`ConfigError` naming them."""
-    import tomllib
-    raw = {"model": {}, "train": {}}
-    if path:
-        with open(_find(path), "rb") as f:
-            loaded = tomllib.load(f)
-        for sec in loaded:
-            if sec not in raw:
-                raise ConfigError(f"{path}: unknown section [{sec}] (expected [model], [train])")
-            raw[sec].update(loaded[sec])
-    fields = {"model": {f.name: f for f in dataclasses.fields(GPTConfig)},
-              "train": {f.name: f for f in dataclasses.fields(TrainConfig)}}
-    defaults = {"model": GPTConfig(), "train": TrainConfig()}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        sec, dot, name = key.partition(".")
-        if not sep or not dot or sec not in raw:
-            raise ConfigError(f"--set expects section.field=value with section model or train, "
-                              f"got {item!r}")
-        if name not in fields[sec]:
-            raise ConfigError(f"--set {item!r}: [{sec}] has no field {name!r}; fields: "
-                              f"{', '.join(fields[sec])}")
-        try:
-            raw[sec][name] = _parse_value(value, getattr(defaults[sec], name))
-        except ValueError as e:
-            raise ConfigError(f"--set {item!r}: {e}") from None
-    for sec in raw:
-        unknown = set(raw[sec]) - set(fields[sec])
-        if unknown:
-            raise ConfigError(f"[{sec}] has unknown field(s) {sorted(unknown)}; fields: "
-                              f"{', '.join(fields[sec])}")
-    if "betas" in raw["train"]:
-        raw["train"]["betas"] = tuple(raw["train"]["betas"])
-    if raw["model"].get("attention", "dense") not in ATTENTIONS:
-        raise ConfigError(f"model.attention must be one of {ATTENTIONS}, "
-                          f"got {raw['model']['attention']!r}")
-    train = TrainConfig(**raw["train"])
-    raw["model"].setdefault("seq_len", train.seq_len)
-    try:
-        model = GPTConfig(**raw["model"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[model]: {e}") from None
-    return model, train
-
-
-def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
-    """Validate against the world size; returns the parallel layout {sp, dp}."""
-    sp = tcfg.sequence_parallel or world
-    if sp < 1 or world % sp:
-        raise ConfigError(f"train.sequence_parallel={tcfg.sequence_parallel} must divide the "
-                          f"world size {world} (0 = all {world} ranks)")
-    if tcfg.sp_strategy not in SP_STRATEGIES:
-        raise ConfigError(f"train.sp_strategy must be one of {SP_STRATEGIES}, "
-                          f"got {tcfg.sp_strategy!r}")
-    if tcfg.seq_len < sp:
-        raise ConfigError(f"train.seq_len={tcfg.seq_len} is shorter than the sequence-parallel "
-                          f"size {sp}: every rank needs at least one token")
-    if sp > 1 and tcfg.sp_strategy in ("ulysses", "ds-ulysses"):
-        if mcfg.n_kv_head % sp or mcfg.n_head % sp:
-            raise ConfigError(f"sp_strategy={tcfg.sp_strategy!r} splits heads over the "
-                              f"{sp} ranks: n_head={mcfg.n_head} and n_kv_head={mcfg.n_kv_head} "
-                              f"must be multiples of {sp} (strategy 'bucket' has no such rule)")
-        if tcfg.seq_len % sp:
-            raise ConfigError(f"sp_strategy={tcfg.sp_strategy!r} needs equal shards: "
-                              f"seq_len={tcfg.seq_len} must be a multiple of {sp}")
-    if tcfg.sp_strategy == "ds-ulysses" and mcfg.attention != "dense":
-        raise ConfigError("sp_strategy='ds-ulysses' is the dense baseline (DeepSpeed-Ulysses "
-                          "over SDPA): use it with model.attention='dense'")
-    for name in ("steps", "micro_batch", "grad_accum"):
-        if getattr(tcfg, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1, got {getattr(tcfg, name)}")
-    if tcfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {tcfg.precision!r}")
-    if not 0.0 <= tcfg.retrieval_mix < 1.0:
-        raise ConfigError(f"train.retrieval_mix must be in [0, 1), got {tcfg.retrieval_mix}")
-    if mcfg.vocab_size < 256 and tcfg.data == "stdlib":
-        raise ConfigError("the stdlib corpus is byte-level: model.vocab_size must be >= 256")
-    return {"sp": sp, "dp": world // sp}
-
-
-def deepspeed_config(tcfg: TrainConfig, layout: dict, cuda: bool) -> dict:
-    """The DeepSpeed JSON with the batch arithmetic, precision and SP mesh filled in."""
-    path = _find(tcfg.deepspeed_config)
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"train.deepspeed_config: no file {tcfg.deepspeed_config!r}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    sp, dp = layout["sp"], layout["dp"]
-    ds["train_micro_batch_size_per_gpu"] = tcfg.micro_batch
-    ds["gradient_accumulation_steps"] = tcfg.grad_accum
-    ds["train_batch_size"] = tcfg.micro_batch * tcfg.grad_accum * dp
-    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and cuda)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds.pop("fp16", None)
-    # the SP/DP groups come from an mpu (integrations.ds_groups), not from DeepSpeed's
-    # "sequence_parallel_size" mesh, which does not reduce gradients across SP ranks
-    for key in ("sequence_parallel_size", "data_parallel_size"):
-        if key in ds and ds.pop(key) not in (None, sp if key[0] == "s" else dp):
-            raise ConfigError(f"{path}: {key} disagrees with train.sequence_parallel={sp} on "
-                              f"this world (dp={dp}); set train.sequence_parallel instead")
-    ds.setdefault("steps_per_print", 10 ** 9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1):
-    """model.compile="blocks" needs ZeRO 0-2: ZeRO-3 gathers each submodule's parameters
-    in forward hooks that are ``torch.compiler.disable``d, so every compiled block breaks
-    into pieces at each Linear and LayerNorm, and dynamo recompiles DeepSpeed's own hooks
-    until it hits its recompile limit (measured on CPU, DeepSpeed 0.19.8): correct but
-    slower than eager, the opposite of the option's purpose."""
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if mcfg.compile != "off" and stage == 3:
-        raise ConfigError(f"model.compile={mcfg.compile!r} does not work with ZeRO-3 (its "
-                          "parameter hooks break every compiled region): use ZeRO 0-2 "
-                          "(train.deepspeed_config) or model.compile='off'")
-    if mcfg.compile == "model" and sp > 1:
-        raise ConfigError("model.compile='model' compiles the single-device forward; with "
-                          f"sequence parallelism (sp={sp}) use model.compile='blocks'")
-
+from .model import ATTENTIONS, GPT, SP_STRATEGIES, GPTConfig  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # distributed setup
@@ -321,9 +113,34 @@ def load_tokens(tcfg: TrainConfig):
     path = _find(tcfg.data)
     if not os.path.exists(path):
         raise ConfigError(f"train.data: no file {tcfg.data!r} (use 'stdlib', a text file or a .bin)")
-    if path.endswith(".bin"):
-        return load_bin(path)
-    return load_text(path, tcfg.max_bytes)
+    if os.path.isdir(path):
+        raise ConfigError(f"train.data {tcfg.data!r} is a directory (use 'stdlib', a text file "
+                          "or a .bin)")
+    try:
+        if path.endswith(".bin"):
+            if os.path.getsize(path) % 2:
+                raise ConfigError(f"train.data {tcfg.data!r}: a .bin holds uint16 token ids, "
+                                  f"but its size ({os.path.getsize(path)} bytes) is odd")
+            return load_bin(path)
+        return load_text(path, tcfg.max_bytes)
+    except OSError as e:
+        raise ConfigError(f"train.data {tcfg.data!r}: cannot read it ({e.strerror})") from None
+
+
+def load_data(tcfg: TrainConfig) -> TokenData:
+    """The corpus split into train and val; ConfigError when a split cannot hold one
+    sequence (the same result on every rank: the same files)."""
+    tokens = load_tokens(tcfg)
+    if len(tokens) < 2:
+        raise ConfigError(f"train.data {tcfg.data!r} has {len(tokens)} tokens")
+    data = TokenData(tokens, tcfg.val_fraction)
+    for split in ("train", "val"):
+        n = len(data.splits[split])
+        if n < tcfg.seq_len + 1:
+            raise ConfigError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = "
+                              f"{tcfg.seq_len + 1}: use more data (train.max_bytes), a shorter "
+                              "train.seq_len or another train.val_fraction")
+    return data
 
 
 def _generator(*key) -> torch.Generator:
@@ -368,27 +185,211 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
+# ---------------------------------------------------------------------------------------------
+# checkpoints: layout, integrity, agreement between ranks
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_META = "dsa_checkpoint.json"
+"""Written into each checkpoint directory after every rank's files: the parallel layout,
+the parameter shapes, the step, and each file's size and SHA-256."""
+_SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "bias")
+_TAG_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def checkpoint_layout(mcfg: GPTConfig, layout: dict, ds: dict) -> dict:
+    """What a checkpoint must share with the run that loads it: the parallel layout
+    (DeepSpeed's files are per rank), ZeRO stage and precision (the optimizer state's
+    format), and the parameter shapes. ``layout`` may hold None for an unknown world."""
+    sp, dp = layout["sp"], layout["dp"]
+    return {"world": None if sp is None or dp is None else sp * dp, "sp": sp, "dp": dp,
+            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+            "bf16": bool(ds.get("bf16", {}).get("enabled", False)),
+            "model": {f: getattr(mcfg, f) for f in _SHAPE_FIELDS}}
+
+
+def _checkpoint_files(tag_dir: str) -> list:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(tag_dir):
+        dirnames.sort()
+        out += [os.path.relpath(os.path.join(dirpath, f), tag_dir) for f in sorted(filenames)]
+    return out
+
+
+def _file_record(path: str) -> list:
+    """[size in bytes, SHA-256 hex] of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return [os.path.getsize(path), h.hexdigest()]
+
+
+def _write_atomic(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _tags(ckpt_dir: str) -> str:
+    have = sorted(d for d in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, d)))
+    return ", ".join(have) or "none"
+
+
+def resolve_checkpoint(ckpt_dir: str, tag: str, expect: dict, share=(0, 1)) -> tuple[str, dict]:
+    """Check the checkpoint ``tag`` ("latest" or a tag) of ``ckpt_dir`` before loading it.
+
+    ``expect``: :func:`checkpoint_layout` of this run (None values are not compared).
+    Every file's size is checked; the SHA-256 of the files ``i`` with ``i % world ==
+    rank`` (``share = (rank, world)``; all of them for ``(0, 1)``), so the ranks of a
+    job verify a checkpoint together (:func:`_agree`). Returns (tag, the saved metadata);
+    raises :class:`ConfigError` (one line) for a missing or corrupt checkpoint or one
+    saved with another layout."""
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (no such directory)")
+    if tag == "latest":
+        latest = os.path.join(ckpt_dir, "latest")
+        if not os.path.exists(latest):
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file; "
+                              f"have: {_tags(ckpt_dir)})")
+        try:
+            with open(latest, "rb") as f:
+                tag = f.read(256).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--resume: {latest} is unreadable ({e})") from None
+        if not tag or not set(tag) <= _TAG_CHARS or tag in (".", ".."):
+            raise ConfigError(f"--resume: {latest} does not name a checkpoint ({tag[:40]!r})")
+        missing = f"--resume: {latest} names {tag!r}, which does not exist"
+    else:
+        if not set(tag) <= _TAG_CHARS or tag in (".", ".."):
+            raise ConfigError(f"--resume TAG must be a checkpoint name such as step0000100, "
+                              f"got {tag!r}")
+        missing = f"--resume {tag}: no such checkpoint in {ckpt_dir}"
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(tag_dir):
+        raise ConfigError(f"{missing} (have: {_tags(ckpt_dir)})")
+    meta_path = os.path.join(tag_dir, CHECKPOINT_META)
+    if not os.path.exists(meta_path):
+        raise ConfigError(f"--resume: checkpoint {tag} in {ckpt_dir} is incomplete (no "
+                          f"{CHECKPOINT_META}: its save did not finish, or another program "
+                          "wrote it)")
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+        step, files = int(meta["step"]), dict(meta["files"])
+        saved = {k: meta[k] for k in ("world", "sp", "dp", "zero_stage", "bf16", "model")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume: {meta_path} is corrupt ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
+    if expect.get("world") is not None and (saved["world"], saved["sp"]) != (expect["world"],
+                                                                             expect["sp"]):
+        raise ConfigError(f"--resume: checkpoint {tag} was saved by world {saved['world']} "
+                          f"(dp {saved['dp']} x sp {saved['sp']}), this run is world "
+                          f"{expect['world']} (dp {expect['dp']} x sp {expect['sp']}): resume "
+                          "with the same number of processes and train.sequence_parallel")
+    for key, what in (("zero_stage", "ZeRO stage (train.deepspeed_config)"),
+                      ("bf16", "bf16 (train.precision)")):
+        if expect.get(key) is not None and saved[key] != expect[key]:
+            raise ConfigError(f"--resume: checkpoint {tag} was saved with {what} = "
+                              f"{saved[key]}, this run has {expect[key]}")
+    for name, value in (expect.get("model") or {}).items():
+        if saved["model"].get(name) != value:
+            raise ConfigError(f"--resume: checkpoint {tag} was saved with model.{name}="
+                              f"{saved['model'].get(name)}, this run has model.{name}={value}")
+    rank, world = share
+    for i, (name, record) in enumerate(sorted(files.items())):
+        path = os.path.join(tag_dir, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume: checkpoint {tag} is missing its file {name}")
+        size = os.path.getsize(path)
+        if size != record[0]:
+            raise ConfigError(f"--resume: {tag}/{name} is truncated or changed ({size} bytes, "
+                              f"saved with {record[0]})")
+        if i % world == rank and _file_record(path)[1] != record[1]:
+            raise ConfigError(f"--resume: {tag}/{name} is corrupt (its SHA-256 differs from "
+                              "the one saved with it)")
+    return tag, {**meta, "step": step}
+
+
+def _raise_if_any(message: str | None):
+    """Collective: every rank passes its error (or None); if any rank has one, every rank
+    raises :class:`ConfigError` with the first one (so no rank waits for the others in a
+    later collective)."""
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise ConfigError(first)
+
+
+def _agree(fn, *args):
+    """``fn(*args)`` on every rank; a ConfigError or OSError on any rank becomes a
+    ConfigError on all of them (:func:`_raise_if_any`). Returns this rank's result."""
+    out, err = None, None
+    try:
+        out = fn(*args)
+    except ConfigError as e:
+        err = str(e)
+    except OSError as e:
+        err = f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
+    _raise_if_any(err)
+    return out
+
+
+def check_out_dir(path: str, create: bool):
+    """The output directory can be written. ``create``: made (with its parents) and
+    probed with a file. Else (a dry run, which creates nothing that stays): a file is
+    created and removed in it, or in its nearest existing parent directory. Raises
+    :class:`ConfigError` naming train.out_dir."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"train.out_dir {path!r} exists and is not a directory")
+    where = os.path.abspath(path)
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.out_dir {path!r} cannot be created ({e.strerror})") from None
+    else:
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            raise ConfigError(f"train.out_dir {path!r} cannot be created: {where!r} is not a "
+                              "directory")
+    try:        # permission bits do not tell (root, read-only mounts): try it
+        fd, probe = tempfile.mkstemp(prefix=".dsa_write_test", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"train.out_dir {path!r} cannot be written ({e.strerror} in "
+                          f"{where!r})") from None
+
+
 class Trainer:
+    """One training run on an initialised process group: the DeepSpeed engine, the
+    sequence-parallel groups, the loop, evaluation and checkpoints.
+
+    ``resume``: a checkpoint tag already checked by :func:`resolve_checkpoint` (on every
+    rank), or None. ``data``: the :func:`load_data` corpus (loaded here when None)."""
 
     def __init__(self, mcfg: GPTConfig, tcfg: TrainConfig, layout: dict, ds_config: dict,
-                 cuda: bool, resume: str | None):
+                 cuda: bool, resume: str | None = None, data: TokenData | None = None):
         import deepspeed
         self.mcfg, self.tcfg, self.cuda = mcfg, tcfg, cuda
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.sp, self.dp = layout["sp"], layout["dp"]
         self.sp_rank, self.dp_rank = self.rank % self.sp, self.rank // self.sp
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        self.data = TokenData(load_tokens(tcfg), tcfg.val_fraction)
-        if len(self.data.splits["val"]) < tcfg.seq_len + 1:
-            raise ConfigError(f"the validation split has {len(self.data.splits['val'])} tokens, "
-                              f"fewer than seq_len + 1 = {tcfg.seq_len + 1}: use more data "
-                              "(train.max_bytes) or a shorter seq_len")
+        self.data = data if data is not None else load_data(tcfg)
         torch.manual_seed(tcfg.seed)          # identical initial weights on every rank
         model = GPT(mcfg)
         self.n_params = model.get_num_params()
         optimizer = model.configure_optimizers(tcfg.weight_decay, tcfg.lr, tcfg.betas,
                                                device_type=self.device.type)
-        mpu = SequenceParallelMPU(self.sp) if self.sp > 1 else None
+        # Every group gets the run's collective timeout: torch gives a new group its own
+        # default (30 min for gloo, 10 for NCCL), so a stalled rank would hang the others
+        # in an all-to-all. The mpu is passed with sp = 1 too: without one, DeepSpeed
+        # clones the world group for the gradient all-reduce, with that default.
+        mpu = SequenceParallelMPU(self.sp, timeout=datetime.timedelta(minutes=tcfg.timeout_min))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
         self.sp_group = None
@@ -411,6 +412,7 @@ class Trainer:
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.backward_scale = float(self.sp) if zero == 3 and self.sp > 1 else 1.0
         self.ckpt_dir = os.path.join(tcfg.out_dir, "checkpoints")
+        self.layout = checkpoint_layout(mcfg, layout, ds_config)
         self.step, self.history = 0, []
         if resume:
             self._resume(resume)
@@ -490,7 +492,7 @@ class Trainer:
         group runs the same batches (counted once per group, hence / dp): ZeRO-3 gathers
         parameters over all ranks, so every rank must run the same number of forwards."""
         n = self.tcfg.retrieval_samples
-        L = self.tcfg.retrieval_seq_len or self.tcfg.seq_len
+        L = self.tcfg.retrieval_len
         lo, hi = shard_bounds(L, self.sp_rank, self.sp)
         pos = torch.arange(lo, hi, device=self.device) if self.sp > 1 else None
         self.engine.eval()
@@ -509,23 +511,42 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def save(self):
+        """A DeepSpeed checkpoint (every rank writes its part), then, once all parts are
+        on disk, :data:`CHECKPOINT_META` (the layout and every file's size and SHA-256,
+        hashed by the ranks in turn) and only then ``latest``: a checkpoint that
+        ``latest`` names is complete and can be verified before loading."""
         if not self.tcfg.save_checkpoint:
             return
-        self.engine.save_checkpoint(self.ckpt_dir, tag=f"step{self.step:07d}",
+        tag = f"step{self.step:07d}"
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False,
                                     client_state={"step": self.step, "history": self.history})
+        tag_dir = os.path.join(self.ckpt_dir, tag)
+        dist.barrier()
+        names = [n for n in _checkpoint_files(tag_dir) if n != CHECKPOINT_META]
+        mine = {n: _file_record(os.path.join(tag_dir, n))
+                for i, n in enumerate(names) if i % self.world == self.rank}
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        if self.rank == 0:
+            files = {k: v for part in parts for k, v in part.items()}
+            meta = {**self.layout, "step": self.step, "tag": tag, "files": files}
+            _write_atomic(os.path.join(tag_dir, CHECKPOINT_META), json.dumps(meta, indent=1))
+            _write_atomic(os.path.join(self.ckpt_dir, "latest"), tag)
+        dist.barrier()
 
-    def _resume(self, tag):
-        if tag == "latest":
-            if not os.path.exists(os.path.join(self.ckpt_dir, "latest")):
-                raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' file)")
-            tag = None
-        elif not os.path.isdir(os.path.join(self.ckpt_dir, tag)):
-            have = sorted(os.listdir(self.ckpt_dir)) if os.path.isdir(self.ckpt_dir) else []
-            raise ConfigError(f"--resume {tag}: no such checkpoint in {self.ckpt_dir} "
-                              f"(have: {', '.join(d for d in have if d != 'latest') or 'none'})")
-        path, state = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load a checkpoint from {self.ckpt_dir}")
+    def _resume(self, tag: str):
+        """Load a checkpoint that :func:`resolve_checkpoint` accepted. Should DeepSpeed
+        still fail on some rank, every rank stops with that rank's message."""
+        err, state, path = None, None, None
+        try:
+            path, state = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
+            if path is None or not isinstance(state, dict) or "step" not in state:
+                err = "DeepSpeed found nothing to load"
+        except Exception as e:      # noqa: BLE001 - any failure, on any rank: stop all ranks
+            err = f"{type(e).__name__}: {e}"
+        _raise_if_any(None if err is None else
+                      f"--resume: rank {self.rank} could not load checkpoint {tag} from "
+                      f"{self.ckpt_dir}: {err}")
         self.step, self.history = int(state["step"]), list(state.get("history", []))
         if self.rank == 0:     # the metrics file restarts from the checkpoint's history
             with open(os.path.join(self.tcfg.out_dir, "metrics.jsonl"), "w") as f:
@@ -573,8 +594,10 @@ class Trainer:
             since_log.append(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}")
-            recent = step_times[-20:] or [dt]
-            mean_dt = statistics.fmean(recent)
+            # the ETA and rates come from timed steps only: the first steps (compilation,
+            # allocator warmup, train.warmup_steps_excluded) would inflate the ETA
+            timed = bool(step_times)
+            mean_dt = statistics.fmean(step_times[-20:]) if timed else dt
             if self.step % t.log_interval == 0 or self.step == t.steps or self.step == first + 1:
                 avg = statistics.fmean(since_log)
                 since_log = []
@@ -586,7 +609,8 @@ class Trainer:
                     bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
                     print(f"[train] step {self.step:>6}/{t.steps} [{bar}] loss {avg:.4f} | "
                           f"{_fmt_rate(tokens_per_step / mean_dt)} tok/s | {mean_dt * 1e3:.0f} ms/step"
-                          f" | ETA {_fmt_time((t.steps - self.step) * mean_dt)}", flush=True)
+                          f" | ETA {_fmt_time((t.steps - self.step) * mean_dt) if timed else '--'}",
+                          flush=True)
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
                 eval_loss = self.evaluate()
                 self.log({"step": self.step, "eval_loss": eval_loss})
@@ -597,7 +621,8 @@ class Trainer:
                 self.save()
         if self.step > first:
             self.save()
-        retrieval = self.evaluate_retrieval() if t.retrieval_samples else None
+        # a model never trained on the retrieval task (retrieval_mix 0) is not evaluated on it
+        retrieval = self.evaluate_retrieval() if t.retrieval_evaluated else None
         if eval_loss is None:
             eval_loss = self.evaluate()
         wall = time.perf_counter() - t_start
@@ -701,7 +726,12 @@ def parse_args(argv=None):
                    help="continue from a checkpoint in OUT/checkpoints: the latest, or TAG "
                         "(e.g. step0000100)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the configuration and world size, print the plan, do not train")
+                   help="validate the configuration (and with --resume the checkpoint), print "
+                        "the plan, do not train")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: check the layout for N processes (default: the "
+                        "launcher's world size; without a launcher the world-size rules are "
+                        "not checked, and the plan says so)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)     # passed by the deepspeed launcher
@@ -725,6 +755,11 @@ def _plan_text(mcfg, tcfg, layout, ds, world, cuda, n_params=None) -> str:
         f"{tcfg.seq_len // sp}-{-(-tcfg.seq_len // sp)} tokens per rank",
         f"DeepSpeed: ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
         f"bf16 {ds['bf16']['enabled']}, {tcfg.steps} steps, out {tcfg.out_dir}",
+        "retrieval eval: " + (f"{tcfg.retrieval_samples} sequences of {tcfg.retrieval_len} tokens "
+                              f"at the end (train.retrieval_mix {tcfg.retrieval_mix:g})"
+                              if tcfg.retrieval_evaluated else
+                              "off (train.retrieval_mix = 0: the model is not trained on it)"
+                              if tcfg.retrieval_mix == 0 else "off (train.retrieval_samples = 0)"),
     ]
     if mcfg.compile == "blocks":
         lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
@@ -738,61 +773,156 @@ def _plan_text(mcfg, tcfg, layout, ds, world, cuda, n_params=None) -> str:
     return "\n".join("[train] " + s for s in lines)
 
 
+def _env_int(*names):
+    """The first of the launcher variables ``names`` that is set, as an int (else None)."""
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip().lstrip("-").isdigit():
+            return int(value)
+    return None
+
+
+def _launch_rank() -> int:
+    """This process's rank as the launcher set it (0 without a launcher): known before
+    any process group exists, so that only rank 0 reports a configuration error."""
+    return _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
+
+
+def _launch_world():
+    return _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _error_line(e) -> str:
+    return "[train] configuration error: " + " ".join(str(e).split())
+
+
+def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, cuda: bool, rank0: bool) -> int:
+    """Every check of a real start that needs no process group (configuration, world size,
+    DeepSpeed JSON, data, output directory, the checkpoint to resume), then the plan."""
+    world = args.world_size if args.world_size is not None else _launch_world()
+    known = world is not None
+    if not known:       # the smallest world the preset allows
+        world = tcfg.sequence_parallel or 1
+    layout = check_config(mcfg, tcfg, world)
+    ds = deepspeed_config(tcfg, layout, cuda)
+    check_compile(mcfg, ds, layout["sp"])
+    load_data(tcfg)
+    check_out_dir(tcfg.out_dir, create=False)
+    resumed = None
+    if args.resume:
+        expect = checkpoint_layout(mcfg, layout if known else {"sp": None, "dp": None}, ds)
+        resumed = resolve_checkpoint(os.path.join(tcfg.out_dir, "checkpoints"), args.resume,
+                                     expect)
+    if not rank0:
+        return 0
+    print(_plan_text(mcfg, tcfg, layout, ds, world, cuda), flush=True)
+    if not known:
+        rule = (f"train.sequence_parallel={tcfg.sequence_parallel} needs a world size that "
+                f"is a multiple of {tcfg.sequence_parallel}" if tcfg.sequence_parallel else
+                "train.sequence_parallel=0 makes every rank one sequence-parallel group "
+                "(sp = the world size)")
+        print(f"[train] world size NOT checked (no launcher environment, no --world-size): "
+              f"planned as world {world}; {rule}; pass --world-size N to check the layout "
+              "you will launch", flush=True)
+    if resumed:
+        tag, meta = resumed
+        print(f"[train] resume: checkpoint {tag} at step {meta['step']} (verified)"
+              + ("" if meta["step"] < tcfg.steps else
+                 f"; nothing to do: run already at step {meta['step']} of {tcfg.steps}"),
+              flush=True)
+    print("[train] dry run: configuration is valid; not training", flush=True)
+    return 0
+
+
+def _prepare_out_dir(mcfg, tcfg, ds, world, resume: bool):
+    """Rank 0: the output directory exists and is writable, a fresh run's old
+    metrics.jsonl is gone, config.json holds the resolved configuration."""
+    check_out_dir(tcfg.out_dir, create=True)
+    metrics = os.path.join(tcfg.out_dir, "metrics.jsonl")
+    if not resume and os.path.exists(metrics):
+        os.remove(metrics)
+    with open(os.path.join(tcfg.out_dir, "config.json"), "w") as f:
+        json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
+                   "deepspeed": ds, "world": world}, f, indent=1)
+
+
+def _peer_failure(e: BaseException) -> str | None:
+    """What a collective's error says about the other ranks, or None if it is not that."""
+    text = str(e).lower()
+    if "timed out" in text or "timeout" in text:
+        return "a collective did not complete in time: another rank stalled or died"
+    if "connection closed by peer" in text or "connection reset" in text \
+            or "broken pipe" in text:
+        return "another rank closed its connection (it died or stopped)"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rank0 = _launch_rank() == 0
+
+    def config_error(e) -> int:
+        if rank0:
+            print(_error_line(e), file=sys.stderr, flush=True)
+        return 2
+
     try:
         mcfg, tcfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"[train] configuration error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        tcfg.out_dir = args.out
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("[train] configuration error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        # validate before starting any process group: world size from the launcher's env
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE",
-                                                                 os.environ.get("PMI_SIZE", 1))))
-        try:
-            layout = check_config(mcfg, tcfg, world)
-            ds = deepspeed_config(tcfg, layout, cuda)
-            check_compile(mcfg, ds, layout['sp'])
-            if tcfg.data != "stdlib" and not os.path.exists(_find(tcfg.data)):
-                raise ConfigError(f"train.data: no file {tcfg.data!r}")
-        except ConfigError as e:
-            print(f"[train] configuration error: {e}", file=sys.stderr)
-            return 2
-        if int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK",
-                                                     os.environ.get("PMI_RANK", 0)))) == 0:
-            print(_plan_text(mcfg, tcfg, layout, ds, world, cuda), flush=True)
-            print("[train] dry run: configuration is valid; not training", flush=True)
-        return 0
+        if args.out is not None:
+            if not args.out.strip():
+                raise ConfigError("--out must name a directory, got an empty string")
+            tcfg.out_dir = args.out
+        if args.world_size is not None and (not args.dry_run or args.world_size < 1):
+            raise ConfigError("--world-size N (N >= 1) goes with --dry-run; a launched run "
+                              "takes its world size from the launcher")
+        cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+        if cuda and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but CUDA is not available")
+        if args.dry_run:
+            return _dry_run(args, mcfg, tcfg, cuda, rank0)
+    except ConfigError as e:
+        return config_error(e)
 
     init_distributed(cuda, tcfg.timeout_min)
     world, rank = dist.get_world_size(), dist.get_rank()
+    rank0 = rank == 0
     try:
+        # the same inputs on every rank: these fail on all ranks or on none
         layout = check_config(mcfg, tcfg, world)
         ds = deepspeed_config(tcfg, layout, cuda)
         check_compile(mcfg, ds, layout['sp'])
-        if rank == 0:
-            os.makedirs(tcfg.out_dir, exist_ok=True)
-            if not args.resume and os.path.exists(os.path.join(tcfg.out_dir, "metrics.jsonl")):
-                os.remove(os.path.join(tcfg.out_dir, "metrics.jsonl"))
-            with open(os.path.join(tcfg.out_dir, "config.json"), "w") as f:
-                json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
-                           "deepspeed": ds, "world": world}, f, indent=1)
-        dist.barrier()
-        trainer = Trainer(mcfg, tcfg, layout, ds, cuda, args.resume)
-        if rank == 0:
+        data = load_data(tcfg)
+        # from here on a check may fail on some ranks only: _agree makes all of them stop
+        tag = None
+        if args.resume:
+            tag, meta = _agree(resolve_checkpoint, os.path.join(tcfg.out_dir, "checkpoints"),
+                               args.resume, checkpoint_layout(mcfg, layout, ds), (rank, world))
+            if meta["step"] >= tcfg.steps:      # a finished run: leave its outputs alone
+                if rank0:
+                    print(f"[train] nothing to do: run already at step {meta['step']} of "
+                          f"{tcfg.steps} (checkpoint {tag}; raise train.steps to continue)",
+                          flush=True)
+                dist.barrier()
+                dist.destroy_process_group()
+                return 0
+        _agree(lambda: _prepare_out_dir(mcfg, tcfg, ds, world, bool(args.resume))
+               if rank0 else None)
+        trainer = Trainer(mcfg, tcfg, layout, ds, cuda, tag, data)
+        if rank0:
             print(_plan_text(mcfg, tcfg, layout, ds, world, cuda, trainer.n_params), flush=True)
         trainer.run()
     except ConfigError as e:
-        if rank == 0:
-            print(f"[train] configuration error: {e}", file=sys.stderr)
+        config_error(e)
         dist.destroy_process_group()
         return 2
+    except RuntimeError as e:     # torch.distributed's errors (DistError) included
+        why = _peer_failure(e)
+        if why is None:
+            raise
+        first = " ".join(str(e).split())[:300]
+        print(f"[train] rank {rank}: {why} (train.timeout_min={tcfg.timeout_min:g}); "
+              f"stopping: {first}", file=sys.stderr, flush=True)
+        return 1
     dist.barrier()
     dist.destroy_process_group()
     return 0

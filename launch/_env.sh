@@ -15,3 +15,29 @@ if [ -z "${NPROC:-}" ]; then
 fi
 echo "[launch] $NPROC process(es) per node on $([ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s)" || echo CPU), config $CONFIG"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# preflight WORLD [args...]: check the configuration (and a --resume checkpoint) in one
+# process, for WORLD processes, before the launcher starts any: a bad preset, --set or
+# checkpoint stops here with its one-line message on stderr and exit code 2, instead of
+# once per rank inside the launcher's output. With --dry-run among the arguments this
+# check is the whole job: it prints the plan for WORLD processes and exits.
+preflight() {
+    local world="$1" arg err rc=0
+    shift
+    local wargs=()
+    if [ -n "$world" ]; then wargs=(--world-size "$world"); fi
+    for arg in "$@"; do
+        if [ "$arg" = "--dry-run" ]; then
+            exec "$PY" launch/train.py --config "$CONFIG" "$@" "${wargs[@]}"
+        fi
+    done
+    err="$("$PY" launch/train.py --config "$CONFIG" "$@" --dry-run "${wargs[@]}" 2>&1 >/dev/null)" \
+        || rc=$?
+    if [ "$rc" -eq 2 ] && grep -q '^\[train\] configuration error' <<<"$err"; then
+        grep -m1 '^\[train\] configuration error' <<<"$err" >&2
+        exit 2
+    elif [ "$rc" -ne 0 ]; then
+        printf '%s\n' "$err" >&2
+        exit "$rc"
+    fi
+}

@@ -14,8 +14,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DS="$(dirname "$PY")/deepspeed"; [ -x "$DS" ] || DS=deepspeed
 if [ -n "${HOSTFILE:-}" ]; then
+    # world size: the slots of the hostfile's hosts ("hostname slots=N" lines)
+    preflight "$(awk '!/^[[:space:]]*#/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) { sub("slots=", "", $i); n += $i } } END { if (n) print n }' "$HOSTFILE" 2>/dev/null)" "$@"
     exec "$DS" --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
         launch/train.py --config "$CONFIG" "$@"
 fi
+preflight "$NPROC" "$@"
 exec "$DS" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" \
     launch/train.py --config "$CONFIG" "$@"

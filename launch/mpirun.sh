@@ -12,5 +12,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 MPIRUN="$(dirname "$PY")/mpirun"; [ -x "$MPIRUN" ] || MPIRUN=mpirun
 HOSTS=()
 if [ -n "${MPI_HOSTS:-}" ]; then HOSTS=(-hosts "$MPI_HOSTS"); fi
+preflight "$NPROC" "$@"      # -n is the total process count, also with -hosts
 # shellcheck disable=SC2086
 exec "$MPIRUN" -n "$NPROC" "${HOSTS[@]}" ${MPI_ARGS:-} "$PY" launch/train.py --config "$CONFIG" "$@"

@@ -3,15 +3,21 @@
 #
 #   bash launch/setup.sh            # idempotent: only installs what is missing
 #
-# Order matters (see shared/ENVIRONMENT.md): torch first, so that nothing later
-# makes pip resolve a newer torch (a multi-GB CUDA download).
+# Order matters: torch first, so that nothing later makes pip resolve another torch
+# (on PyPI, torch for Linux is the multi-GB CUDA build).
 #   * If the interpreter that creates the venv already has torch (GPU hosts:
 #     torch + Triton preinstalled), the venv sees its site-packages and that
-#     torch is used as is; otherwise the CPU wheel torch==2.13.0 is installed.
+#     torch is used as is.
+#   * Otherwise torch==2.13.0 is installed: on a machine without an NVIDIA GPU (no
+#     nvidia-smi, no /dev/nvidia*) the CPU wheel from PyTorch's CPU index
+#     (TORCH_INDEX_URL, default https://download.pytorch.org/whl/cpu); when that
+#     index cannot be reached (or lacks the version), from pip's configured index,
+#     with a one-line note. With a GPU, from pip's configured index (CUDA build).
 #   * Each later step installs only the packages that do not import yet.
-#   * Offline host: PIP_NO_INDEX=1 bash launch/setup.sh (pip then uses only
-#     --find-links, e.g. the wheels in ../shared/wheels, added when present).
-# Env: PYTHON (interpreter creating the venv, default python3), VENV (default .venv).
+#   * Offline host: PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels bash launch/setup.sh
+#     (pip then installs only from that folder of wheels).
+# Env: PYTHON (interpreter creating the venv, default python3), VENV (default .venv),
+#      TORCH_INDEX_URL (CPU-only machines; empty: use pip's configured index).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,9 +44,6 @@ case "$VENV" in
 esac
 
 PIP_ARGS=(-q)
-for d in "$ROOT/../shared/wheels" "$ROOT/shared/wheels"; do
-    if [ -d "$d" ]; then PIP_ARGS+=(--find-links "$d"); fi
-done
 # pip warns once per project about every configured local index that lacks it;
 # drop those lines only (errors and other warnings stay visible).
 pip_install() {
@@ -67,12 +70,43 @@ install_missing() {     # install_missing mod=pip-name ...
     fi
 }
 
-# 1. torch first (CPU wheel), only where none imports.
-install_missing torch=torch==2.13.0
+has_gpu() {
+    command -v nvidia-smi >/dev/null 2>&1 && return 0
+    compgen -G "/dev/nvidia[0-9]*" >/dev/null 2>&1
+}
+
+# Whether pip can use the index $1 (a quick look, so an unreachable index costs seconds).
+index_reachable() {
+    "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=10)" \
+        "$1" >/dev/null 2>&1
+}
+
+# 1. torch first, only where none imports: the CPU wheel on machines without a GPU.
+TORCH=torch==2.13.0
+TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+if [ -n "$(missing torch=torch)" ]; then
+    if ! has_gpu && [ -n "$TORCH_INDEX_URL" ] && [ -z "${PIP_NO_INDEX:-}" ] \
+            && index_reachable "$TORCH_INDEX_URL"; then
+        say "pip install $TORCH (CPU wheel, --index-url $TORCH_INDEX_URL)"
+        if ! pip_install --index-url "$TORCH_INDEX_URL" --timeout 60 "$TORCH"; then
+            say "note: $TORCH_INDEX_URL did not provide $TORCH; installing it from pip's configured index"
+            pip_install "$TORCH"
+        fi
+    else
+        if ! has_gpu && [ -n "$TORCH_INDEX_URL" ] && [ -z "${PIP_NO_INDEX:-}" ]; then
+            say "note: $TORCH_INDEX_URL cannot be reached; installing $TORCH from pip's configured index"
+        fi
+        say "pip install $TORCH"
+        pip_install "$TORCH"
+    fi
+fi
 # 2. the Triton that torch 2.13 pins (plain `pip install triton` gives 3.9, which lacks APIs we use).
 install_missing triton=triton==3.7.1
 # 3. test, benchmark and distributed dependencies.
 install_missing numpy=numpy pytest=pytest pytest_timeout=pytest-timeout matplotlib=matplotlib
+if ! "$PY" -c "import tomllib" >/dev/null 2>&1; then    # Python 3.10: the TOML reader
+    install_missing tomli=tomli
+fi
 install_missing deepspeed=deepspeed
 install_missing mpi4py.MPI="mpich mpi4py"     # mpi4py.MPI fails to import without an MPI library
 # 4. the package itself, editable, without letting pip touch torch/triton.

@@ -13,6 +13,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 NNODES="${NNODES:-1}"
+preflight "$(( NPROC * NNODES ))" "$@"
 if [ "$NNODES" -eq 1 ]; then
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
         launch/train.py --config "$CONFIG" "$@"

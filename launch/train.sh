@@ -12,6 +12,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DS="$BIN/deepspeed"; [ -x "$DS" ] || DS=deepspeed
+preflight "$NPROC" "$@"
 # --num_gpus sets the process count (also on CPU, where the launcher starts N gloo ranks)
 exec "$DS" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29531}" \
     launch/train.py --config "$CONFIG" "$@"

@@ -265,7 +265,10 @@ def test_deepspeed_launcher_trains(ds_run, single):
     assert s["final_train_loss"] == pytest.approx(last, rel=1e-6)
     assert s["final_eval_loss"] < first - 1.0, s
     assert s["attention"] == "hash" and s["seq_len"] == 256, s
-    assert 0.0 <= s["retrieval_accuracy"] <= 1.0, s
+    # retrieval_mix is 0: the model never saw the task, so it is not evaluated on it
+    assert s["retrieval_accuracy"] is None, s
+    assert "retrieval accuracy" not in ds_run.log, ds_run.tail()
+    assert "retrieval eval: off (train.retrieval_mix = 0" in ds_run.log, ds_run.tail()
     assert s["tokens_per_step"] == 2 * 256, s
     assert os.path.getsize(os.path.join(ds_run.out, "loss.png")) > 1000
     with open(os.path.join(ds_run.out, "config.json")) as f:
@@ -594,3 +597,276 @@ def test_dry_run_on_nonzero_rank_is_silent(config, tmp_path, capsys, monkeypatch
     assert train.main(["--config", str(config), "--out", str(tmp_path / "o"), "--dry-run",
                        "--device", "cpu"]) == 0
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. the first steps are left out of the ETA
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_eta_excludes_warmup_steps(single):
+    """The steps of train.warmup_steps_excluded (2 by default: compilation, allocator
+    warmup) are not timed, so their progress lines show "ETA --"; later lines an ETA."""
+    lines = {int(l.split()[2].split("/")[0]): l for l in single.log.splitlines()
+             if l.startswith("[train] step ") and "/" in l.split()[2]}
+    assert sorted(lines)[:4] == [1, 2, 3, 4], sorted(lines)
+    for step in (1, 2):
+        assert lines[step].endswith("| ETA --"), lines[step]
+    for step in (3, STEPS):
+        assert "| ETA 0:" in lines[step], lines[step]
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. a stalled rank: the others fail after train.timeout_min
+# ---------------------------------------------------------------------------------------------
+
+def _rank_processes(launcher_pid: int) -> dict:
+    """{RANK: psutil.Process} of the launcher's workers (read from their environment)."""
+    import psutil
+    out = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env:
+            out[int(env["RANK"])] = child
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_stalled_rank_makes_the_others_fail(work, config):
+    """torchrun, 2 ranks (sp=2), train.timeout_min=0.25: once training runs, rank 1 is
+    stopped (SIGSTOP). Rank 0 waits for it in the sequence-parallel all-to-all, whose group
+    must have the run's timeout (not torch's 30-minute default): it must exit within
+    15 s + margin, saying why. The test then kills everything it started."""
+    psutil = pytest.importorskip("psutil")
+    out = work / "stalled"
+    args = ["--config", str(config), "--out", str(out), "--set", "train.steps=100000",
+            "--set", "train.timeout_min=0.25", "--set", "train.save_checkpoint=false"]
+    log = open(str(out) + ".log", "w+")
+    proc = subprocess.Popen(_command("torchrun", 2, args), cwd=REPO, env=_env(), stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    ranks, stopped_at, gone_after = {}, None, None
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not (metrics.exists() and metrics.stat().st_size > 0):     # training runs
+            assert proc.poll() is None, "the job ended before training started"
+            assert time.monotonic() < deadline, "no progress line within the job timeout"
+            time.sleep(0.2)
+        ranks = _rank_processes(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while time.monotonic() - stopped_at < 90:
+            try:
+                if ranks[0].status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail("rank 0 still running 90 s after rank 1 stopped (timeout_min=0.25)")
+        gone_after = time.monotonic() - stopped_at
+    finally:
+        for p in ranks.values():
+            try:
+                p.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+        _kill_group(proc)
+        proc.wait(30)
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert gone_after < 90, gone_after
+    assert "[train] rank 0: a collective did not complete in time" in text, text[-3000:]
+    assert "train.timeout_min=0.25" in text, text[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. checkpoints that cannot be resumed; resuming a finished run
+# ---------------------------------------------------------------------------------------------
+
+CKPT_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def finished(work, config):
+    """A finished 2-rank run (torchrun, sp=2) trained WITH the retrieval task, so it ends
+    with a retrieval eval; its last checkpoint is step0000002."""
+    return run_job("torchrun", work / "finished", config, "--set", f"train.steps={CKPT_STEPS}",
+                   "--set", "train.warmup=1", "--set", "train.retrieval_mix=0.5").check()
+
+
+def _copy(job, work, name) -> Path:
+    dst = work / name
+    shutil.copytree(job.out, dst)
+    return dst
+
+
+def _ranks_by_hand(world: int, args) -> list:
+    """The specs of a job whose ranks this test starts itself (env:// variables, as a
+    launcher sets them), so that each rank's own exit code is seen: a launcher would
+    terminate the other ranks as soon as one exits with an error."""
+    port = str(free_port())
+    return [([sys.executable, SCRIPT, *args], None,
+             _env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(world)]
+
+
+@pytest.mark.timeout(600)
+def test_retrieval_evaluated_when_trained(finished):
+    s = finished.summary()
+    assert 0.0 <= s["retrieval_accuracy"] <= 1.0, s
+    assert "retrieval accuracy" in finished.log, finished.tail()
+
+
+@pytest.mark.timeout(600)
+def test_resume_finished_run_is_nothing_to_do(work, config, finished):
+    """--resume of a run at its last step leaves summary.json, metrics.jsonl and config.json
+    untouched and says so (exit 0)."""
+    out = _copy(finished, work, "finished_again")
+    before = {n: (out / n).read_bytes() for n in ("summary.json", "metrics.jsonl", "config.json")}
+    job = run_job("torchrun", out, config, "--set", f"train.steps={CKPT_STEPS}",
+                  "--set", "train.warmup=1", "--set", "train.retrieval_mix=0.5",
+                  "--resume").check()
+    assert f"nothing to do: run already at step {CKPT_STEPS} of {CKPT_STEPS}" in job.log, \
+        job.tail()
+    for n, content in before.items():
+        assert (out / n).read_bytes() == content, f"{n} changed"
+    assert "NaN" not in (out / "summary.json").read_text()
+
+
+def _dry_resume(capsys, monkeypatch, config, out, world, *extra):
+    from dist_sparse_attn import train
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))       # as a launcher sets it
+    argv = ["--config", str(config), "--out", str(out), "--dry-run", "--device", "cpu",
+            "--set", f"train.steps={CKPT_STEPS}",
+            "--set", "train.warmup=1", "--set", "train.retrieval_mix=0.5", *extra]
+    rc = train.main(argv)
+    return rc, capsys.readouterr()
+
+
+BAD_CHECKPOINTS = {
+    # name: (how to damage the copy, --resume argument, world, expected text)
+    "missing_file": (lambda d: (d / "step0000002" / "mp_rank_00_model_states.pt").unlink(),
+                     "latest", 2, "is missing its file mp_rank_00_model_states.pt"),
+    "truncated": (lambda d: _truncate(d / "step0000002" / "mp_rank_00_model_states.pt"),
+                  "latest", 2, "is truncated or changed"),
+    "corrupt": (lambda d: _scribble(d / "step0000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                "latest", 2, "is corrupt (its SHA-256 differs"),
+    "no_metadata": (lambda d: (d / "step0000002" / "dsa_checkpoint.json").unlink(),
+                    "latest", 2, "is incomplete"),
+    "metadata_garbage": (lambda d: (d / "step0000002" / "dsa_checkpoint.json").write_text("{"),
+                         "latest", 2, "dsa_checkpoint.json is corrupt"),
+    "latest_names_nothing": (lambda d: (d / "latest").write_text("step0000099"),
+                             "latest", 2, "names 'step0000099', which does not exist"),
+    "latest_empty": (lambda d: (d / "latest").write_text(""), "latest", 2,
+                     "does not name a checkpoint"),
+    "no_latest": (lambda d: (d / "latest").unlink(), "latest", 2, "no 'latest' file"),
+    "tag_is_a_path": (lambda d: None, "/etc", 2, "must be a checkpoint name"),
+    "other_world_size": (lambda d: None, "latest", 1,
+                         "saved by world 2 (dp 1 x sp 2), this run is world 1"),
+    "other_sp": (lambda d: None, "latest", 4, "this run is world 4 (dp 2 x sp 2)"),
+}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _scribble(path):
+    """Same size, different bytes in the middle."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes((b ^ 0x5A) for b in data[mid:mid + 64])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_dry_run(case, work, config, finished, capsys, monkeypatch):
+    """The dry run (and so the launch scripts' pre-flight) verifies the checkpoint: exit 2,
+    one line on stderr."""
+    damage, tag, world, text = BAD_CHECKPOINTS[case]
+    out = _copy(finished, work, f"bad_{case}")
+    damage(out / "checkpoints")
+    extra = ["--resume", tag]
+    if case == "other_sp":
+        extra += ["--set", "train.sequence_parallel=2"]
+    rc, cap = _dry_resume(capsys, monkeypatch, config, out, world, *extra)
+    assert rc == 2, (cap.out, cap.err)
+    assert len(cap.err.splitlines()) == 1 and text in cap.err, cap.err
+    assert cap.err.startswith("[train] configuration error: --resume"), cap.err
+
+
+@pytest.mark.timeout(600)
+def test_bad_checkpoints_stop_every_rank(work, config, finished):
+    """Real resumes, every check inside the job: a file corrupted that only rank 1 hashes
+    (the ranks share the hashing), ``latest`` naming a missing tag (2 ranks each), and a
+    2-rank checkpoint resumed by 1 process. Every rank exits 2 by itself (the test starts
+    the ranks, see _ranks_by_hand), one line says why, nothing trains, no rank waits for
+    the others."""
+    common = ["--set", f"train.steps={CKPT_STEPS + 3}", "--set", "train.warmup=1",
+              "--set", "train.retrieval_mix=0.5", "--resume"]
+    corrupt = _copy(finished, work, "job_corrupt")
+    # sorted files: model states (rank 0), zero_pp_rank_0 (rank 1), zero_pp_rank_1 (rank 0)
+    _scribble(corrupt / "checkpoints" / "step0000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    dangling = _copy(finished, work, "job_dangling")
+    (dangling / "checkpoints" / "latest").write_text("step0000099")
+    world1 = _copy(finished, work, "job_world1")
+    specs, cases = [], []
+    for world, out, text in ((2, corrupt, "zero_pp_rank_0_mp_rank_00_optim_states.pt is corrupt"),
+                             (2, dangling, "names 'step0000099', which does not exist"),
+                             (1, world1, "saved by world 2")):
+        args = ["--config", str(config), "--out", str(out), *common]
+        for r, (cmd, _, env) in enumerate(_ranks_by_hand(world, args)):
+            specs.append((cmd, f"{out}.rank{r}", env))
+        cases.append((world, text))
+    jobs = run_jobs(specs, timeout_s=200)
+    for world, text in cases:
+        ranks, jobs = jobs[:world], jobs[world:]
+        assert [j.rc for j in ranks] == [2] * world, "\n---\n".join(j.tail() for j in ranks)
+        errors = [l for j in ranks for l in j.log.splitlines() if "configuration error" in l]
+        assert len(errors) == 1 and text in errors[0], "\n---\n".join(j.tail() for j in ranks)
+        for j in ranks:
+            assert "Traceback" not in j.log and "[train] step" not in j.log, j.tail()
+    before = json.loads((corrupt / "summary.json").read_text())
+    assert before["steps"] == CKPT_STEPS      # untouched
+
+
+@pytest.mark.timeout(300)
+def test_bad_config_and_out_dir_without_dry_run(work, config):
+    """Without --dry-run: model.n_layer=0 (trained a block-less model before), an output
+    directory that is a file, one that cannot be written. Exit 2, one line on stderr,
+    nothing written."""
+    file_out = work / "out_is_a_file"
+    file_out.write_text("x")
+    if os.geteuid() != 0:
+        (work / "read_only").mkdir()
+        (work / "read_only").chmod(0o500)
+        locked = work / "read_only" / "out"
+    elif os.path.isdir("/sys/kernel"):      # root ignores permission bits, sysfs does not
+        locked = "/sys/kernel/dsa_test_out"
+    else:
+        pytest.skip("running as root without /sys: no unwritable directory to test with")
+    specs = []
+    for name, out, extra in (("n_layer0", work / "n_layer0", ["--set", "model.n_layer=0"]),
+                             ("file_out", file_out, []), ("locked_out", locked, [])):
+        args = ["--config", str(config), "--out", str(out), *extra]
+        specs.append((_command("python", 1, args), str(work / name), _env()))
+    jobs = run_jobs(specs, timeout_s=200)
+    for job, text in zip(jobs, ("model.n_layer must be an int >= 1, got 0",
+                                "train.out_dir", "cannot be")):
+        assert job.rc == 2, job.tail()
+        errors = [l for l in job.log.splitlines() if "configuration error" in l]
+        assert len(errors) == 1 and text in errors[0], job.tail()
+        assert "Traceback" not in job.log, job.tail()
+    assert not (work / "n_layer0").exists()
+    assert file_out.read_text() == "x"

@@ -17,7 +17,31 @@ data-parallel groups are the ranks with the same index within their block.
 """
 from __future__ import annotations
 
+import datetime
+import numbers
+
 import torch.distributed as dist
+
+
+def default_group_timeout() -> datetime.timedelta | None:
+    """The collective timeout of the default process group: what was passed to
+    ``init_process_group`` / ``deepspeed.init_distributed(timeout=...)``. torch gives a
+    new group its own backend default (30 min for gloo, 10 for NCCL) instead of
+    inheriting it; this reads it from the group's backend options (not a public torch
+    API: None where a torch version does not expose it)."""
+    try:
+        pg = dist.distributed_c10d._get_default_group()
+        devices = list(pg._device_types)
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    for device in devices:
+        try:
+            timeout = pg._get_backend(device).options._timeout
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+        if isinstance(timeout, datetime.timedelta):
+            return timeout
+    return None
 
 
 class SequenceParallelMPU:
@@ -25,15 +49,31 @@ class SequenceParallelMPU:
 
     Every rank of the default group must construct it, in the same order (it creates
     process groups). Model/tensor parallelism is 1.
+
+    Args:
+        sequence_parallel_size: ranks per sequence-parallel group; must divide the world size.
+        timeout: ``datetime.timedelta``, the collective timeout of every group created
+            here (a rank that dies or stalls makes the others fail after it). None: the
+            default group's own timeout (:func:`default_group_timeout`), so the groups
+            fail as fast as the world group; torch's backend default only where that
+            cannot be read.
     """
 
-    def __init__(self, sequence_parallel_size: int, timeout=None):
+    def __init__(self, sequence_parallel_size: int, timeout: datetime.timedelta | None = None):
         world, rank = dist.get_world_size(), dist.get_rank()
+        if isinstance(sequence_parallel_size, bool) or not isinstance(sequence_parallel_size, numbers.Integral) \
+                or sequence_parallel_size < 1 or world % sequence_parallel_size:
+            raise ValueError(f"sequence_parallel_size={sequence_parallel_size!r} must be an int "
+                             f">= 1 that divides the world size {world}")
+        if timeout is None:
+            timeout = default_group_timeout()
+        if timeout is not None and (not isinstance(timeout, datetime.timedelta)
+                                    or timeout <= datetime.timedelta(0)):
+            raise ValueError(f"timeout must be a positive datetime.timedelta or None, "
+                             f"got {timeout!r}")
         sp = int(sequence_parallel_size)
-        if sp < 1 or world % sp:
-            raise ValueError(f"sequence_parallel_size={sequence_parallel_size} must divide the "
-                             f"world size {world}")
         self.sp, self.dp, self.rank = sp, world // sp, rank
+        self.timeout = timeout
         kw = {} if timeout is None else {"timeout": timeout}
         self._sp_group = self._dp_group = self._mp_group = None
         for d in range(self.dp):                                   # consecutive blocks
@@ -110,4 +150,4 @@ class SequenceParallelMPU:
         return self.rank
 
 
-__all__ = ["SequenceParallelMPU"]
+__all__ = ["SequenceParallelMPU", "default_group_timeout"]

@@ -1,0 +1,223 @@
+"""The launch scripts (``launch/*.sh``) and the installer (``launch/setup.sh``).
+
+* every launcher script checks the configuration in one process before it starts any
+  (a bad ``--set`` gives exit code 2 and ONE line on stderr, not one per rank inside the
+  launcher's output), and a good configuration still trains through it;
+* inside a job started by a launcher directly, only rank 0 reports a configuration error;
+* ``setup.sh`` installs torch from PyTorch's CPU wheel index on a machine without a GPU,
+  falls back to pip's configured index with a one-line note when that index cannot be
+  reached, and knows no project-private wheel folder. It runs here with a stand-in
+  interpreter that records the pip calls instead of installing anything.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from helpers import free_port
+
+pytest.importorskip("deepspeed")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TIMEOUT_S = 240
+
+SMALL = """\
+[model]
+n_layer = 2
+n_head = 4
+n_embd = 64
+attention = "hash"
+n_buckets = 4
+
+[train]
+seq_len = 256
+micro_batch = 2
+max_bytes = 300000
+steps = 2
+warmup = 1
+eval_interval = 0
+eval_iters = 1
+retrieval_samples = 2
+log_interval = 1
+timeout_min = 2.0
+deepspeed_config = "configs/ds/zero1.json"
+"""
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
+_LAUNCH_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MPI_", "HYDRA_")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
+    env.update(PY=sys.executable, NPROC="2", MASTER_PORT=str(free_port()), **extra)
+    return env
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL)
+    return path
+
+
+def _run(cmd, env, timeout=TIMEOUT_S):
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, err = p.communicate()
+        pytest.fail(f"{cmd} still running after {timeout} s (killed):\n{out[-2000:]}\n{err[-2000:]}")
+    return p.returncode, out, err
+
+
+def _has_mpirun() -> bool:
+    return os.access(os.path.join(BIN, "mpirun"), os.X_OK) or shutil.which("mpirun") is not None
+
+
+SCRIPTS = ["train", "deepspeed", "torchrun",
+           pytest.param("mpirun", marks=pytest.mark.skipif(not _has_mpirun(), reason="no mpirun"))]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_bad_config_one_line(script, config, tmp_path):
+    out = tmp_path / "out"
+    rc, stdout, stderr = _run(["bash", f"launch/{script}.sh", str(config), "--set",
+                               "model.n_layer=0", "--out", str(out)], _env())
+    assert rc == 2, f"exit {rc}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+    assert stderr.splitlines() == ["[train] configuration error: model.n_layer must be an int "
+                                   ">= 1, got 0 (--set model.n_layer=0)"], stderr
+    assert not out.exists()
+
+
+@pytest.mark.timeout(300)
+def test_launch_script_checks_the_world_size(config, tmp_path):
+    """The pre-flight knows the process count it will launch (NPROC=2 here)."""
+    rc, stdout, stderr = _run(["bash", "launch/torchrun.sh", str(config), "--set",
+                               "train.sequence_parallel=3", "--out", str(tmp_path / "o")], _env())
+    assert rc == 2 and len(stderr.splitlines()) == 1, (rc, stderr)
+    assert "train.sequence_parallel=3 must divide the world size 2" in stderr, stderr
+    rc, stdout, stderr = _run(["bash", "launch/train.sh", str(config), "--dry-run",
+                               "--out", str(tmp_path / "o")], _env())
+    assert rc == 0, stderr
+    assert "world 2 = dp 1 x sp 2" in stdout and "NOT checked" not in stdout, stdout
+    assert stdout.count("dry run: configuration is valid") == 1, stdout
+
+
+@pytest.mark.timeout(300)
+def test_launch_script_trains(config, tmp_path):
+    """A good configuration passes the pre-flight and trains (2 ranks, torchrun)."""
+    out = tmp_path / "out"
+    rc, stdout, stderr = _run(["bash", "launch/torchrun.sh", str(config), "--out", str(out)],
+                              _env())
+    assert rc == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+    assert "[train] done: 2 steps" in stdout, stdout[-3000:]
+    assert (out / "summary.json").exists()
+
+
+@pytest.mark.timeout(200)
+def test_launched_job_reports_once(config, tmp_path):
+    """Started by a launcher directly (no pre-flight), each rank finds the error before any
+    process group exists: only rank 0 prints it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "launch/train.py", "--config", str(config), "--set", "model.n_layer=0",
+           "--out", str(tmp_path / "o")]
+    env = _env()
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    rc, stdout, stderr = _run(cmd, env)
+    assert rc != 0
+    both = stdout + stderr
+    assert both.count("configuration error") == 1, both[-3000:]
+    assert "exitcode  : 2" in both, both[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# setup.sh
+# ---------------------------------------------------------------------------------------------
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python in setup.sh: records every call, imports nothing, installs nothing.
+printf '%s\n' "$*" >> "$FAKE_LOG"
+case "$1" in
+  -m)
+    if [ "$2" = venv ]; then
+        dir="${@: -1}"; mkdir -p "$dir/bin"; cp "$0" "$dir/bin/python"; exit 0
+    fi
+    if [ "$2" = pip ]; then
+        case " $* " in *" --index-url "*) exit "${FAKE_INDEX_PIP_RC:-0}" ;; esac
+        exit 0
+    fi ;;
+  -c)
+    case "$2" in *urlopen*) exit "${FAKE_INDEX_RC:-1}" ;; esac
+    exit 1 ;;
+  -) cat >/dev/null; exit 0 ;;
+esac
+exit 0
+"""
+
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _setup(tmp_path, **env_extra):
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PYTHON=str(fake), VENV=str(tmp_path / "venv"), FAKE_LOG=str(log), **env_extra)
+    p = subprocess.run(["bash", "launch/setup.sh"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    calls = [c for c in log.read_text().splitlines() if c.startswith("-m pip install")]
+    torch_calls = [c for c in calls if "torch==" in c]
+    return p.stdout, torch_calls
+
+
+needs_no_gpu = pytest.mark.skipif(_has_gpu(), reason="this machine has an NVIDIA GPU")
+
+
+@needs_no_gpu
+def test_setup_installs_the_cpu_wheel(tmp_path):
+    out, calls = _setup(tmp_path, FAKE_INDEX_RC="0")
+    assert calls == [f"-m pip install -q --index-url {CPU_INDEX} --timeout 60 torch==2.13.0"], calls
+    assert "note:" not in out, out
+
+
+@needs_no_gpu
+def test_setup_falls_back_when_the_cpu_index_is_unreachable(tmp_path):
+    out, calls = _setup(tmp_path, FAKE_INDEX_RC="1")
+    assert calls == ["-m pip install -q torch==2.13.0"], calls
+    notes = [l for l in out.splitlines() if "note:" in l]
+    assert len(notes) == 1 and "cannot be reached" in notes[0], out
+
+
+@needs_no_gpu
+def test_setup_falls_back_when_the_cpu_index_lacks_the_version(tmp_path):
+    out, calls = _setup(tmp_path, FAKE_INDEX_RC="0", FAKE_INDEX_PIP_RC="1")
+    assert calls == [f"-m pip install -q --index-url {CPU_INDEX} --timeout 60 torch==2.13.0",
+                     "-m pip install -q torch==2.13.0"], calls
+    assert len([l for l in out.splitlines() if "note:" in l]) == 1, out
+
+
+def test_setup_offline_uses_only_the_given_wheels(tmp_path):
+    """PIP_NO_INDEX=1 (offline): no index is tried, pip's own settings (PIP_FIND_LINKS)
+    decide; setup.sh itself points at no folder of wheels."""
+    out, calls = _setup(tmp_path, FAKE_INDEX_RC="0", PIP_NO_INDEX="1")
+    assert calls == ["-m pip install -q torch==2.13.0"], calls
+    text = open(os.path.join(REPO, "launch", "setup.sh")).read()
+    assert "shared" not in text and "--find-links" not in text
