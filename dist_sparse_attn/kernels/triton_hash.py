@@ -73,9 +73,10 @@ def _sub_bucket(x_rows, row_ok, x_tile, R_head, D: tl.constexpr, C: tl.constexpr
             take = m > best_n
             arg_n = tl.where(take, tl.argmax(neg, 1).to(tl.int32) + c0, arg_n)
             best_n = tl.where(take, m, best_n)
+    sub = arg_p
     if SIGNED:    # the + half holds the lower indexes: it wins a tie
-        return tl.where(best_p >= best_n, arg_p, NC + arg_n)
-    return arg_p
+        sub = tl.where(best_p >= best_n, arg_p, NC + arg_n)
+    return sub
 
 
 @triton.jit
