@@ -9,9 +9,11 @@ radix (then merges fine buckets where the scheme says so). It writes either the
 bucket ids (B, N, heads) or directly the sort keys ``bucket << 32 | (pos + 2**31)``
 of the stream layout (S, N) that ``layout.sort_streams`` would build, saving
 the float copy, the projections, the argmaxes and the key arithmetic as
-separate launches. Registers hold at most a (BLOCK_N, 64) row tile, a (64, 32)
-rotation tile and a (BLOCK_N, 32) projection tile, whatever the head dim and
-the bucket count. ``hashing.lsh_buckets`` uses this kernel for CUDA tensors, so
+separate launches. The dots run over (BLOCK_N, 16) row tiles and (16, 32)
+rotation tiles into a (BLOCK_N, 32) projection tile, so register use does not
+grow with the head dim or the bucket count (a dot over the whole head dim
+made the FMA lowering hold every row's K values: 255 registers and spills at
+D = 64 with 64-column factors). ``hashing.lsh_buckets`` uses this kernel for CUDA tensors, so
 ``hash_sparse_attention`` and ``bucketed_attention(lsh_buckets(...))`` see
 identical buckets.
 """
@@ -23,7 +25,7 @@ import triton.language as tl
 
 MAX_FACTORS = 6             # merged scheme of 2**30 buckets: 2**33 fine = 32^3 * 64^3
 _BLOCK_N = 64
-_MAX_BLOCK_D = 64
+_MAX_BLOCK_D = 16
 _MAX_BLOCK_C = 32
 _MAX_STREAMS = 65535        # CUDA grid dimension y
 
@@ -172,11 +174,16 @@ def lsh_triton(x: torch.Tensor, rot: torch.Tensor, n_buckets: int, group_size: i
     if streams == 0 or N == 0:
         return out
     block_d = min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+    # ptxas for sm_90 (Triton 3.7), D 16..256: no spills; with 4 warps 37-128 registers
+    # up to two factors, while three or more would reach 168-255 (spilling at five):
+    # 8 warps bring those to 80-125 (255 at five factors, unspilled)
+    warps = 4 if len(scheme.factors) <= 2 else 8
     merge_bits = scheme.merge.bit_length() - 1 if scheme.merge else 0
     for s0 in range(0, streams, _MAX_STREAMS):
         grid = (triton.cdiv(N, _BLOCK_N), min(_MAX_STREAMS, streams - s0))
         _lsh_kernel[grid](
             x, rot, out, x.stride(0), x.stride(1), x.stride(2), x.stride(3), heads, N,
             group_size, s0, n_buckets, D=D, C=C, BLOCK_D=block_d, BLOCK_N=_BLOCK_N,
-            MERGE_BITS=merge_bits, WRITE_KEY=write_keys, **_factor_args(scheme))
+            MERGE_BITS=merge_bits, WRITE_KEY=write_keys, num_warps=warps,
+            **_factor_args(scheme))
     return out
