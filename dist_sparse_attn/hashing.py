@@ -159,9 +159,10 @@ def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
     classic scheme, n_buckets <= 64). Drawn on the CPU as
     ``torch.randn(heads // group_size, D, C, generator=torch.Generator().manual_seed(seed))``,
     so every device and every rank obtains the same matrices; for the product
-    scheme each factor's block of columns is then made orthonormal (modified
-    Gram-Schmidt in float64 with sums in a fixed order, independent of the CPU's
-    vector width), or unit-norm when the block has more columns than D.
+    scheme the columns of the factors' blocks are then made orthonormal, across
+    factors as far as D allows (:func:`rotation_groups`; modified Gram-Schmidt in
+    float64 with sums in a fixed order, independent of the CPU's vector width),
+    a block of more columns than D gets unit-norm columns.
 
     ``device=None`` draws a new CPU tensor. With a device, the tensor is drawn
     once and cached there (shared: do not modify it), e.g. to draw every
@@ -208,7 +209,7 @@ def rotation_groups(scheme: LSHScheme, dim: int):
     but correlated ones (2.8x max/mean bucket size at 256 = 16 * 16, D = 64)."""
     groups = []
     for _, c0, c, _ in scheme.blocks:
-        if groups and groups[-1][1] <= dim and groups[-1][1] + c <= dim:
+        if groups and groups[-1][1] + c <= dim:
             groups[-1] = (groups[-1][0], groups[-1][1] + c)
         else:
             groups.append((c0, c))
