@@ -17,9 +17,14 @@ def _desc(t):
 
 
 def check_n_buckets(n_buckets):
+    """Even, 2 .. 2**30: bucket ids (and the merged LSH scheme's int64 arithmetic)
+    stay well below the drop sentinel 2**31 - 1 of ``layout.DROP``."""
     if isinstance(n_buckets, bool) or not isinstance(n_buckets, numbers.Integral) \
             or n_buckets < 2 or n_buckets % 2:
         raise ValueError(f"n_buckets must be an even integer >= 2, got {n_buckets!r}")
+    if n_buckets > 2 ** 30:
+        raise ValueError(f"n_buckets must be an even integer in [2, 2**30] (bucket ids stay "
+                         f"below 2**31 - 1), got {n_buckets!r}")
 
 
 def check_backend(backend):

@@ -1,30 +1,246 @@
-"""Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids."""
+"""Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids.
+
+Two LSH schemes, chosen by ``n_buckets`` alone, so every rank and device agrees:
+
+* **classic** (``n_buckets <= 64``): ``bucket = argmax([xR ; -xR])`` with one
+  Gaussian rotation R (D, n_buckets / 2) per rotation index. Cost O(N D n_buckets).
+* **product** (``n_buckets > 64``): ``n_buckets = f_1 * ... * f_k`` (see
+  :func:`lsh_scheme`), each factor an angular hash of its own rotation block
+  (even f: ``argmax([xR_i ; -xR_i])``, R_i (D, f/2); odd f: ``argmax(xR_i)``,
+  R_i (D, f)); the bucket is the mixed-radix number of the sub-buckets, h_1
+  most significant. Cost O(N D C) with C = the rotation columns of all factors,
+  e.g. 48 = 16 + 32 for 2048 = 32 * 64 buckets instead of 1024. At most 63
+  columns per factor and 5 factors (6 when merged) at any n_buckets, so hashing
+  cost is linear in N at a fixed bucket size (the classic scheme's is quadratic). The
+  columns are orthonormal across factors as far as D allows (see
+  :func:`rotation_groups`), so isotropic inputs fill all buckets equally; raw
+  Gaussian columns have unequal norms, which skews a large argmax towards the
+  longest ones (64k random tokens, D = 64, 2048 buckets: the fullest bucket
+  held 11-12x the mean with one Gaussian rotation, 1.8x with the product scheme,
+  about the maximum of a fair draw of 32 tokens per bucket).
+
+A scheme's rotations are one float32 tensor (heads // group_size, D, C), C the
+total number of columns of its blocks (classic: n_buckets / 2), drawn on the
+CPU from ``torch.Generator().manual_seed(seed)``.
+"""
 from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
 
 import torch
 
 from ._validation import check_n_buckets
 
+CLASSIC_MAX_BUCKETS = 64    # n_buckets up to this hash with the classic scheme
+MAX_FACTOR = 64             # largest factor of the product scheme
+_MERGE_OVERSAMPLE = 8       # fine buckets per bucket (at least) of a merged product scheme
+
+
+@dataclass(frozen=True)
+class LSHScheme:
+    """How ``n_buckets`` buckets are hashed (derived from ``n_buckets`` alone).
+
+    ``factors``: f_1 .. f_k, the bucket is ``((h_1 f_2 + h_2) f_3 + h_3) ...``;
+    ``merge``: 0, or M (a power of two) when the factors hash into M fine buckets
+    and ``bucket = fine * n_buckets // M``; ``classic``: the single-rotation
+    scheme of ``n_buckets <= 64`` (raw Gaussian rotation, one factor).
+    """
+    n_buckets: int
+    factors: tuple
+    merge: int = 0
+    classic: bool = False
+
+    @property
+    def columns(self) -> tuple:
+        """Rotation columns of each factor: f/2 (even f, both signs) or f (odd f)."""
+        return tuple(f // 2 if f % 2 == 0 else f for f in self.factors)
+
+    @property
+    def n_columns(self) -> int:
+        return sum(self.columns)
+
+    @property
+    def blocks(self):
+        """(factor, first column, columns, signed) of every factor, h_1 first."""
+        out, c0 = [], 0
+        for f, c in zip(self.factors, self.columns):
+            out.append((f, c0, c, f % 2 == 0))
+            c0 += c
+        return tuple(out)
+
+
+_SCHEMES: dict = {}
+
+
+def lsh_scheme(n_buckets: int) -> LSHScheme:
+    """The hashing scheme of ``n_buckets`` (even, 2 .. 2**30).
+
+    * ``n_buckets <= 64``: classic, one factor ``(n_buckets,)``.
+    * otherwise the fewest factors, each in [2, 64], whose product is
+      ``n_buckets``; among those the smallest sum of factors (the most balanced
+      split, and the fewest rotation columns), then the lexicographically
+      smallest ascending tuple. E.g. 128 = 8 * 16, 2048 = 32 * 64,
+      4096 = 64 * 64, 8192 = 16 * 16 * 32, 65536 = 32 * 32 * 64, 6000 = 15 * 20 * 20.
+    * when ``n_buckets`` has a prime factor above 64 (e.g. 134 = 2 * 67): a
+      product scheme of M fine buckets, M the smallest power of two
+      ``>= 8 * n_buckets``, merged by ``bucket = fine * n_buckets // M``; every
+      bucket then collects ``floor(M / n_buckets)`` or one more fine buckets (at
+      least 8), so merging costs at most a 9/8 imbalance.
+
+    A plain dict cache, not ``functools.lru_cache`` (readable under torch.compile).
+    """
+    check_n_buckets(n_buckets)
+    n_buckets = int(n_buckets)
+    scheme = _SCHEMES.get(n_buckets)
+    if scheme is None:
+        if n_buckets <= CLASSIC_MAX_BUCKETS:
+            scheme = LSHScheme(n_buckets, (n_buckets,), classic=True)
+        else:
+            factors = _factorize(n_buckets)
+            if factors is not None:
+                scheme = LSHScheme(n_buckets, factors)
+            else:
+                fine = 1 << (_MERGE_OVERSAMPLE * n_buckets - 1).bit_length()
+                scheme = LSHScheme(n_buckets, _factorize(fine), merge=fine)
+        _SCHEMES[n_buckets] = scheme
+    return scheme
+
+
+def _factorize(n: int):
+    """Fewest factors in [2, MAX_FACTOR] with product n, ascending; smallest sum,
+    then lexicographically smallest. None when a prime factor exceeds MAX_FACTOR."""
+    rest = n
+    for p in range(2, MAX_FACTOR + 1):
+        while rest % p == 0:
+            rest //= p
+    if rest != 1:
+        return None
+    k = 1
+    while True:
+        best = _best_split(n, k, 2)
+        if best is not None:
+            return best
+        k += 1
+
+
+def _best_split(n: int, k: int, lo: int):
+    """Best ascending k-tuple of factors in [lo, MAX_FACTOR] with product n, or None."""
+    if k == 1:
+        return (n,) if lo <= n <= MAX_FACTOR else None
+    best = None
+    for f in range(lo, MAX_FACTOR + 1):
+        if f ** k > n:          # ascending: the smallest factor is at most n^(1/k)
+            break
+        if n % f:
+            continue
+        rest = _best_split(n // f, k - 1, f)
+        if rest is not None:
+            cand = (f,) + rest
+            if best is None or (sum(cand), cand) < (sum(best), best):
+                best = cand
+    return best
+
+
+def check_seed(seed):
+    """Seeds are Python or numpy integers in [0, 2**63) (not bool): the seed of
+    ``torch.Generator().manual_seed``. Returns it as an int."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
+
 
 def lsh_rotations(heads: int, dim: int, n_buckets: int, *, seed: int = 0,
-                  group_size: int = 1) -> torch.Tensor:
-    """The random rotations of :func:`lsh_buckets`, float32 (heads // group_size, D, n_buckets // 2).
+                  group_size: int = 1, device=None) -> torch.Tensor:
+    """The rotations of :func:`lsh_buckets`: float32 (heads // group_size, D, C).
 
-    Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so every
-    device and every rank obtains the same matrices.
+    C is ``lsh_scheme(n_buckets).n_columns`` (``n_buckets // 2`` for the
+    classic scheme, n_buckets <= 64). Drawn on the CPU as
+    ``torch.randn(heads // group_size, D, C, generator=torch.Generator().manual_seed(seed))``,
+    so every device and every rank obtains the same matrices; for the product
+    scheme the columns of the factors' blocks are then made orthonormal, across
+    factors as far as D allows (:func:`rotation_groups`; modified Gram-Schmidt in
+    float64 with sums in a fixed order, independent of the CPU's vector width),
+    a block of more columns than D gets unit-norm columns.
+
+    ``device=None`` draws a new CPU tensor. With a device, the tensor is drawn
+    once and cached there (shared: do not modify it), e.g. to draw every
+    layer's rotations before ``torch.compile`` traces the model.
     """
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn(heads // group_size, dim, n_buckets // 2, generator=gen,
-                       dtype=torch.float32)
+    for name, v in (("heads", heads), ("dim", dim), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if heads % group_size:
+        raise ValueError(f"group_size must be a positive divisor of heads={heads}, "
+                         f"got {group_size!r}")
+    seed = check_seed(seed)
+    scheme = lsh_scheme(n_buckets)
+    if device is not None:
+        return _rotations_on(device, int(heads), int(dim), scheme.n_buckets, seed,
+                             int(group_size))
+    return _draw_rotations(int(heads) // int(group_size), int(dim), scheme, seed)
+
+
+def _draw_rotations(g: int, dim: int, scheme: LSHScheme, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rot = torch.randn(g, dim, scheme.n_columns, generator=gen, dtype=torch.float32)
+    if scheme.classic:
+        return rot
+    for c0, c in rotation_groups(scheme, dim):
+        block = rot[:, :, c0:c0 + c].double()                              # (g, D, c)
+        if c <= dim:
+            block = _orthonormalize(block)
+        else:
+            block = block / _ordered_dot(block, block).sqrt()[:, None, :]
+        rot[:, :, c0:c0 + c] = block.float()
+    return rot
+
+
+def rotation_groups(scheme: LSHScheme, dim: int):
+    """Column ranges (first, count) made orthonormal together: the factors' blocks in
+    order, packed while a group keeps <= dim columns (a block of more than dim
+    columns stands alone and gets unit-norm columns instead).
+
+    Orthogonal across factors, not only within each: the projections of an
+    isotropic x on orthonormal columns are independent, so the factors'
+    sub-buckets are independent and every bucket is equally likely. Blocks that
+    are orthonormal only within themselves give each factor uniform sub-buckets
+    but correlated ones (2.8x max/mean bucket size at 256 = 16 * 16, D = 64)."""
+    groups = []
+    for _, c0, c, _ in scheme.blocks:
+        if groups and groups[-1][1] + c <= dim:
+            groups[-1] = (groups[-1][0], groups[-1][1] + c)
+        else:
+            groups.append((c0, c))
+    return tuple(groups)
+
+
+def _ordered_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Column dot products over dim 1 of (g, D, c) float64, summed strictly in
+    order of D (a sequential scan, the same on every CPU): (g, c)."""
+    return (a * b).cumsum(1)[:, -1]
+
+
+def _orthonormalize(a: torch.Tensor) -> torch.Tensor:
+    """Modified Gram-Schmidt on the columns of (g, D, c) float64, c <= D."""
+    v = a.clone()
+    for i in range(v.shape[2]):
+        qi = v[:, :, i:i + 1] / _ordered_dot(v[:, :, i:i + 1], v[:, :, i:i + 1]).sqrt()[:, None]
+        v[:, :, i:i + 1] = qi
+        if i + 1 < v.shape[2]:
+            rest = v[:, :, i + 1:]
+            v[:, :, i + 1:] = rest - qi * _ordered_dot(qi, rest)[:, None, :]
+    return v
 
 
 _ROTATIONS: dict = {}
-_ROTATIONS_MAX = 4096     # entries of (heads/g, D, nb/2) floats: layers x devices x q/k
+_ROTATIONS_MAX = 4096     # entries of (heads/g, D, C) floats: layers x devices x q/k
 
 
 def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
-    """The rotations (heads // group_size, D, nb/2) on ``device``, drawn once
-    (no host-device copy per call).
+    """The rotations (heads // group_size, D, C) on ``device``, drawn once
+    (no host-device copy per call). Arguments already validated.
 
     A plain dict, not ``functools.lru_cache``: under ``torch.compile`` dynamo reads a
     cached entry as a constant tensor, where it would trace through an lru_cache into
@@ -35,50 +251,45 @@ def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
     rot = _ROTATIONS.get(key)
     if rot is None:
         with torch.inference_mode(False):
-            rot = lsh_rotations(heads, dim, n_buckets, seed=seed,
-                                group_size=group_size).to(device)
+            rot = _draw_rotations(heads // group_size, dim, lsh_scheme(n_buckets),
+                                  seed).to(device)
         if len(_ROTATIONS) >= _ROTATIONS_MAX:       # evict the oldest entry (dicts keep order)
             del _ROTATIONS[next(iter(_ROTATIONS))]
         _ROTATIONS[key] = rot
     return rot
 
 
-def _fused(x, n_buckets):
-    """Use the fused Triton hashing kernel? On CUDA, for the shapes where it was
-    measured fast on an H100 (head dim x half the buckets, padded, <= 2048; at
-    D=128 with 64 buckets it ran ~20x slower than the PyTorch ops, presumably
-    register spills). Both lsh_buckets and lsh_sort_keys decide here, so they
-    always agree."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        # (under torch.compile the PyTorch ops trace; the raw kernel launch may not)
-        return False
-    bd = max(16, 1 << (x.shape[-1] - 1).bit_length())
-    br = max(16, 1 << (n_buckets // 2 - 1).bit_length())
-    return bd * br <= 2048
+def _fused(x):
+    """Use the fused Triton hashing kernel? For every CUDA tensor, except under
+    torch.compile tracing (the PyTorch ops trace; the raw kernel launch may not).
+    Both lsh_buckets and lsh_sort_keys decide here, so they always agree."""
+    return x.is_cuda and not torch.compiler.is_compiling()
 
 
-def _check_lsh_args(x, n_buckets, group_size):
+def _check_lsh_args(x, n_buckets, seed, group_size):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got dtype {x.dtype}")
     check_n_buckets(n_buckets)
-    if not isinstance(group_size, int) or group_size < 1 or x.shape[2] % group_size:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
+            or x.shape[2] % group_size:
         raise ValueError(f"group_size must be a positive divisor of heads={x.shape[2]}, "
                          f"got {group_size!r}")
+    return check_seed(seed)
 
 
 def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
                   group_size: int = 1) -> torch.Tensor:
     """Sort keys (B * heads, N) int64 of ``layout.sort_streams`` for the LSH
     buckets of x at default positions, fused into one kernel on CUDA."""
-    _check_lsh_args(x, n_buckets, group_size)
+    seed = _check_lsh_args(x, n_buckets, seed, group_size)
     B, N, Hx, D = x.shape
-    if _fused(x, n_buckets):
+    if _fused(x):
         from .kernels.triton_hash import lsh_triton
-        rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)
-        return lsh_triton(x, rot, n_buckets, group_size, write_keys=True)
+        rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)
+        return lsh_triton(x, rot, int(n_buckets), group_size, write_keys=True)
     from .layout import bucket_keys
     pos = torch.arange(N, device=x.device).expand(B, N)
     return bucket_keys(lsh_buckets(x, n_buckets, seed=seed, group_size=group_size), pos)
@@ -86,38 +297,97 @@ def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
                 group_size: int = 1) -> torch.Tensor:
-    """Angular LSH bucket of every token and head: ``argmax([xR ; -xR])``.
+    """Angular LSH bucket of every token and head.
 
     x: (B, N, heads, D) floating. Head ``h`` uses rotation ``h // group_size``
-    (``heads // group_size`` rotations of shape (D, n_buckets / 2)).
-    Returns (B, N, heads) int64 in ``[0, n_buckets)``. Invariant to positive
-    scaling of x.
+    of :func:`lsh_rotations` (``heads // group_size`` rotations).
+    ``n_buckets``: even, 2 .. 2**30; seed: integer in [0, 2**63).
+
+    * ``n_buckets <= 64``: ``argmax([xR ; -xR])``, R (D, n_buckets / 2) Gaussian
+      (first maximal index: ties go to the lower bucket, the + half first).
+    * ``n_buckets > 64``: a product of small angular hashes (see
+      :func:`lsh_scheme`), each ``argmax`` over its own block of orthonormal
+      rotation columns: at most 64 columns per factor, so the cost per token is
+      bounded at any n_buckets (linear in N at a fixed bucket size), and
+      isotropic inputs fill all buckets equally (while the factors' columns fit
+      in D, e.g. up to 65536 buckets at D = 64). These buckets differ from
+      those of versions that hashed every n_buckets with one rotation.
+
+    Returns (B, N, heads) int64 in ``[0, n_buckets)``. Deterministic per seed,
+    the same on every device and rank (up to float32 rounding of near-ties,
+    whose projections are summed in another order by the fused CUDA kernel),
+    invariant to positive scaling of x.
     """
-    _check_lsh_args(x, n_buckets, group_size)
+    seed = _check_lsh_args(x, n_buckets, seed, group_size)
     B, N, Hx, D = x.shape
-    rot = _rotations_on(x.device, Hx, D, n_buckets, int(seed), group_size)  # (Hx/g, D, nb/2)
-    return _buckets_from_rotations(x, rot, n_buckets, group_size)
+    rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)  # (Hx/g, D, C)
+    return _buckets(x, rot, int(n_buckets), group_size)
 
 
-def _buckets_from_rotations(x, rot, n_buckets: int, group_size: int) -> torch.Tensor:
-    """``argmax([xR ; -xR])`` with given rotations ``rot`` (heads // group_size, D, nb/2):
-    the fused kernel on CUDA where it pays, else PyTorch ops in chunks of tokens."""
+def buckets_from_rotations(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
+                           group_size: int = 1) -> torch.Tensor:
+    """:func:`lsh_buckets` with given rotations (heads // group_size, D, C) float32 on
+    x's device, e.g. rows of :func:`lsh_rotations` for a subset of the heads.
+    Returns (B, N, heads) int64 in ``[0, n_buckets)``."""
+    _check_lsh_args(x, n_buckets, 0, group_size)
     B, N, Hx, D = x.shape
-    if _fused(x, n_buckets):       # one launch, no float copy of x
+    want = (Hx // group_size, D, lsh_scheme(n_buckets).n_columns)
+    if not isinstance(rotations, torch.Tensor) or tuple(rotations.shape) != want \
+            or rotations.dtype != torch.float32:
+        raise ValueError(f"rotations must be a float32 tensor of shape (heads // group_size, "
+                         f"D, C) = {want}, got "
+                         f"{getattr(rotations, 'shape', type(rotations).__name__)} "
+                         f"{getattr(rotations, 'dtype', '')}")
+    if rotations.device != x.device:
+        raise ValueError(f"rotations.device {rotations.device} differs from x.device "
+                         f"{x.device}")
+    return _buckets(x, rotations, int(n_buckets), group_size)
+
+
+def _buckets(x, rot, n_buckets: int, group_size: int) -> torch.Tensor:
+    """Buckets (B, N, heads) of x with rotations ``rot`` (heads // group_size, D, C):
+    the fused kernel on CUDA, else PyTorch ops in chunks of tokens."""
+    B, N, Hx, D = x.shape
+    if _fused(x):       # one launch, no float copy of x
         from .kernels.triton_hash import lsh_triton
         return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
-    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, nb/2)
-    # in chunks of tokens: the projections (chunk, heads, nb/2) stay below ~64M floats,
-    # so thousands of buckets (fixed bucket size at 1M+ tokens) do not need N x nb memory
-    step = max(1, (1 << 26) // max(1, B * Hx * n_buckets))
+    scheme = lsh_scheme(n_buckets)
+    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, C)
+    # in chunks of tokens: the projections (chunk, heads, C) stay below ~64M floats
+    step = max(1, (1 << 26) // max(1, B * Hx * scheme.n_columns))
     out = torch.empty(B, N, Hx, dtype=torch.int64, device=x.device)
     for s in range(0, N, step):
-        xr = torch.einsum("bnhd,hdr->bnhr", x[:, s:s + step].float(), rot)  # (B, n, heads, nb/2)
-        # argmax over [xr ; -xr] without building it: the larger of max(xr) and max(-xr)
-        mx, imx = xr.max(dim=-1)
-        mn, imn = xr.min(dim=-1)
-        out[:, s:s + step] = torch.where(mx >= -mn, imx, imn + n_buckets // 2)
+        xr = torch.einsum("bnhd,hdc->bnhc", x[:, s:s + step].float(), rot)   # (B, n, heads, C)
+        out[:, s:s + step] = buckets_of_projections(xr, scheme)
     return out                                                               # (B, N, heads)
+
+
+def buckets_of_projections(xr: torch.Tensor, scheme: LSHScheme) -> torch.Tensor:
+    """Buckets (...) int64 from projections xr (..., C) on the scheme's rotation columns."""
+    bucket = None
+    for f, c0, c, signed in scheme.blocks:
+        p = xr[..., c0:c0 + c]
+        if signed:
+            # argmax over [p ; -p] without building it: the larger of max(p) and max(-p),
+            # the + half on a tie (the first maximal index)
+            mx, imx = p.max(dim=-1)
+            mn, imn = p.min(dim=-1)
+            sub = torch.where(mx >= -mn, imx, imn + c)
+        else:
+            sub = p.argmax(dim=-1)
+        bucket = sub if bucket is None else bucket * f + sub
+    if scheme.merge:
+        bucket = merge_fine_buckets(bucket, scheme.n_buckets, scheme.merge)
+    return bucket
+
+
+def merge_fine_buckets(fine, n_buckets: int, m: int):
+    """``fine * n_buckets // m`` for fine in [0, m), m a power of two <= 2**36 and
+    n_buckets < 2**31, without int64 overflow: split fine = hi * 2**s + lo, then
+    ``(hi * n + (lo * n >> s)) >> (log2 m - s)`` (floor of a floor quotient)."""
+    bits = m.bit_length() - 1
+    s = bits // 2
+    return ((fine >> s) * n_buckets + (((fine & ((1 << s) - 1)) * n_buckets) >> s)) >> (bits - s)
 
 
 def keep_to_buckets(keep: torch.Tensor) -> torch.Tensor:

@@ -315,10 +315,12 @@ class CausalSelfAttention(nn.Module):
     def draw_rotations(self, device):
         """Put this layer's LSH rotations (query and key side) in the hashing cache."""
         if self.attention == "hash":
-            from .hashing import _rotations_on
+            from .hashing import lsh_rotations
             g = self.n_head // self.n_kv_head
-            _rotations_on(device, self.n_head, self.head_dim, self.n_buckets, self.seed, g)
-            _rotations_on(device, self.n_kv_head, self.head_dim, self.n_buckets, self.seed, 1)
+            lsh_rotations(self.n_head, self.head_dim, self.n_buckets, seed=self.seed,
+                          group_size=g, device=device)
+            lsh_rotations(self.n_kv_head, self.head_dim, self.n_buckets, seed=self.seed,
+                          device=device)
 
     @torch.no_grad()
     def _hash_buckets(self, q, k, positions):

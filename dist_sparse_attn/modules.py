@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _validation as V
+from .hashing import check_seed
 from .ops import bucketed_attention, hash_sparse_attention, qk_sparse_attention
 from .parallel import (STRATEGIES, sequence_parallel_attention, sequence_parallel_hash_attention,
                        sequence_parallel_qk_attention)
@@ -72,7 +73,7 @@ class SparseAttention(nn.Module):
         V.check_flags(causal=causal, include_self=include_self)
         if mode == "qk" and not include_self:
             raise ValueError("mode='qk' always includes self (include_self=True)")
-        self.mode, self.n_buckets, self.seed = mode, n_buckets, int(seed)
+        self.mode, self.n_buckets, self.seed = mode, n_buckets, check_seed(seed)
         self.causal, self.include_self = causal, include_self
         self.softmax_scale, self.backend = softmax_scale, backend
 

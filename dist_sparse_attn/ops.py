@@ -132,10 +132,13 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
                           softmax_scale=None, return_lse=False, backend="auto"):
     """Each query attends only to keys in its angular-LSH bucket.
 
-    q (B, Nq, H, D); k, v (B, Nk, Hkv, D). Query head h is hashed with the
-    rotation of its kv head h // (H // Hkv), so q and k share hyperplanes.
-    Equals ``bucketed_attention(q, k, v, lsh_buckets(q, n, seed=seed,
-    group_size=H // Hkv), lsh_buckets(k, n, seed=seed), ...)``.
+    q (B, Nq, H, D); k, v (B, Nk, Hkv, D). ``n_buckets``: even, 2 .. 2**30;
+    ``seed``: integer in [0, 2**63). Query head h is hashed with the rotation of
+    its kv head h // (H // Hkv), so q and k share hyperplanes. Equals
+    ``bucketed_attention(q, k, v, lsh_buckets(q, n, seed=seed, group_size=H // Hkv),
+    lsh_buckets(k, n, seed=seed), ...)``: for ``n_buckets <= 64`` one rotation,
+    ``argmax([xR ; -xR])``; above, a product of small angular hashes, whose cost
+    per token stays bounded as n_buckets grows (see :func:`~dist_sparse_attn.lsh_buckets`).
     """
     V.check_backend(backend)
     V.check_qkv(q, k, v)

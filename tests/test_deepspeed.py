@@ -303,14 +303,15 @@ def test_ulysses_buckets_use_global_head_rotations():
     from dist_sparse_attn import lsh_buckets
     from dist_sparse_attn.integrations.deepspeed import ulysses_lsh_buckets
 
-    for H, Hkv, P in ((8, 4, 2), (4, 4, 4), (6, 2, 2)):
+    for (H, Hkv, P), nb in zip(((8, 4, 2), (4, 4, 4), (6, 2, 2), (8, 4, 2), (4, 2, 2)),
+                               (8, 8, 8, 2048, 134)):
         q, k = torch.randn(2, 30, H, 16), torch.randn(2, 30, Hkv, 16)
-        qb = lsh_buckets(q, 8, seed=5, group_size=H // Hkv)
-        kb = lsh_buckets(k, 8, seed=5)
+        qb = lsh_buckets(q, nb, seed=5, group_size=H // Hkv)
+        kb = lsh_buckets(k, nb, seed=5)
         h, hk = H // P, Hkv // P
         for r in range(P):
             a, b = ulysses_lsh_buckets(q[:, :, r * h:(r + 1) * h], k[:, :, r * hk:(r + 1) * hk],
-                                       8, seed=5, rank=r, world=P)
+                                       nb, seed=5, rank=r, world=P)
             assert torch.equal(a, qb[:, :, r * h:(r + 1) * h])
             assert torch.equal(b, kb[:, :, r * hk:(r + 1) * hk])
 
@@ -349,6 +350,10 @@ def test_bad_arguments_raise_value_error():
         ulysses_lsh_buckets(q, k, 4, rank=0, world=0)
     with pytest.raises(ValueError, match="k/v heads"):
         ulysses_lsh_buckets(q, k[:, :, :1].expand(1, 5, 3, 8), 4)
+    with pytest.raises(ValueError, match="seed"):
+        ulysses_lsh_buckets(q, k, 4, seed="abc")
+    with pytest.raises(ValueError, match="n_buckets"):
+        ulysses_lsh_buckets(q, k, 2 ** 40)
 
 
 @pytest.mark.timeout(120)

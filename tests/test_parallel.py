@@ -58,6 +58,7 @@ CASES = {
     "allgather_w2_rank0_dropped": dict(lengths=[45, 80], B=1, H=2, Hkv=1, buckets="keep",
                                        drop_rank=0, strategy="allgather"),
     "hash_convenience_w2": dict(lengths=[64, 63], B=2, H=4, Hkv=2, nb=4, kind="hash"),
+    "hash_convenience_w2_product": dict(lengths=[90, 71], B=1, H=4, Hkv=2, nb=134, kind="hash"),
     "module_w2": dict(lengths=[45, 80], B=1, H=4, Hkv=2, nb=4, kind="module"),
     # world 3: allgather
     "allgather_w3_keep_gqa": dict(lengths=[37, 64, 11], B=2, H=4, Hkv=2, buckets="keep",
@@ -118,6 +119,11 @@ def _check_case(name, spec, rank, world, seed):
             sequence_parallel_qk_attention(q, q, q, kbad, keep)
         with pytest.raises(ValueError, match="n_buckets" if rank == 1 else "rank"):
             sequence_parallel_hash_attention(q, q, q, 3 if rank == 1 else 4)
+        with pytest.raises(ValueError, match=r"n_buckets must be an even integer in \[2, 2\*\*30\]"
+                           if rank == 1 else "rank"):
+            sequence_parallel_hash_attention(q, q, q, 2 ** 40 if rank == 1 else 4)
+        with pytest.raises(ValueError, match="seed" if rank == 1 else "rank"):
+            sequence_parallel_hash_attention(q, q, q, 4, seed="abc" if rank == 1 else 0)
         # the group is still in step: a valid call works afterwards
         assert spa(q, q, q, kb, kb, backend="torch").shape == q.shape
         assert spa(q, q, q, kb, kb, strategy="allgather", backend="torch").shape == q.shape

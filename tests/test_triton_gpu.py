@@ -130,10 +130,12 @@ def test_empty_rows_zero_and_no_nan():
         assert torch.equal(x.grad, torch.zeros_like(x.grad))
 
 
-def test_fused_hashing_matches_cpu_and_contract():
-    """GPU hashing (fused kernel) agrees with the CPU path, and
-    hash_sparse_attention equals bucketed_attention on lsh_buckets exactly."""
-    B, N, H, Hkv, D, nb = 2, 4096, 8, 2, 64, 16
+@pytest.mark.parametrize("nb,D", [(16, 64), (64, 128), (2048, 64), (134, 128), (6000, 256),
+                                  (8192, 32)], ids=str)
+def test_fused_hashing_matches_cpu_and_contract(nb, D):
+    """GPU hashing (fused kernel, classic and product schemes) agrees with the CPU
+    path, and hash_sparse_attention equals bucketed_attention on lsh_buckets exactly."""
+    B, N, H, Hkv = 2, 4096, 8, 2
     q = torch.randn(B, N, H, D, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(B, N, Hkv, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     qb = dsa.lsh_buckets(q, nb, seed=5, group_size=H // Hkv)

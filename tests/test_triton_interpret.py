@@ -136,20 +136,134 @@ def test_range_kernel_matches_pytorch_ranges(trial):
                         assert torch.equal(g, w), (causal, include_self, bm, bn, transposed)
 
 
-@pytest.mark.parametrize("n_buckets,D,group", [(2, 16, 1), (8, 64, 2), (64, 24, 1), (40, 32, 4)],
-                         ids=str)
-def test_fused_lsh_kernel_matches_torch(n_buckets, D, group):
-    """The fused GPU hashing kernel (run here by the interpreter) gives the
-    buckets and sort keys of the PyTorch path."""
-    from dist_sparse_attn.hashing import _rotations_on
+def _hash_input(B, N, heads, D, dtype, layout):
+    """x (B, N, heads, D): contiguous, or a strided view (heads-major storage, every
+    other element of the head dim)."""
+    if layout == "strided":
+        return torch.randn(B, heads, N, 2 * D).to(dtype).transpose(1, 2)[..., ::2]
+    return torch.randn(B, N, heads, D).to(dtype)
+
+
+def _clear_tokens(x, n_buckets, seed, group):
+    """Tokens whose argmax in every factor leads the runner-up by > 1e-4 |x| in float64:
+    float32 sums in any order give the same bucket there."""
+    from dist_sparse_attn.hashing import lsh_rotations, lsh_scheme
+    R = lsh_rotations(x.shape[2], x.shape[3], n_buckets, seed=seed, group_size=group)
+    xr = torch.einsum("bnhd,hdc->bnhc", x.double(), R.double().repeat_interleave(group, 0))
+    clear = torch.ones(x.shape[:3], dtype=torch.bool)
+    for f, c0, c, signed in lsh_scheme(n_buckets).blocks:
+        p = xr[..., c0:c0 + c]
+        top2 = (torch.cat([p, -p], -1) if signed else p).topk(2, -1).values
+        clear &= top2[..., 0] - top2[..., 1] > 1e-4 * x.double().norm(dim=-1)
+    return clear
+
+
+# (n_buckets, D, group, dtype, N, layout): classic and product schemes (2 and 3 factors,
+# odd factors (74 = 2 * 37: 37 columns, two column tiles), merged, 5 and 6 factors),
+# head dims in one and several tiles
+FUSED_CASES = [
+    (2, 16, 1, torch.float32, 77, "contiguous"),
+    (8, 64, 2, torch.float16, 65, "strided"),
+    (64, 24, 1, torch.float32, 129, "contiguous"),
+    (40, 32, 4, torch.float16, 33, "contiguous"),
+    (64, 128, 1, torch.float32, 71, "strided"),
+    (128, 80, 2, torch.float32, 97, "contiguous"),
+    (150, 16, 1, torch.float16, 63, "contiguous"),
+    (74, 24, 2, torch.float32, 53, "contiguous"),
+    (2048, 64, 2, torch.float32, 101, "strided"),
+    (6000, 128, 1, torch.float16, 45, "contiguous"),
+    (134, 64, 4, torch.float32, 67, "contiguous"),
+    (4096, 256, 1, torch.float32, 31, "strided"),
+    (2 ** 30, 16, 1, torch.float32, 37, "contiguous"),
+    (2 ** 30 - 2, 16, 2, torch.float16, 29, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("n_buckets,D,group,dtype,N,layout", FUSED_CASES,
+                         ids=[f"nb{c[0]}-D{c[1]}-g{c[2]}-{str(c[3])[6:]}-N{c[4]}-{c[5]}"
+                              for c in FUSED_CASES])
+def test_fused_lsh_kernel_matches_torch(n_buckets, D, group, dtype, N, layout):
+    """The fused GPU hashing kernel (run here by the interpreter) gives the buckets of
+    the PyTorch path, and the sort keys of those buckets."""
+    from dist_sparse_attn.hashing import lsh_rotations
     from dist_sparse_attn.kernels.triton_hash import lsh_triton
     from dist_sparse_attn.layout import bucket_keys
-    B, N, heads = 2, 77, 4
-    x = torch.randn(B, N, heads, D)
+    B, heads = 2, 4
+    x = _hash_input(B, N, heads, D, dtype, layout)
     want = dsa.lsh_buckets(x, n_buckets, seed=3, group_size=group)
-    rot = _rotations_on(x.device, heads, D, n_buckets, 3, group)
+    rot = lsh_rotations(heads, D, n_buckets, seed=3, group_size=group, device="cpu")
     got = lsh_triton(x, rot, n_buckets, group, write_keys=False)
-    # float32 sums in another order may flip an exact near-tie; allow 1 in 1000
-    assert (got == want).float().mean() >= 0.999
+    clear = _clear_tokens(x, n_buckets, 3, group)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got[clear], want[clear])
+    # float32 sums in another order may flip an exact near-tie
+    assert (got == want).float().mean() >= 0.98
     keys = lsh_triton(x, rot, n_buckets, group, write_keys=True)
     assert torch.equal(keys, bucket_keys(got, torch.arange(N).expand(B, N)))
+
+
+@pytest.mark.parametrize("n_buckets,D", [(8, 16), (64, 80), (150, 16), (74, 24), (2048, 64),
+                                         (134, 32)], ids=str)
+def test_fused_lsh_kernel_exact_ties(n_buckets, D):
+    """Integer inputs and rotations: every projection is exact in float32, in any order,
+    and full of ties (and zero rows: all ties). The kernel must break them like the
+    PyTorch path: first maximal index, the + half before the - half."""
+    from dist_sparse_attn.hashing import buckets_from_rotations, lsh_scheme
+    from dist_sparse_attn.kernels.triton_hash import lsh_triton
+    B, N, heads, group = 1, 70, 4, 2
+    x = torch.randint(-2, 3, (B, N, heads, D)).float()
+    x[:, :5] = 0.0
+    rot = torch.randint(-1, 2, (heads // group, D, lsh_scheme(n_buckets).n_columns)).float()
+    want = buckets_from_rotations(x, rot, n_buckets, group)
+    got = lsh_triton(x, rot, n_buckets, group, write_keys=False)
+    assert torch.equal(got, want)
+    assert (want[:, :5] == 0).all()
+
+
+_SM90_CHECK = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dist_sparse_attn.hashing import lsh_scheme
+from dist_sparse_attn.kernels import triton_hash as th
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if not os.path.exists(tool):
+    sys.exit(77)
+for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64), (2 ** 30 - 2, 16)]:
+    s = lsh_scheme(nb)
+    cons = dict(D=D, C=s.n_columns, BLOCK_D=min(th._MAX_BLOCK_D, triton.next_power_of_2(D)),
+                BLOCK_N=th._BLOCK_N, MERGE_BITS=max(0, s.merge.bit_length() - 1),
+                WRITE_KEY=True, **th._factor_args(s))
+    names = th._lsh_kernel.arg_names
+    types = dict(X="*bf16", R="*fp32", OUT="*i64")
+    sig = {n: "constexpr" if n in cons else types.get(n, "i32") for n in names}
+    k = triton.compile(ASTSource(th._lsh_kernel, sig, {(names.index(n),): v
+                                                       for n, v in cons.items()}),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4 if len(s.factors) <= 2 else 8})
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                           text=True, check=True).stdout
+    os.unlink(f.name)
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    print(nb, D, usage.strip().splitlines()[-1])
+    assert stack == 0, (nb, D, usage)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_fused_lsh_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The fused hashing kernel compiles for an H100/H200 (sm_90, no GPU needed) and
+    ptxas spills no registers, for the classic scheme at D = 128 (where a whole-D
+    dot spilled and ran ~20x slower than PyTorch), 2 and 3 factors up to D = 256,
+    and the 6-factor merged scheme."""
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", _SM90_CHECK], env=env, capture_output=True,
+                       text=True, timeout=280)
+    if r.returncode == 77:
+        pytest.skip("this Triton has no cuobjdump for sm_90")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

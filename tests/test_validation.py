@@ -216,3 +216,10 @@ def test_int32_bucket_at_drop_sentinel():
     assert o_ref.abs().max() > 0
     torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6,
                                msg=lambda m: "int32 bucket 2**31 - 1 was silently dropped: " + m)
+
+
+def test_module_seed_is_checked():
+    with pytest.raises(ValueError, match="seed"):
+        dsa.SparseAttention("hash", 4, seed="abc")
+    with pytest.raises(ValueError, match="seed"):
+        dsa.SparseAttention("hash", 4, seed=1.5)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _validation as V
-from ..hashing import _buckets_from_rotations, _rotations_on
+from ..hashing import buckets_from_rotations, check_seed, lsh_rotations
 from ..kernels import resolve as _resolve_backend
 from ..modules import SequenceParallelSparseAttention, SparseAttention, _forward_args
 from ..parallel import _comm
@@ -220,11 +220,12 @@ def ulysses_lsh_buckets(q, k, n_buckets, *, seed=0, rank=0, world=1):
         raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     h, hkv, D = q.shape[2], k.shape[2], q.shape[3]
     g = h // hkv
-    rot = _rotations_on(q.device, world * h, D, n_buckets, int(seed), g)    # (P*hkv, D, nb/2)
+    rot = lsh_rotations(world * h, D, n_buckets, seed=seed, group_size=g,
+                        device=q.device)                                    # (P*hkv, D, C)
     rot = rot[rank * hkv:(rank + 1) * hkv].contiguous()
     with torch.no_grad():
-        return (_buckets_from_rotations(q.detach(), rot, n_buckets, g),
-                _buckets_from_rotations(k.detach(), rot, n_buckets, 1))
+        return (buckets_from_rotations(q.detach(), rot, n_buckets, g),
+                buckets_from_rotations(k.detach(), rot, n_buckets, 1))
 
 
 class UlyssesLocalSparseAttention(nn.Module):
@@ -270,7 +271,7 @@ class UlyssesLocalSparseAttention(nn.Module):
         attn = SparseAttention(mode, n_buckets, seed=seed, **kw)    # validates the arguments
         # hash mode: buckets made here (global-head rotations), attention on them
         self.attn = SparseAttention("bucketed", **kw) if mode == "hash" else attn
-        self.group, self.mode, self.n_buckets, self.seed = group, mode, n_buckets, int(seed)
+        self.group, self.mode, self.n_buckets, self.seed = group, mode, n_buckets, check_seed(seed)
 
     def process_group(self):
         """The head-parallel group now (None: one rank)."""

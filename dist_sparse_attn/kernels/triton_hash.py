@@ -1,12 +1,19 @@
-"""Fused angular LSH on GPUs: ``argmax([xR ; -xR])`` in one Triton kernel.
+"""Fused angular LSH on GPUs: every scheme of ``hashing.lsh_scheme`` in one Triton kernel.
 
-One program hashes a block of tokens of one (batch, head) stream: it reads the
-rows once, projects them on the head's rotation (float32, IEEE dot), takes the
-argmax over both signs and writes either the bucket ids (B, N, heads) or
-directly the sort keys ``bucket << 32 | (pos + 2**31)`` of the stream layout
-(S, N) that ``layout.sort_streams`` would build, saving the float copy, the
-projection, the concatenation, the argmax and the key arithmetic as separate
-launches. ``hashing.lsh_buckets`` uses this kernel for CUDA tensors, so
+One program hashes a block of tokens of one (batch, head) stream. For each
+factor of the scheme (one factor ``argmax([xR ; -xR])`` for the classic scheme)
+it projects the rows on that factor's rotation columns, a tile of columns at a
+time (float32, IEEE dot, accumulated over tiles of the head dim), keeps a
+running first maximum over the tiles, and combines the sub-buckets in mixed
+radix (then merges fine buckets where the scheme says so). It writes either the
+bucket ids (B, N, heads) or directly the sort keys ``bucket << 32 | (pos + 2**31)``
+of the stream layout (S, N) that ``layout.sort_streams`` would build, saving
+the float copy, the projections, the argmaxes and the key arithmetic as
+separate launches. The dots run over (BLOCK_N, 16) row tiles and (16, 32)
+rotation tiles into a (BLOCK_N, 32) projection tile, so register use does not
+grow with the head dim or the bucket count (a dot over the whole head dim
+made the FMA lowering hold every row's K values: 255 registers and spills at
+D = 64 with 64-column factors). ``hashing.lsh_buckets`` uses this kernel for CUDA tensors, so
 ``hash_sparse_attention`` and ``bucketed_attention(lsh_buckets(...))`` see
 identical buckets.
 """
@@ -16,33 +23,115 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_FACTORS = 6             # merged scheme of 2**30 buckets: 2**33 fine = 32^3 * 64^3
+_BLOCK_N = 64
+_MAX_BLOCK_D = 16
+_MAX_BLOCK_C = 32
+_MAX_STREAMS = 65535        # CUDA grid dimension y
+
 
 @triton.jit
-def _lsh_kernel(X, R, OUT, stride_xb, stride_xn, stride_xh, heads, N, group,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, NB2: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_KEY: tl.constexpr):
+def _sub_bucket(x_rows, row_ok, x_tile, R_head, D: tl.constexpr, C: tl.constexpr,
+                COL0: tl.constexpr, NC: tl.constexpr, SIGNED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                stride_xd):
+    """One factor's sub-bucket (BLOCK_N,) int32: the first maximal index of
+    [xR ; -xR] (SIGNED) or of xR, R the head's rotation columns COL0 .. COL0 + NC.
+
+    x_rows: (BLOCK_N,) pointers to the rows; x_tile: the rows' (BLOCK_N, BLOCK_D)
+    float32 tile when one tile covers D (else reloaded per D tile)."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    best_p = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    arg_p = tl.zeros([BLOCK_N], tl.int32)
+    best_n = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    arg_n = tl.zeros([BLOCK_N], tl.int32)
+    for c0 in range(0, NC, BLOCK_C):
+        cols = c0 + offs_c
+        col_ok = cols < NC
+        if D <= BLOCK_D:
+            r = tl.load(R_head + offs_d[:, None] * C + (COL0 + cols)[None, :],
+                        mask=(offs_d[:, None] < D) & col_ok[None, :], other=0.0)
+            xr = tl.dot(x_tile, r, input_precision="ieee")                 # [BN, BC]
+        else:
+            xr = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                x = tl.load(x_rows[:, None] + d[None, :] * stride_xd,
+                            mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+                r = tl.load(R_head + d[:, None] * C + (COL0 + cols)[None, :],
+                            mask=(d[:, None] < D) & col_ok[None, :], other=0.0)
+                xr += tl.dot(x, r, input_precision="ieee")
+        # running first maximum: tiles come in column order, so a later tile must be
+        # strictly larger; within a tile tl.argmax takes the first maximal index
+        pos = tl.where(col_ok[None, :], xr, float("-inf"))
+        m = tl.max(pos, 1)
+        take = m > best_p
+        arg_p = tl.where(take, tl.argmax(pos, 1).to(tl.int32) + c0, arg_p)
+        best_p = tl.where(take, m, best_p)
+        if SIGNED:
+            neg = tl.where(col_ok[None, :], -xr, float("-inf"))
+            m = tl.max(neg, 1)
+            take = m > best_n
+            arg_n = tl.where(take, tl.argmax(neg, 1).to(tl.int32) + c0, arg_n)
+            best_n = tl.where(take, m, best_n)
+    sub = arg_p
+    if SIGNED:    # the + half holds the lower indexes: it wins a tie
+        sub = tl.where(best_p >= best_n, arg_p, NC + arg_n)
+    return sub
+
+
+@triton.jit
+def _lsh_kernel(X, R, OUT, stride_xb, stride_xn, stride_xh, stride_xd, heads, N, group,
+                s_first, n_buckets,
+                D: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                K: tl.constexpr,
+                F1: tl.constexpr, O1: tl.constexpr, NC1: tl.constexpr, BC1: tl.constexpr,
+                F2: tl.constexpr, O2: tl.constexpr, NC2: tl.constexpr, BC2: tl.constexpr,
+                F3: tl.constexpr, O3: tl.constexpr, NC3: tl.constexpr, BC3: tl.constexpr,
+                F4: tl.constexpr, O4: tl.constexpr, NC4: tl.constexpr, BC4: tl.constexpr,
+                F5: tl.constexpr, O5: tl.constexpr, NC5: tl.constexpr, BC5: tl.constexpr,
+                F6: tl.constexpr, O6: tl.constexpr, NC6: tl.constexpr, BC6: tl.constexpr,
+                MERGE_BITS: tl.constexpr, WRITE_KEY: tl.constexpr):
     pid_n = tl.program_id(0)
-    sh = tl.program_id(1)                                           # stream b * heads + h
+    sh = s_first + tl.program_id(1)                                 # stream b * heads + h
     b = sh // heads
     h = sh % heads
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
     row_ok = rows < N
-    x = tl.load(X + b.to(tl.int64) * stride_xb + h * stride_xh
-                + rows.to(tl.int64)[:, None] * stride_xn + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    r = tl.load(R + (h // group) * (D * NB2) + offs_d[:, None] * NB2 + offs_r[None, :],
-                mask=(offs_d[:, None] < D) & (offs_r[None, :] < NB2), other=0.0)
-    xr = tl.dot(x, r, input_precision="ieee")                       # [BN, BR]
-    col_ok = (offs_r < NB2)[None, :]
-    pos_half = tl.where(col_ok, xr, float("-inf"))
-    neg_half = tl.where(col_ok, -xr, float("-inf"))
-    # first maximal index of [xR ; -xR], like torch.argmax: ties go to the + half
-    best_pos = tl.max(pos_half, 1)
-    best_neg = tl.max(neg_half, 1)
-    bucket = tl.where(best_pos >= best_neg, tl.argmax(pos_half, 1),
-                      NB2 + tl.argmax(neg_half, 1)).to(tl.int64)
+    x_rows = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh \
+        + rows.to(tl.int64) * stride_xn                             # (BLOCK_N,) pointers
+    R_head = R + (h // group).to(tl.int64) * (D * C)
+    offs_d = tl.arange(0, BLOCK_D)
+    if D <= BLOCK_D:    # one tile of the head dim: load the rows once for every factor
+        x_tile = tl.load(x_rows[:, None] + offs_d[None, :] * stride_xd,
+                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    else:
+        x_tile = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)          # unused
+    # mixed radix, h_1 most significant; factor i is signed (both halves) when F_i is even
+    bucket = _sub_bucket(x_rows, row_ok, x_tile, R_head, D, C, O1, NC1, F1 % 2 == 0,
+                         BLOCK_N, BLOCK_D, BC1, stride_xd).to(tl.int64)
+    if K >= 2:
+        bucket = bucket * F2 + _sub_bucket(x_rows, row_ok, x_tile, R_head, D, C, O2, NC2,
+                                           F2 % 2 == 0, BLOCK_N, BLOCK_D, BC2, stride_xd)
+    if K >= 3:
+        bucket = bucket * F3 + _sub_bucket(x_rows, row_ok, x_tile, R_head, D, C, O3, NC3,
+                                           F3 % 2 == 0, BLOCK_N, BLOCK_D, BC3, stride_xd)
+    if K >= 4:
+        bucket = bucket * F4 + _sub_bucket(x_rows, row_ok, x_tile, R_head, D, C, O4, NC4,
+                                           F4 % 2 == 0, BLOCK_N, BLOCK_D, BC4, stride_xd)
+    if K >= 5:
+        bucket = bucket * F5 + _sub_bucket(x_rows, row_ok, x_tile, R_head, D, C, O5, NC5,
+                                           F5 % 2 == 0, BLOCK_N, BLOCK_D, BC5, stride_xd)
+    if K >= 6:
+        bucket = bucket * F6 + _sub_bucket(x_rows, row_ok, x_tile, R_head, D, C, O6, NC6,
+                                           F6 % 2 == 0, BLOCK_N, BLOCK_D, BC6, stride_xd)
+    if MERGE_BITS > 0:
+        # fine * n_buckets // 2**MERGE_BITS without int64 overflow, as hashing.merge_fine_buckets
+        S: tl.constexpr = MERGE_BITS // 2
+        nb = n_buckets.to(tl.int64)
+        bucket = ((bucket >> S) * nb + (((bucket & ((1 << S) - 1)) * nb) >> S)) \
+            >> (MERGE_BITS - S)
     if WRITE_KEY:   # stream layout (S, N): bucket << 32 | (position + 2**31), position = row
         key = (bucket << 32) | (rows.to(tl.int64) + 2147483648)
         tl.store(OUT + sh.to(tl.int64) * N + rows, key, mask=row_ok)
@@ -50,22 +139,51 @@ def _lsh_kernel(X, R, OUT, stride_xb, stride_xn, stride_xh, heads, N, group,
         tl.store(OUT + (b.to(tl.int64) * N + rows) * heads + h, bucket, mask=row_ok)
 
 
+def _factor_args(scheme) -> dict:
+    """Constexpr arguments of the scheme's factors (unused slots: factor 1, no columns)."""
+    args = {"K": len(scheme.factors)}
+    blocks = list(scheme.blocks)
+    if len(blocks) > MAX_FACTORS:
+        raise ValueError(f"at most {MAX_FACTORS} factors, got {scheme.factors}")
+    for i in range(MAX_FACTORS):
+        f, c0, c, _ = blocks[i] if i < len(blocks) else (1, 0, 0, False)
+        bc = min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(max(c, 1))))
+        args.update({f"F{i + 1}": f, f"O{i + 1}": c0, f"NC{i + 1}": c, f"BC{i + 1}": bc})
+    return args
+
+
 def lsh_triton(x: torch.Tensor, rot: torch.Tensor, n_buckets: int, group_size: int,
                *, write_keys: bool) -> torch.Tensor:
-    """x (B, N, heads, D); rot (heads // group_size, D, n_buckets // 2) float32.
+    """x (B, N, heads, D) floating, any strides; rot (heads // group_size, D, C)
+    float32, the rotations of ``hashing.lsh_rotations(heads, D, n_buckets, ...)``.
 
     Returns buckets (B, N, heads) int64, or with ``write_keys`` the sort keys
     (B * heads, N) int64 for default positions ``arange(N)``.
     """
+    from ..hashing import lsh_scheme
+    scheme = lsh_scheme(n_buckets)
     B, N, heads, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    nb2 = n_buckets // 2
+    C = scheme.n_columns
+    if tuple(rot.shape) != (heads // group_size, D, C) or rot.dtype != torch.float32:
+        raise ValueError(f"rot must be float32 of shape {(heads // group_size, D, C)}, got "
+                         f"{tuple(rot.shape)} {rot.dtype}")
+    rot = rot.contiguous()
     out = torch.empty((B * heads, N) if write_keys else (B, N, heads), device=x.device,
                       dtype=torch.int64)
-    block_n = 64
-    _lsh_kernel[(triton.cdiv(N, block_n), B * heads)](
-        x, rot.contiguous(), out, x.stride(0), x.stride(1), x.stride(2), heads, N, group_size,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), NB2=nb2,
-        BLOCK_R=max(16, triton.next_power_of_2(nb2)), BLOCK_N=block_n, WRITE_KEY=write_keys)
+    streams = B * heads
+    if streams == 0 or N == 0:
+        return out
+    block_d = min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+    # ptxas for sm_90 (Triton 3.7), D 16..256: no spills; with 4 warps 37-128 registers
+    # up to two factors, while three or more would reach 168-255 (spilling at five):
+    # 8 warps bring those to 80-125 (255 at five factors, unspilled)
+    warps = 4 if len(scheme.factors) <= 2 else 8
+    merge_bits = scheme.merge.bit_length() - 1 if scheme.merge else 0
+    for s0 in range(0, streams, _MAX_STREAMS):
+        grid = (triton.cdiv(N, _BLOCK_N), min(_MAX_STREAMS, streams - s0))
+        _lsh_kernel[grid](
+            x, rot, out, x.stride(0), x.stride(1), x.stride(2), x.stride(3), heads, N,
+            group_size, s0, n_buckets, D=D, C=C, BLOCK_D=block_d, BLOCK_N=_BLOCK_N,
+            MERGE_BITS=merge_bits, WRITE_KEY=write_keys, num_warps=warps,
+            **_factor_args(scheme))
     return out

@@ -1,0 +1,59 @@
+"""benchmarks/bench_hashing.py: one real CPU run at tiny sizes (a few seconds) whose JSON
+and table hold every measurement asked for, and its helpers against direct counts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import bench_hashing as BH  # noqa: E402
+
+
+@pytest.mark.timeout(120)
+def test_cpu_small_smoke(tmp_path):
+    out = tmp_path / "hashing.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_hashing.py"), "--device",
+           "cpu", "--small", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [x["N"] for x in rows] == [2048, 4096]
+    assert [x["n_buckets"] for x in rows] == [128, 256]
+    assert [x["factors"] for x in rows] == [[8, 16], [16, 16]]
+    for x in rows:
+        for key in ("hash_ms", "attn_ms", "whole_ms", "classic_hash_ms"):
+            assert x[key] > 0, key
+        assert x["hash_share"] == x["hash_ms"] / x["whole_ms"]      # (CPU timings are noisy)
+        assert x["max_mean"] >= 1 and x["classic_max_mean"] >= 1
+    assert rows[1]["hash_growth"] == rows[1]["hash_ms"] / rows[0]["hash_ms"]
+    assert "classic ms" in r.stdout and "16x16" in r.stdout
+
+
+def test_cuda_without_gpu_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert BH.main(["--out", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_max_over_mean_and_classic_buckets():
+    b = torch.tensor([[[0, 1], [0, 1], [0, 0], [3, 1]]])           # (B=1, N=4, H=2)
+    # head 0: bucket 0 holds 3 of 4 tokens; mean over 4 buckets is 1 token
+    assert BH.max_over_mean(b, 4) == 3.0
+    x = torch.randn(1, 37, 2, 8)
+    want = torch.stack([torch.cat([p, -p], -1).argmax(-1) for p in [
+        torch.einsum("bnd,dc->bnc", x[:, :, h].double(),
+                     torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(4))[h].double())
+        for h in range(2)]], -1)
+    got = BH.classic_buckets(x, 12, seed=4)
+    assert (got == want).float().mean() > 0.97
+    # n_buckets <= 64: the classic scheme is the library's
+    assert torch.equal(BH.classic_buckets(x, 12, seed=4), __import__("dist_sparse_attn")
+                       .lsh_buckets(x, 12, seed=4))
