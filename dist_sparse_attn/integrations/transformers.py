@@ -128,10 +128,11 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
             bucket) or "qk" (query/key dropping by a hash of the position, see
             ``keep_rate``).
         n_buckets: mode "hash": LSH buckets per head (even, >= 2). Give this or
-        bucket_size: mode "hash": target tokens per bucket instead; every call uses
-            :func:`n_buckets_for` (sequence length, bucket_size) buckets, so the
-            expected bucket size stays fixed as sequences grow. The sequence length is
-            the whole sequence's (all shards under sequence parallelism).
+        bucket_size: mode "hash": target tokens per bucket instead: each document
+            hashes into :func:`n_buckets_for` (its length, bucket_size) buckets, so the
+            expected bucket size stays fixed as sequences grow and a short document
+            packed into a long row is not spread over many near-empty buckets. The
+            length counts the document's real (non-padding) tokens on all shards.
         seed: layer ``l`` (``module.layer_idx``) hashes and drops with seed ``seed + l``:
             layers differ, every rank and device agrees.
         local_heads: mode "hash": the last ``local_heads`` kv heads (and the query heads
@@ -380,13 +381,14 @@ def _heads(name, module, h, hkv, device):
 
 @dataclass
 class _Tokens:
-    """Per-token facts of this call's tokens, (B, n) each, and the sequence totals."""
-    pos: torch.Tensor            # position within the document (RoPE position)
-    doc: torch.Tensor            # global document index, 0-based
-    real: torch.Tensor | None    # False for padding (None: no padding)
-    n_docs: int                  # documents in the longest batch row, over all shards
-    n_tokens: int                # tokens of the whole sequence (all shards)
-    max_pos: int                 # largest position over all shards (-1: not computed)
+    """Facts about this call's tokens, (B, n) tensors, and totals over the whole sequence."""
+    pos: torch.Tensor              # position within the document (RoPE position)
+    doc: torch.Tensor              # global document index, 0-based
+    real: torch.Tensor | None      # False for padding (None: no padding)
+    n_docs: int                    # documents in the longest batch row, over all shards
+    doc_len: torch.Tensor | None   # real tokens of each token's document, all shards
+    max_len: int                   # largest document (real tokens), over all shards
+    max_pos: int                   # largest position over all shards
 
 
 def _starts(pos):
@@ -413,48 +415,77 @@ def _docs_from_cu(cu_q, cu_k, B, n, device):
     ck = _check_cu_seqlens("cu_seq_lens_k", cu_k if cu_k is not None else cu_q, n, device)
     if not torch.equal(cq, ck):
         raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be equal (self-attention)")
-    doc = torch.searchsorted(cq[1:], torch.arange(n, device=device), right=True)
-    return doc[None], int((cq[1:] > cq[:-1]).sum())
+    return torch.searchsorted(cq[1:], torch.arange(n, device=device), right=True)[None]
 
 
-def _local_tokens(pos, real, cu_q, cu_k, need_max_pos):
-    B, n = pos.shape
+def _segment_counts(doc, real):
+    """Real tokens per local document: (B, d) counts, local ids ``doc - doc[:, :1]``."""
+    local = doc - doc[:, :1]
+    w = torch.ones_like(local) if real is None else real.long()
+    counts = torch.zeros(doc.shape[0], int(local.max()) + 1, dtype=torch.int64,
+                         device=doc.device)
+    return counts.scatter_add_(1, local, w), local
+
+
+def _local_tokens(pos, real, cu_q, cu_k, need_len):
+    """_Tokens when this call holds whole sequences (one process, DeepSpeed ALST)."""
     if cu_q is not None or cu_k is not None:
-        doc, n_docs = _docs_from_cu(cu_q, cu_k, B, n, pos.device)
+        doc = _docs_from_cu(cu_q, cu_k, pos.shape[0], pos.shape[1], pos.device)
     else:
         doc = _starts(pos).cumsum(1) - 1
-        n_docs = int(doc[:, -1].max()) + 1
-    max_pos = int(pos.max()) if need_max_pos else -1
-    return _Tokens(pos, doc, real, n_docs, n, max_pos)
+    last_doc, max_pos = torch.stack([doc[:, -1].max(), pos.max()]).tolist()   # one sync
+    doc_len, max_len = None, 0
+    if need_len:
+        counts, local = _segment_counts(doc, real)
+        doc_len, max_len = counts.gather(1, local), int(counts.max())
+    return _Tokens(pos, doc, real, last_doc + 1, doc_len, max_len, max_pos)
 
 
-def _sharded_tokens(pos, real, group, need_max_pos):
-    """_Tokens of this rank's contiguous shard: document indices continue across the
-    ranks' shards (two small all_gathers: shard sizes, then per row first/last position,
-    internal document starts and largest position)."""
+def _sharded_tokens(pos, real, group, need_len):
+    """_Tokens of this rank's contiguous shard. Documents continue across shards: two small
+    all_gathers (shard sizes; then per row the first and last position, the documents
+    begun inside the shard, the largest position and the real tokens of the first, last
+    and largest inner document segment) give every rank the global document indices and
+    lengths."""
     B, n = pos.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     head = torch.tensor([n, B], dtype=torch.int64, device=pos.device)
     heads = [torch.empty_like(head) for _ in range(world)]
     dist.all_gather(heads, head, group=group)
-    sizes = [tuple(h.tolist()) for h in heads]
-    if any(b != B for _, b in sizes):
-        raise ValueError(f"batch sizes differ between the sequence-parallel ranks: "
-                         f"{[b for _, b in sizes]}")
+    batch = [int(h[1]) for h in heads]
+    if any(b != B for b in batch):
+        raise ValueError(f"batch sizes differ between the sequence-parallel ranks: {batch}")
     starts = _starts(pos)
-    stats = torch.stack([pos[:, 0], pos[:, -1], starts[:, 1:].sum(1), pos.amax(1)], 1)  # (B, 4)
+    counts, local = _segment_counts(starts.cumsum(1) - 1, real)
+    last = local[:, -1]                                                      # (B,)
+    inner = counts.scatter(1, torch.stack([torch.zeros_like(last), last], 1), 0).amax(1)
+    stats = torch.stack([pos[:, 0], pos[:, -1], starts[:, 1:].sum(1), pos.amax(1),
+                         counts[:, 0], counts.gather(1, last[:, None])[:, 0], inner], 1)
     everyone = [torch.empty_like(stats) for _ in range(world)]
     dist.all_gather(everyone, stats, group=group)
-    s = torch.stack(everyone)                                                # (P, B, 4)
+    s = torch.stack(everyone)                                                # (P, B, 7)
     first_start = torch.ones(world, B, dtype=torch.int64, device=pos.device)
     first_start[1:] = (s[1:, :, 0] != s[:-1, :, 1] + 1).long()              # (P, B)
-    per_rank = first_start + s[:, :, 2]                                     # documents begun
-    before = per_rank[:rank].sum(0)                                          # (B,)
+    begun = first_start + s[:, :, 2]                                         # documents begun
+    before = begun.cumsum(0) - begun                                         # (P, B)
+    first_doc, last_doc = before + first_start - 1, before + begun - 1       # (P, B)
+    # a document's length: its first-segment and last-segment parts on every rank
+    first_len, last_len = s[:, :, 4], torch.where(last_doc != first_doc, s[:, :, 5], 0)
+
+    def total(d):                                                            # (P, B) -> (P, B)
+        return (((first_doc[None] == d[:, None]) * first_len[None]).sum(1)
+                + ((last_doc[None] == d[:, None]) * last_len[None]).sum(1))
+    first_total, last_total = total(first_doc), total(last_doc)
     starts[:, 0] = first_start[rank].bool()
-    doc = before[:, None] + starts.cumsum(1) - 1
-    n_docs = int(per_rank.sum(0).max())
-    max_pos = int(s[:, :, 3].max()) if need_max_pos else -1
-    return _Tokens(pos, doc, real, n_docs, sum(m for m, _ in sizes), max_pos)
+    doc = before[rank][:, None] + starts.cumsum(1) - 1
+    doc_len = None
+    if need_len:
+        doc_len = counts.gather(1, local)
+        doc_len = torch.where(local == 0, first_total[rank][:, None], doc_len)
+        doc_len = torch.where(local == last[:, None], last_total[rank][:, None], doc_len)
+    max_len = int(torch.stack([first_total, last_total, s[:, :, 6]]).max())
+    return _Tokens(pos, doc, real, int((before[-1] + begun[-1]).max()), doc_len, max_len,
+                   int(s[:, :, 3].max()))
 
 
 def _position_keep(pos, heads_total, index, keep_rate, seed, salt):
@@ -462,11 +493,40 @@ def _position_keep(pos, heads_total, index, keep_rate, seed, salt):
     return position_keep(pos, pos.shape[0], heads_total, keep_rate, seed, salt)[..., index]
 
 
+def _lsh(q, k, nb, seed, hd: _Heads):
+    if hd.split:
+        return ulysses_lsh_buckets(q, k, nb, seed=seed, rank=hd.rank, world=hd.world)
+    return (lsh_buckets(q, nb, seed=seed, group_size=q.shape[2] // k.shape[2]),
+            lsh_buckets(k, nb, seed=seed))
+
+
+def _lsh_per_document(q, k, opts, seed, tok: _Tokens, hd: _Heads):
+    """LSH buckets with each document's own n_buckets (bucket_size option): the tokens of
+    the documents sharing a bucket count are hashed together, one pass per count."""
+    nb_tok = _n_buckets_tensor(tok.doc_len, opts.bucket_size)                 # (B, n)
+    real = tok.real if tok.real is not None else torch.ones_like(nb_tok, dtype=torch.bool)
+    qb = torch.full(q.shape[:3], -1, dtype=torch.int64, device=q.device)
+    kb = torch.full(k.shape[:3], -1, dtype=torch.int64, device=q.device)
+    for nb in torch.unique(nb_tok[real]).tolist():
+        sel = (nb_tok == nb) & real
+        if bool(sel.all()):
+            qb, kb = _lsh(q, k, nb, seed, hd)
+            break
+        a, b = _lsh(q[sel][None], k[sel][None], nb, seed, hd)
+        qb[sel], kb[sel] = a[0], b[0]
+    return qb, kb
+
+
+def _n_buckets_tensor(n_tokens, bucket_size):
+    """:func:`n_buckets_for` elementwise on an integer tensor."""
+    return torch.clamp(2 * torch.div(n_tokens + 2 * bucket_size - 1, 2 * bucket_size,
+                                     rounding_mode="floor"), min=2)
+
+
 def _buckets(opts, seed, q, k, tok: _Tokens, hd: _Heads):
     """Bucket ids (B, n, h) and (B, n, hkv) in [0, n_docs * span) or -1 (dropped), and
     n_docs * span; document d owns ids [d * span, (d + 1) * span)."""
-    B, n, h, _ = q.shape
-    hkv = k.shape[2]
+    h, hkv = q.shape[2], k.shape[2]
     if opts.mode == "qk":
         qb = torch.where(_position_keep(tok.pos, hd.H, hd.q_index, opts.keep_rate, seed, 0),
                          0, -1)
@@ -474,20 +534,19 @@ def _buckets(opts, seed, q, k, tok: _Tokens, hd: _Heads):
                          0, -1)
         span = 1
     else:
-        nb = opts.n_buckets or n_buckets_for(tok.n_tokens, opts.bucket_size)
-        if hd.split:
-            qb, kb = ulysses_lsh_buckets(q, k, nb, seed=seed, rank=hd.rank, world=hd.world)
+        if opts.n_buckets:
+            span = opts.n_buckets
+            qb, kb = _lsh(q, k, span, seed, hd)
         else:
-            qb = lsh_buckets(q, nb, seed=seed, group_size=h // hkv)
-            kb = lsh_buckets(k, nb, seed=seed)
-        span = nb
+            span = n_buckets_for(tok.max_len, opts.bucket_size)
+            qb, kb = _lsh_per_document(q, k, opts, seed, tok, hd)
         if opts.local_heads:
             win = (tok.pos // opts.local_window)[..., None]                     # (B, n, 1)
             kv_local = hd.kv_index >= hd.Hkv - opts.local_heads                 # (hkv,)
             q_local = kv_local[torch.arange(h, device=q.device) // (h // hkv)]  # (h,)
             qb = torch.where(q_local, win, qb)
             kb = torch.where(kv_local, win, kb)
-            span = max(nb, tok.max_pos // opts.local_window + 1)
+            span = max(span, tok.max_pos // opts.local_window + 1)
     if tok.n_docs * span >= _ID_LIMIT:
         raise ValueError(f"{tok.n_docs} documents x {span} bucket ids per document exceed the "
                          f"bucket id range (2**31 - 1): use fewer documents per row or "
@@ -558,16 +617,16 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
                              f"{tuple(attention_mask.shape)}")
         real = attention_mask.to(device=q.device, dtype=torch.bool)
     pos = _positions(position_ids, B, n, q.device)
-    need_max = opts.mode == "hash" and opts.local_heads > 0
+    need_len = opts.mode == "hash" and opts.bucket_size is not None
     with torch.no_grad():
         if group is None:
-            tok = _local_tokens(pos, real, cu_seq_lens_q, cu_seq_lens_k, need_max)
+            tok = _local_tokens(pos, real, cu_seq_lens_q, cu_seq_lens_k, need_len)
         else:
             if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
                 raise ValueError("cu_seq_lens_q/cu_seq_lens_k are not supported with a "
                                  "sequence-parallel group; pass packed documents through "
                                  "position_ids")
-            tok = _sharded_tokens(pos, real, group, need_max)
+            tok = _sharded_tokens(pos, real, group, need_len)
         fast = (group is None and opts.mode == "hash" and not opts.local_heads
                 and not hd.split and tok.n_docs == 1 and real is None)
         if not fast:
@@ -639,7 +698,8 @@ class HFCausalLM(nn.Module):
         logits = out.logits
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.reshape(-1, logits.size(-1)),
                                    targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
