@@ -117,18 +117,19 @@ def test_qk_keep_all_equals_sdpa(names, family, n_kv):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["hash_local", "qk"])
 def test_padding_equals_unpadded_rows(names, kind):
-    """Left- and right-padded rows: on the real tokens, the logits of each row alone."""
+    """Left and right padding whose positions continue the row (so only the mask tells
+    padding from text): on the real tokens, the logits of each row's real tokens alone."""
     m = _llama(names[kind], dtype=torch.float64).model
     N = 29
     idx = torch.randint(0, 61, (3, N))
     real = torch.ones(3, N, dtype=torch.long)
     real[0, :7] = 0          # left padding
     real[1, 20:] = 0         # right padding
-    pos = (real.cumsum(1) - 1).clamp(min=0)
+    pos = torch.arange(N).expand(3, N)
     padded = m(input_ids=idx, attention_mask=real, position_ids=pos).logits
     for b in range(3):
         keep = real[b].bool()
-        alone = m(input_ids=idx[b:b + 1, keep]).logits[0]
+        alone = m(input_ids=idx[b:b + 1, keep], position_ids=pos[b:b + 1, keep]).logits[0]
         assert_close_rel(padded[b, keep], alone, name=f"row {b}", **F64)
     if kind == "qk":     # keep_rate 1 is dense among real tokens: sdpa with the same mask
         sdpa, qk1 = _llama("sdpa").model, _llama(names["qk1"]).model
@@ -198,6 +199,36 @@ def test_hash_wrapper_trains_and_has_the_gpt_interface(names):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.timeout(120)
+def test_activation_checkpointing_same_loss_and_grads(names):
+    """Recomputing each decoder layer (buckets recomputed too) changes nothing."""
+    idx = torch.randint(0, 61, (2, 33))
+    tgt = torch.randint(0, 61, (2, 33))
+    got = []
+    for ckpt in (False, True):
+        m = _llama(names["hash_local"], dtype=torch.float64, gradient_checkpointing=ckpt)
+        _, loss = m(idx, tgt)
+        loss.backward()
+        got.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    assert_close_rel(got[1][0], got[0][0], name="loss", **F64)
+    for n, g in got[0][1].items():
+        assert_close_rel(got[1][1][n], g, name=f"grad {n}", **F64)
+
+
+@pytest.mark.timeout(60)
+def test_imports_without_transformers():
+    """The integration module imports without transformers; register() then raises an
+    ImportError naming the extra."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import dist_sparse_attn.integrations.transformers as t\n"
+            "import dist_sparse_attn.integrations\n"
+            "try:\n    t.register('x', mode='qk')\nexcept ImportError as e:\n"
+            "    assert 'dist_sparse_attn[hf]' in str(e), e\n    print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50,
+                       cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 @pytest.mark.timeout(60)
@@ -341,18 +372,19 @@ def _sp_step(model, ref, batch, shard, rank, extra):
     return float(total)
 
 
-def _batches(seed, B, N, vocab, docs, pad_tail=0):
+def _batches(seed, B, N, vocab, docs, pad_head=0):
     """One batch per rank (rank r's data loader yields batch r), with packed documents
-    (per-document position_ids), labels = inputs, and optional right padding."""
+    (per-document position_ids), labels = inputs, and optional left padding of row 0
+    inside its first document (only the attention mask tells it from text)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(WORLD):
         ids = torch.randint(0, vocab, (B, N), generator=gen)
         pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in docs])
         b = dict(input_ids=ids, position_ids=pos, labels=ids.clone())
-        if pad_tail:
+        if pad_head:
             mask = torch.ones(B, N, dtype=torch.long)
-            mask[0, N - pad_tail:] = 0
+            mask[0, :pad_head] = 0
             b["attention_mask"] = mask
             b["labels"][mask == 0] = -100
         out.append(b)
@@ -384,7 +416,7 @@ def _bucket_adapter_case(rank, seed):
     ref = dsa_hf.register("sp_bucket_ref", **opts)
     model, reference = _models((name, ref), seed, n_head=4, n_kv_head=1)
     # documents: row 0 spans the shard boundary (at 16), row 1 starts one at it
-    batches = _batches(seed, 2, 32, 61, [(11, 21), (16, 9, 7)], pad_tail=5)
+    batches = _batches(seed, 2, 32, 61, [(11, 21), (16, 9, 7)], pad_head=5)
     it = _adapter(batches, rank, dist.group.WORLD)
     for step in range(WORLD):
         shard = next(it)

@@ -756,7 +756,11 @@ def build_llama(vocab_size: int = 256, n_layer: int = 4, n_embd: int = 128, n_he
     if dtype is not None:
         model = model.to(dtype)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):     # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     return HFCausalLM(model)
 
 
