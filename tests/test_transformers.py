@@ -21,7 +21,8 @@ no LSH bucket flips on rounding):
   was registered with ``group=`` (library bucket strategy), 4 query heads over ONE kv
   head on 2 ranks.
 * "bucket_wrapper": ``build_llama``'s wrapper with ``sp_group=`` per call and uneven
-  shards (qk mode, keep rate 0.6).
+  shards (qk mode, keep rate 0.6); "bucket_errors": bad position_ids on one rank raise
+  ValueError on both.
 * "alst_hash_gqa" / "alst_qk_mqa": DeepSpeed ALST (``register_with_transformers`` with
   the registered name as ``core_attn_implementation``, heads all-to-all) with hash mode
   + block-local heads (4 heads / 2 kv heads) and qk mode with one kv head (ALST
@@ -48,8 +49,8 @@ from dist_sparse_attn.integrations import transformers as dsa_hf  # noqa: E402
 WORLD = 2
 JOIN_TIMEOUT_S = 240
 PG_TIMEOUT_S = 120     # the first init_distributed in an environment builds a C++ extension
-SP_CASES = ["bucket_adapter", "bucket_wrapper", "alst_hash_gqa", "alst_padding_refused",
-            "alst_qk_mqa"]
+SP_CASES = ["bucket_adapter", "bucket_wrapper", "bucket_errors", "alst_hash_gqa",
+            "alst_padding_refused", "alst_qk_mqa"]
 F32 = dict(rtol=1e-5, atol=1e-6)
 F64 = dict(rtol=1e-9, atol=1e-12)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -462,6 +463,23 @@ def _bucket_wrapper_case(rank, seed):
                     p.grad = None
 
 
+def _bucket_errors_case(rank):
+    """A bad input on one rank raises ValueError on both (no rank left waiting in a
+    collective); the group stays in step for the next call."""
+    import torch.distributed as dist
+    name = dsa_hf.register("sp_err", mode="qk", keep_rate=0.5, group=dist.group.WORLD,
+                           backend="torch")
+    m = _llama(name).model
+    ids = torch.randint(0, 61, (1, 10))
+    pos = torch.arange(10 * rank, 10 * rank + 10)[None]
+    bad_pos = pos.double() if rank == 1 else pos      # RoPE takes it, attention does not
+    with pytest.raises(ValueError, match="position_ids" if rank == 1 else "rank\\(s\\) \\[1\\]"):
+        m(input_ids=ids, position_ids=bad_pos)
+    with pytest.raises(ValueError, match="strategy"):
+        m(input_ids=ids, position_ids=pos, sp_strategy="ring")
+    assert m(input_ids=ids, position_ids=pos).logits.shape == (1, 10, 61)
+
+
 def _alst_register(model, name):
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -514,6 +532,8 @@ def _check(name, rank, seed):
         _bucket_adapter_case(rank, seed)
     elif name == "bucket_wrapper":
         _bucket_wrapper_case(rank, seed)
+    elif name == "bucket_errors":
+        _bucket_errors_case(rank)
     elif name == "alst_hash_gqa":
         _alst_case("hash_gqa", rank, seed)
     elif name == "alst_padding_refused":

@@ -218,12 +218,6 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
     return name
 
 
-def registered_options(name: str) -> dict:
-    """The options :func:`register` stored for ``name`` (a dict), or KeyError."""
-    opts, _ = _REGISTERED[name]
-    return dict(opts.__dict__)
-
-
 def _interfaces():
     try:
         from transformers import AttentionInterface
@@ -355,9 +349,6 @@ def _heads(name, module, h, hkv, device):
     Hkv = getattr(cfg, "num_key_value_heads", None) or H
     group = _alst_group(name)
     if H is None or h == H:
-        if H is not None and hkv != Hkv:
-            raise ValueError(f"key/value heads ({hkv}) differ from the model's "
-                             f"num_key_value_heads ({Hkv})")
         return _Heads(h, hkv, torch.arange(h, device=device), torch.arange(hkv, device=device))
     if group is None:
         raise ValueError(f"attention implementation {name!r} got {h} of the model's {H} query "
@@ -441,17 +432,21 @@ def _local_tokens(pos, real, cu_q, cu_k, need_len):
     return _Tokens(pos, doc, real, last_doc + 1, doc_len, max_len, max_pos)
 
 
-def _sharded_tokens(pos, real, group, need_len):
+def _sharded_tokens(pos, real, group, need_len, B, n, local_error=None):
     """_Tokens of this rank's contiguous shard. Documents continue across shards: two small
     all_gathers (shard sizes; then per row the first and last position, the documents
     begun inside the shard, the largest position and the real tokens of the first, last
     and largest inner document segment) give every rank the global document indices and
     lengths."""
-    B, n = pos.shape
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    head = torch.tensor([n, B], dtype=torch.int64, device=pos.device)
+    head = torch.tensor([n, B, local_error is not None], dtype=torch.int64, device=pos.device)
     heads = [torch.empty_like(head) for _ in range(world)]
     dist.all_gather(heads, head, group=group)
+    bad = [r for r, h in enumerate(heads) if int(h[2])]
+    if bad:         # every rank raises, none waits in a later collective
+        if local_error is not None:
+            raise local_error
+        raise ValueError(f"invalid inputs on sequence-parallel rank(s) {bad} (see their error)")
     batch = [int(h[1]) for h in heads]
     if any(b != B for b in batch):
         raise ValueError(f"batch sizes differ between the sequence-parallel ranks: {batch}")
@@ -610,23 +605,27 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
     if hd.split and (cu_seq_lens_q is not None or cu_seq_lens_k is not None):
         raise ValueError("cu_seq_lens_q/cu_seq_lens_k under DeepSpeed ALST describe one shard; "
                          "pass packed documents through position_ids")
-    real = None
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, n):
-            raise ValueError(f"attention_mask must have shape (B, N) = {(B, n)}, got "
-                             f"{tuple(attention_mask.shape)}")
-        real = attention_mask.to(device=q.device, dtype=torch.bool)
-    pos = _positions(position_ids, B, n, q.device)
+    if group is not None and (cu_seq_lens_q is not None or cu_seq_lens_k is not None):
+        raise ValueError("cu_seq_lens_q/cu_seq_lens_k are not supported with a "
+                         "sequence-parallel group; pass packed documents through position_ids")
+    real = pos = local_error = None
+    try:        # per-rank data: under a group, an error here is raised on every rank
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, n):
+                raise ValueError(f"attention_mask must have shape (B, N) = {(B, n)}, got "
+                                 f"{tuple(attention_mask.shape)}")
+            real = attention_mask.to(device=q.device, dtype=torch.bool)
+        pos = _positions(position_ids, B, n, q.device)
+    except ValueError as e:
+        if group is None:
+            raise
+        local_error, pos = e, torch.zeros(B, n, dtype=torch.int64, device=q.device)
     need_len = opts.mode == "hash" and opts.bucket_size is not None
     with torch.no_grad():
         if group is None:
             tok = _local_tokens(pos, real, cu_seq_lens_q, cu_seq_lens_k, need_len)
         else:
-            if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
-                raise ValueError("cu_seq_lens_q/cu_seq_lens_k are not supported with a "
-                                 "sequence-parallel group; pass packed documents through "
-                                 "position_ids")
-            tok = _sharded_tokens(pos, real, group, need_len)
+            tok = _sharded_tokens(pos, real, group, need_len, B, n, local_error)
         fast = (group is None and opts.mode == "hash" and not opts.local_heads
                 and not hd.split and tok.n_docs == 1 and real is None)
         if not fast:
@@ -764,5 +763,5 @@ def build_llama(vocab_size: int = 256, n_layer: int = 4, n_embd: int = 128, n_he
     return HFCausalLM(model)
 
 
-__all__ = ["register", "registered_options", "n_buckets_for", "build_llama", "HFCausalLM",
+__all__ = ["register", "n_buckets_for", "build_llama", "HFCausalLM",
            "MODES"]
