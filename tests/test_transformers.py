@@ -116,6 +116,22 @@ def test_qk_keep_all_equals_sdpa(names, family, n_kv):
 
 
 @pytest.mark.timeout(120)
+def test_under_autocast_like_sdpa(names):
+    """Under bf16 autocast (bf16 q/k/v from the projections) keep_rate=1.0 still gives
+    sdpa's logits, to bf16 accuracy, and hash mode trains."""
+    sdpa, qk1 = _llama("sdpa"), _llama(names["qk1"])
+    idx = torch.randint(0, 61, (2, 41))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = sdpa(idx)
+        got, _ = qk1(idx)
+        _, loss = _llama(names["hash_local"])(idx, idx)
+    assert got.dtype == torch.bfloat16
+    assert_close_rel(got, want, name="bf16 logits", rtol=2e-2)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["hash_local", "qk"])
 def test_padding_equals_unpadded_rows(names, kind):
     """Left and right padding whose positions continue the row (so only the mask tells

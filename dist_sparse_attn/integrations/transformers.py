@@ -54,7 +54,6 @@ sp_group=None, sp_strategy="bucket") -> (logits, loss)``, ``configure_optimizers
 """
 from __future__ import annotations
 
-import math
 import numbers
 import sys
 from dataclasses import dataclass
@@ -206,7 +205,8 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
         if args:
             raise ValueError(f"attention implementation {name!r} takes the arguments after "
                              f"attention_mask by keyword, got {len(args)} positional")
-        return _attention(opts, name, module, query, key, value, attention_mask, **kwargs)
+        return _attention_outside_autocast(opts, name, module, query, key, value,
+                                           attention_mask, **kwargs)
 
     def mask(*args, **kwargs):
         return _padding_mask(name, *args, **kwargs)
@@ -639,6 +639,19 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
     else:
         o = _bucketed_default_positions(q, k, v, qb, kb, n_ids, **kw)
     return o, None                                                             # (B, n, h, D)
+
+
+def _attention_outside_autocast(opts, name, module, query, key, value, attention_mask,
+                                **kwargs):
+    """:func:`_attention` with autocast off: the inputs' dtype (bf16 from autocast
+    projections) sets the attention's precision, the LSH projections stay in float32
+    (no near ties flipped by a bf16 matmul), and the PyTorch backend's own float32
+    accumulation is not cast down."""
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev):
+        return _attention(opts, name, module, query, key, value, attention_mask, **kwargs)
+    with torch.autocast(dev, enabled=False):
+        return _attention(opts, name, module, query, key, value, attention_mask, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
