@@ -17,9 +17,9 @@ sequence-parallel training equal a one-process run of the same model (float64, s
 no LSH bucket flips on rounding):
 
 * "bucket_adapter": DeepSpeed's ``UlyssesSPDataLoaderAdapter`` shards batches with
-  padding and packed documents (one spanning the shard boundary); the implementation
-  was registered with ``group=`` (library bucket strategy), 4 query heads over ONE kv
-  head on 2 ranks.
+  padding and packed documents (one spanning the shard boundary, so its bucket count
+  comes from both shards); the implementation was registered with ``group=`` (library
+  bucket strategy), 4 query heads over ONE kv head on 2 ranks.
 * "bucket_wrapper": ``build_llama``'s wrapper with ``sp_group=`` per call and uneven
   shards (qk mode, keep rate 0.6); "bucket_errors": bad position_ids on one rank raise
   ValueError on both.
@@ -249,6 +249,37 @@ def test_imports_without_transformers():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_sharded_document_facts_equal_whole_sequence(world):
+    """Document indices and lengths (real tokens) computed per shard from the gathered
+    shard statistics equal those of the whole sequence, for documents spanning several
+    shards, starting exactly at a shard edge, one token long, and padded."""
+    from dist_sparse_attn.integrations.transformers import (_local_tokens, _shard_stats,
+                                                           _tokens_from_stats)
+    B, N = 3, 61
+    rows = []
+    for b in range(B):
+        lengths, n = [], 0
+        while n < N:
+            lengths.append(min(N - n, int(torch.randint(1, 30, ()))))
+            n += lengths[-1]
+        start = [0] + [int(torch.randint(0, 5, ()))] * (len(lengths) - 1)  # some start > 0
+        rows.append(torch.cat([torch.arange(s0, s0 + m) for s0, m in zip(start, lengths)]))
+    pos = torch.stack(rows)
+    real = torch.rand(B, N) > 0.15
+    cuts = sorted(torch.randperm(N - 1)[:world - 1].add(1).tolist())
+    bounds = list(zip([0] + cuts, cuts + [N]))
+    whole = _local_tokens(pos, real, None, None, True)
+    stats = torch.stack([_shard_stats(pos[:, a:b], real[:, a:b]) for a, b in bounds])
+    for r, (a, b) in enumerate(bounds):
+        tok = _tokens_from_stats(pos[:, a:b], real[:, a:b], stats, r, True)
+        assert torch.equal(tok.doc, whole.doc[:, a:b]), (r, tok.doc, whole.doc[:, a:b])
+        assert torch.equal(tok.doc_len, whole.doc_len[:, a:b]), r
+        assert (tok.n_docs, tok.max_len, tok.max_pos) == \
+            (whole.n_docs, whole.max_len, whole.max_pos)
+
+
+@pytest.mark.timeout(60)
 def test_n_buckets_for_rounding():
     assert [dsa_hf.n_buckets_for(n, 512) for n in (1, 512, 1024, 1025, 2049, 32768)] == \
         [2, 2, 2, 4, 6, 64]
@@ -427,13 +458,15 @@ def _models(name, seed, **kw):
 
 def _bucket_adapter_case(rank, seed):
     import torch.distributed as dist
-    opts = dict(mode="hash", n_buckets=4, local_heads=1, local_window=5, seed=2,
+    # bucket_size: a document's bucket count needs its length over both shards
+    opts = dict(mode="hash", bucket_size=4, local_heads=1, local_window=5, seed=2,
                 backend="torch")
     name = dsa_hf.register("sp_bucket", group=dist.group.WORLD, **opts)
     ref = dsa_hf.register("sp_bucket_ref", **opts)
     model, reference = _models((name, ref), seed, n_head=4, n_kv_head=1)
-    # documents: row 0 spans the shard boundary (at 16), row 1 starts one at it
-    batches = _batches(seed, 2, 32, 61, [(11, 21), (16, 9, 7)], pad_head=5)
+    # documents: in row 0 one spans the shard boundary (at 16) and rank 1 holds its end and
+    # another; row 1 starts one at the boundary
+    batches = _batches(seed, 2, 32, 61, [(11, 9, 12), (16, 9, 7)], pad_head=5)
     it = _adapter(batches, rank, dist.group.WORLD)
     for step in range(WORLD):
         shard = next(it)

@@ -434,10 +434,8 @@ def _local_tokens(pos, real, cu_q, cu_k, need_len):
 
 def _sharded_tokens(pos, real, group, need_len, B, n, local_error=None):
     """_Tokens of this rank's contiguous shard. Documents continue across shards: two small
-    all_gathers (shard sizes; then per row the first and last position, the documents
-    begun inside the shard, the largest position and the real tokens of the first, last
-    and largest inner document segment) give every rank the global document indices and
-    lengths."""
+    all_gathers (shard sizes and error flags; then :func:`_shard_stats`) give every rank
+    the global document indices and lengths (:func:`_tokens_from_stats`)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     head = torch.tensor([n, B, local_error is not None], dtype=torch.int64, device=pos.device)
     heads = [torch.empty_like(head) for _ in range(world)]
@@ -450,15 +448,27 @@ def _sharded_tokens(pos, real, group, need_len, B, n, local_error=None):
     batch = [int(h[1]) for h in heads]
     if any(b != B for b in batch):
         raise ValueError(f"batch sizes differ between the sequence-parallel ranks: {batch}")
+    stats = _shard_stats(pos, real)
+    everyone = [torch.empty_like(stats) for _ in range(world)]
+    dist.all_gather(everyone, stats, group=group)
+    return _tokens_from_stats(pos, real, torch.stack(everyone), rank, need_len)
+
+
+def _shard_stats(pos, real):
+    """Per batch row of a shard (B, 7) int64: first and last position, documents begun
+    after the first token, largest position, and real tokens of the first, the last and
+    the largest inner document segment."""
     starts = _starts(pos)
     counts, local = _segment_counts(starts.cumsum(1) - 1, real)
     last = local[:, -1]                                                      # (B,)
     inner = counts.scatter(1, torch.stack([torch.zeros_like(last), last], 1), 0).amax(1)
-    stats = torch.stack([pos[:, 0], pos[:, -1], starts[:, 1:].sum(1), pos.amax(1),
-                         counts[:, 0], counts.gather(1, last[:, None])[:, 0], inner], 1)
-    everyone = [torch.empty_like(stats) for _ in range(world)]
-    dist.all_gather(everyone, stats, group=group)
-    s = torch.stack(everyone)                                                # (P, B, 7)
+    return torch.stack([pos[:, 0], pos[:, -1], starts[:, 1:].sum(1), pos.amax(1),
+                        counts[:, 0], counts.gather(1, last[:, None])[:, 0], inner], 1)
+
+
+def _tokens_from_stats(pos, real, s, rank, need_len):
+    """_Tokens of shard ``rank`` from every shard's :func:`_shard_stats` s (P, B, 7)."""
+    world, B = s.shape[:2]
     first_start = torch.ones(world, B, dtype=torch.int64, device=pos.device)
     first_start[1:] = (s[1:, :, 0] != s[:-1, :, 1] + 1).long()              # (P, B)
     begun = first_start + s[:, :, 2]                                         # documents begun
@@ -471,13 +481,15 @@ def _sharded_tokens(pos, real, group, need_len, B, n, local_error=None):
         return (((first_doc[None] == d[:, None]) * first_len[None]).sum(1)
                 + ((last_doc[None] == d[:, None]) * last_len[None]).sum(1))
     first_total, last_total = total(first_doc), total(last_doc)
+    starts = _starts(pos)
     starts[:, 0] = first_start[rank].bool()
     doc = before[rank][:, None] + starts.cumsum(1) - 1
     doc_len = None
     if need_len:
+        counts, local = _segment_counts(doc, real)
         doc_len = counts.gather(1, local)
         doc_len = torch.where(local == 0, first_total[rank][:, None], doc_len)
-        doc_len = torch.where(local == last[:, None], last_total[rank][:, None], doc_len)
+        doc_len = torch.where(local == local[:, -1:], last_total[rank][:, None], doc_len)
     max_len = int(torch.stack([first_total, last_total, s[:, :, 6]]).max())
     return _Tokens(pos, doc, real, int((before[-1] + begun[-1]).max()), doc_len, max_len,
                    int(s[:, :, 3].max()))
