@@ -21,7 +21,8 @@ no LSH bucket flips on rounding):
   comes from both shards); the implementation was registered with ``group=`` (library
   bucket strategy), 4 query heads over ONE kv head on 2 ranks.
 * "bucket_wrapper": ``build_llama``'s wrapper with ``sp_group=`` per call and uneven
-  shards (qk mode, keep rate 0.6); "bucket_errors": bad position_ids on one rank raise
+  shards (qk mode, keep rate 0.6, one kv head; hash mode with a block-local kv head);
+  "bucket_errors": bad position_ids on one rank raise
   ValueError on both.
 * "alst_hash_gqa" / "alst_qk_mqa": DeepSpeed ALST (``register_with_transformers`` with
   the registered name as ``core_attn_implementation``, heads all-to-all) with hash mode
@@ -322,6 +323,17 @@ def test_unsupported_features_raise(names):
 
 
 @pytest.mark.timeout(60)
+def test_sharded_loss_one_process_is_the_mean():
+    logits = torch.randn(2, 9, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 9))
+    labels[0, 3:5] = -100
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+    assert_close_rel(dsa_hf.sharded_loss(logits, labels), want, name="loss", **F64)
+    with pytest.raises(ValueError, match="shift_labels"):
+        dsa_hf.sharded_loss(logits, labels[:, 1:])
+
+
+@pytest.mark.timeout(60)
 def test_register_validates_options():
     bad = [
         (dict(mode="dense"), "mode"),
@@ -377,19 +389,14 @@ def test_bench_hf_cpu_smoke(tmp_path):
 # two processes: sequence parallelism equals one process
 # ---------------------------------------------------------------------------------------------
 
-def _global_loss(logits, shift_labels, total):
-    """This rank's share of the mean loss: CE sum over its tokens / all tokens."""
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
-        reduction="sum") / total
-
-
 def _reference_loss(model, batch):
-    """One process: the mean next-token CE of the whole batch (labels shifted here)."""
+    """One process: the mean next-token CE of the whole batch (labels shifted here,
+    computed independently of sharded_loss)."""
     kw = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
     logits = model(input_ids=batch["input_ids"], use_cache=False, **kw).logits
-    shift = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
-    return _global_loss(logits, shift, (shift != -100).sum())
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             batch["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100)
 
 
 def _sp_step(model, ref, batch, shard, rank, extra):
@@ -398,9 +405,7 @@ def _sp_step(model, ref, batch, shard, rank, extra):
     import torch.distributed as dist
     kw = {k: shard[k] for k in ("position_ids", "attention_mask") if k in shard}
     logits = model(input_ids=shard["input_ids"], use_cache=False, **kw, **extra).logits
-    count = (shard["shift_labels"] != -100).sum().reshape(1)
-    dist.all_reduce(count)
-    loss = _global_loss(logits, shard["shift_labels"], count[0])
+    loss = dsa_hf.sharded_loss(logits, shard["shift_labels"], dist.group.WORLD)
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -458,9 +463,9 @@ def _models(name, seed, **kw):
 
 def _bucket_adapter_case(rank, seed):
     import torch.distributed as dist
-    # bucket_size: a document's bucket count needs its length over both shards
-    opts = dict(mode="hash", bucket_size=4, local_heads=1, local_window=5, seed=2,
-                backend="torch")
+    # bucket_size: a document's bucket count needs its length over both shards (no
+    # block-local heads: the one kv head hashes)
+    opts = dict(mode="hash", bucket_size=4, seed=2, backend="torch")
     name = dsa_hf.register("sp_bucket", group=dist.group.WORLD, **opts)
     ref = dsa_hf.register("sp_bucket_ref", **opts)
     model, reference = _models((name, ref), seed, n_head=4, n_kv_head=1)
@@ -474,17 +479,24 @@ def _bucket_adapter_case(rank, seed):
 
 
 def _bucket_wrapper_case(rank, seed):
+    """build_llama's wrapper, sp_group per call, uneven shards: qk mode with one kv head,
+    and hash mode with block-local heads."""
+    configs = [("sp_wrap_qk", dict(mode="qk", keep_rate=0.6, seed=4), dict(n_head=3, n_kv_head=1)),
+               ("sp_wrap_hash", dict(mode="hash", n_buckets=4, local_heads=1, local_window=6,
+                                     seed=7), dict(n_head=4, n_kv_head=2))]
+    for name, opts, heads in configs:
+        models = []
+        for n in (name, name + "_ref"):
+            dsa_hf.register(n, backend="torch", **opts)
+            torch.manual_seed(seed)
+            models.append(dsa_hf.build_llama(vocab_size=61, n_layer=2, n_embd=24,
+                                             intermediate_size=40, attn_implementation=n,
+                                             dtype=torch.float64, **heads))
+        _wrapper_steps(*models, rank, seed)
+
+
+def _wrapper_steps(wrap, ref, rank, seed):
     import torch.distributed as dist
-    ref_name = dsa_hf.register("sp_wrap_ref", mode="qk", keep_rate=0.6, seed=4, backend="torch")
-    name = dsa_hf.register("sp_wrap", mode="qk", keep_rate=0.6, seed=4, backend="torch")
-    torch.manual_seed(seed)
-    wrap = dsa_hf.build_llama(vocab_size=61, n_layer=2, n_embd=24, n_head=3, n_kv_head=1,
-                              intermediate_size=40, attn_implementation=name,
-                              dtype=torch.float64)
-    torch.manual_seed(seed)
-    ref = dsa_hf.build_llama(vocab_size=61, n_layer=2, n_embd=24, n_head=3, n_kv_head=1,
-                             intermediate_size=40, attn_implementation=ref_name,
-                             dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     lengths = [23, 18]
     lo, hi = sum(lengths[:rank]), sum(lengths[:rank + 1])

@@ -666,6 +666,30 @@ def _attention_outside_autocast(opts, name, module, query, key, value, attention
         return _attention(opts, name, module, query, key, value, attention_mask, **kwargs)
 
 
+def sharded_loss(logits, shift_labels, group=None, ignore_index: int = -100):
+    """This rank's share of the mean next-token loss of a sequence sharded over ``group``.
+
+    logits (B, n, vocab) of this rank's shard; shift_labels (B, n): the label of each
+    token, already shifted on the WHOLE sequence (the shard's last token is labelled
+    with the next shard's first token, as ``UlyssesSPDataLoaderAdapter``'s
+    ``shift_labels``), ``ignore_index`` where there is none. Returns the cross-entropy
+    sum over this shard divided by the labelled tokens of all shards (one all_reduce of
+    the count): the shares add up to the one-process mean, so backward on it gives this
+    rank's part of the gradient (sum replicated parameters' gradients over the group, as
+    DeepSpeed does with :class:`dist_sparse_attn.integrations.SequenceParallelMPU`).
+    """
+    if logits.shape[:2] != shift_labels.shape:
+        raise ValueError(f"shift_labels must have shape (B, n) = {tuple(logits.shape[:2])}, "
+                         f"got {tuple(shift_labels.shape)}")
+    count = (shift_labels != ignore_index).sum().reshape(1)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(count, group=group)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=ignore_index, reduction="sum")
+    return total / count[0].clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # a Llama-style model for the training entry point
 # ---------------------------------------------------------------------------------------------
@@ -788,5 +812,5 @@ def build_llama(vocab_size: int = 256, n_layer: int = 4, n_embd: int = 128, n_he
     return HFCausalLM(model)
 
 
-__all__ = ["register", "n_buckets_for", "build_llama", "HFCausalLM",
+__all__ = ["register", "n_buckets_for", "sharded_loss", "build_llama", "HFCausalLM",
            "MODES"]
