@@ -28,7 +28,8 @@ no LSH bucket flips on rounding):
   the registered name as ``core_attn_implementation``, heads all-to-all) with hash mode
   + block-local heads (4 heads / 2 kv heads) and qk mode with one kv head (ALST
   replicates it); "alst_padding_refused": a padding mask under ALST raises ValueError
-  on both ranks.
+  on both ranks; "alst_engine": ``deepspeed.initialize`` with ALST's mpu (ZeRO-0 and
+  ZeRO-3, gradient clipping off) makes the one-process SGD update.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ WORLD = 2
 JOIN_TIMEOUT_S = 240
 PG_TIMEOUT_S = 120     # the first init_distributed in an environment builds a C++ extension
 SP_CASES = ["bucket_adapter", "bucket_wrapper", "bucket_errors", "alst_hash_gqa",
-            "alst_padding_refused", "alst_qk_mqa"]
+            "alst_padding_refused", "alst_qk_mqa", "alst_engine"]
 F32 = dict(rtol=1e-5, atol=1e-6)
 F64 = dict(rtol=1e-9, atol=1e-12)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -548,10 +549,11 @@ def _alst_register(model, name):
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=name, sequence_parallel_size=WORLD,
         micro_batch_size=2, seq_length_is_variable=True)
+    _ALST_MPU["mpu"] = mpu
     return mpu.get_sequence_parallel_group()
 
 
-_ALST = {}
+_ALST, _ALST_MPU = {}, {}
 
 
 def _alst_case(kind, rank, seed):
@@ -588,6 +590,47 @@ def _alst_padding_case(rank, seed):
     assert model(input_ids=ids, attention_mask=full, position_ids=pos).logits.shape == (2, 12, 61)
 
 
+def _alst_engine_case(rank, seed):
+    """deepspeed.initialize with ALST's mpu (gradient clipping off, SGD): one step on
+    engine.backward(sharded_loss) makes the one-process update under ZeRO-0; ZeRO-3
+    averages gradients over the sequence-parallel ranks, so there the loss is scaled by
+    their number."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    opts = dict(mode="hash", n_buckets=4, local_heads=1, local_window=5, seed=3,
+                backend="torch")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (2, 24), generator=gen)       # ALST's micro batch: 2
+    pos = torch.arange(24).expand(2, 24)
+    shift = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:]
+    lo, hi = rank * 12, rank * 12 + 12
+    for stage in (0, 3):
+        name = dsa_hf.register(f"alst_engine{stage}", **opts)
+        ref_name = dsa_hf.register(f"alst_engine{stage}_ref", **opts)
+        model, ref = (_llama(n, seed=seed).model for n in (name, ref_name))
+        ref.load_state_dict(model.state_dict())
+        start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        group = _alst_register(model, name)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+                  "zero_optimization": {"stage": stage}}
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                          mpu=_ALST_MPU["mpu"])
+        logits = engine(input_ids=ids[:, lo:hi], position_ids=pos[:, lo:hi]).logits
+        loss = dsa_hf.sharded_loss(logits, shift[:, lo:hi], group)
+        engine.backward(loss * (WORLD if stage == 3 else 1))
+        engine.step()
+        _reference_loss(ref, dict(input_ids=ids, position_ids=pos, labels=ids)).backward()
+        for n, p in engine.module.named_parameters():
+            got = safe_get_full_fp32_param(p) if stage == 3 else p.detach()
+            want = -0.1 * dict(ref.named_parameters())[n].grad
+            # float32 parameters of norm ||p||: the update is known to ~eps * ||p||
+            eps = 4 * torch.finfo(torch.float32).eps * float(start[n].norm())
+            assert_close_rel(got - start[n], want, name=f"ZeRO-{stage} update {n}", rtol=1e-4,
+                             atol=eps)
+
+
 def _check(name, rank, seed):
     if name == "bucket_adapter":
         _bucket_adapter_case(rank, seed)
@@ -601,6 +644,8 @@ def _check(name, rank, seed):
         _alst_padding_case(rank, seed)
     elif name == "alst_qk_mqa":
         _alst_case("qk_mqa", rank, seed)
+    elif name == "alst_engine":
+        _alst_engine_case(rank, seed)
     else:
         raise AssertionError(f"unknown case {name}")
 
