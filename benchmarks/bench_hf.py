@@ -6,7 +6,8 @@
 Speed (``--mode speed``): for every sequence length (default 32k, 64k, 128k) and
 implementation, training steps of batch 1 (forward, backward, AdamW step); the step
 time is the median of ``--steps`` steps after ``--warmup`` steps, tokens/s = tokens /
-that median, and the peak memory is ``torch.cuda.max_memory_allocated`` over the run.
+that median, and the peak memory is ``torch.cuda.max_memory_allocated`` over the steps
+(model, gradients and optimizer state included).
 Activation checkpointing (per decoder layer, non-reentrant) is on from
 ``--ckpt-min-len`` tokens. The loss is computed in chunks of ``--loss-chunk`` tokens
 (each chunk's logits recomputed in backward), so no (N, vocab) logits tensor exists:
@@ -155,12 +156,14 @@ def attn_name(impl, a) -> str:
 def build(impl, a, vocab, n_tokens, precision):
     from dist_sparse_attn.integrations.transformers import build_llama
     torch.manual_seed(a.seed)
-    wrap = build_llama(vocab_size=vocab, n_layer=a.layers, n_embd=a.d_model, n_head=a.heads,
-                       n_kv_head=a.kv_heads, intermediate_size=a.ffn, head_dim=a.head_dim,
-                       attn_implementation=attn_name(impl, a), rope_theta=a.rope_theta,
-                       max_position_embeddings=max(n_tokens, 8192),
-                       gradient_checkpointing=n_tokens >= a.ckpt_min_len,
-                       dtype=torch.bfloat16 if precision == "bf16" else None)
+    with torch.device(a.device):          # initialised where it trains (1B params)
+        wrap = build_llama(vocab_size=vocab, n_layer=a.layers, n_embd=a.d_model,
+                           n_head=a.heads, n_kv_head=a.kv_heads, intermediate_size=a.ffn,
+                           head_dim=a.head_dim,
+                           attn_implementation=attn_name(impl, a), rope_theta=a.rope_theta,
+                           max_position_embeddings=max(n_tokens, 8192),
+                           gradient_checkpointing=n_tokens >= a.ckpt_min_len,
+                           dtype=torch.bfloat16 if precision == "bf16" else None)
     model = wrap.model.to(a.device).train()
     opt = wrap.configure_optimizers(0.1, a.lr, (0.9, 0.95), torch.device(a.device).type)
     return model, opt
@@ -204,10 +207,10 @@ def speed_run(impl, n, a):
     row = dict(impl=impl, seq_len=n, ckpt=n >= a.ckpt_min_len, precision=a.precision)
     model = opt = None
     try:
-        if dev.type == "cuda":
+        model, opt = build(impl, a, a.vocab, n, a.precision)
+        if dev.type == "cuda":      # the peak of training, not of the fp32 initialisation
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        model, opt = build(impl, a, a.vocab, n, a.precision)
         gen = torch.Generator().manual_seed(a.seed + n)
         x = torch.randint(0, a.vocab, (1, n), generator=gen).to(dev)
         y = torch.randint(0, a.vocab, (1, n), generator=gen).to(dev)

@@ -27,6 +27,8 @@ What the attention function does with transformers' arguments:
   documents never attend each other; within a document attention is causal by token
   order. ``cu_seq_lens_q``/``cu_seq_lens_k`` (padding-free collators), when given,
   define the documents instead.
+* Under autocast the attention runs in the dtype of q/k/v (bf16 from autocast
+  projections), with float32 accumulation; the LSH projections in float32.
 * Refused with ValueError, never ignored: attention dropout > 0, ``softcap``,
   ``sliding_window``, attention sinks (``s_aux``/``sinks``), position biases,
   non-causal attention (``is_causal=False``, encoders), custom or 4-D attention masks,
@@ -46,6 +48,8 @@ Sequence parallelism, two ways:
   (as ``UlyssesSPDataLoaderAdapter`` makes them), and attention runs through
   :func:`dist_sparse_attn.parallel.sequence_parallel_attention` (default strategy
   "bucket", which takes any head count).
+
+:func:`sharded_loss`: a rank's share of the mean next-token loss of a sharded sequence.
 
 :func:`build_llama` builds a randomly initialised Llama-style causal LM wrapped like
 :class:`dist_sparse_attn.model.GPT` (``forward(idx, targets=None, *, positions=None,
