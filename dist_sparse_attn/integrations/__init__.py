@@ -8,6 +8,11 @@ only when one of its functions runs, so this package imports without it.
 :mod:`.ds_groups`: ``SequenceParallelMPU``, the ``mpu`` to give ``deepspeed.initialize``
 when training with sequence parallelism (DeepSpeed's config mesh does not reduce
 gradients across sequence-parallel ranks).
+
+:mod:`.transformers`: the sparse attention as a Hugging Face transformers attention
+implementation (``register``), also under DeepSpeed ALST, and a Llama-style model with
+the GPT interface (``build_llama``). Import it explicitly; transformers is imported
+only when one of its functions runs.
 """
 from .deepspeed import (DeepSpeedSparseAttention, UlyssesLocalSparseAttention,
                         deepspeed_sequence_parallel_group, ulysses_lsh_buckets,
