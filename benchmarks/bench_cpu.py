@@ -36,7 +36,7 @@ from dist_sparse_attn.demo import (dense_causal_flops, fwd_and_fwdbwd_ms, hash_b
                                    random_qkv, sdpa_causal, sparsity_stats, time_ms)
 from dist_sparse_attn.plan import make_plan
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "bench" / "cpu"
 
 
 def _ints(s):

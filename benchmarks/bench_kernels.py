@@ -11,7 +11,7 @@ forward and forward+backward. Prints a table, writes JSON and PNG plots.
 Effective TFLOP/s = dense causal FLOPs / time: 4*B*H*N^2*D/2 forward, x3.5 for
 forward+backward.
 
-    python benchmarks/bench_kernels.py --out results/ [--quick]
+    python benchmarks/bench_kernels.py [--out runs/bench/kernels]
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def plot(rows, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="runs/bench/kernels")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128])

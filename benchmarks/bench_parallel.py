@@ -683,7 +683,7 @@ def plot_only(d):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/parallel")
+    p.add_argument("--out", default="runs/bench/parallel")
     p.add_argument("--plot-only", metavar="DIR", help="merge DIR/parallel_P*.json, plot, exit")
     p.add_argument("--seqlens", type=int, nargs="+", default=[65536, 131072, 262144],
                    help="total sequence lengths N (each rank holds N / P)")

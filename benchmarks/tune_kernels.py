@@ -34,7 +34,7 @@ def main():
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--buckets", type=int, default=16)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="runs/bench/tune")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     B, H, N, D = 2, 16, args.n, args.dim
