@@ -254,6 +254,15 @@ def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
     """Validate against the world size; returns the parallel layout {sp, dp}."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ConfigError(f"the world size must be an int >= 1, got {world!r}")
+    if mcfg.family == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError("model.family='hf' needs Hugging Face transformers: "
+                              "pip install 'dist_sparse_attn[hf]'") from None
+        if tcfg.sp_strategy == "ds-ulysses":
+            raise ConfigError("model.family='hf' runs the library's strategies; "
+                              "train.sp_strategy='ds-ulysses' is the GPT's dense baseline")
     sp = tcfg.sequence_parallel or world
     if world % sp:
         raise ConfigError(f"train.sequence_parallel={tcfg.sequence_parallel} must divide the "

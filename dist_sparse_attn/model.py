@@ -62,6 +62,13 @@ class GPTConfig:
     """The model's hyperparameters. Every field's type and range is declared next to it
     (:func:`~dist_sparse_attn.schema.setting`) and checked on construction, with the
     relations between fields: a bad value raises ValueError naming the field."""
+    family: str = setting("gpt", choices=("gpt", "hf"))
+    """"gpt": this module's GPT. "hf": a randomly initialised Hugging Face Llama of the
+    same width, depth and heads (``transformers``; MLP width ``intermediate_size``), its
+    attention this library's registered implementation
+    (:func:`dist_sparse_attn.integrations.transformers.build_from_config`)."""
+    intermediate_size: int = setting(0, ge=0)
+    """family="hf": the MLP width of the Llama; 0 = 4 * n_embd. (The GPT's is 4 * n_embd.)"""
     vocab_size: int = setting(256, ge=1)
     """Vocabulary size; 256 = raw bytes (:mod:`dist_sparse_attn.data` is byte-level)."""
     n_layer: int = setting(4, ge=1)
@@ -169,6 +176,14 @@ class GPTConfig:
         if self.offload_checkpoints and not self.activation_checkpointing:
             raise ValueError("offload_checkpoints needs activation_checkpointing=True (what it "
                              "offloads are the checkpointed blocks' inputs)")
+        if self.family == "hf":
+            bad = [f"{name}={getattr(self, name)!r}" for name, off in (
+                ("attention", "none"), ("bucket_cap", 0.0), ("offload_checkpoints", False),
+                ("loss_chunk", 0), ("mlp_chunk", 0), ("compile", "off"), ("dropout", 0.0),
+                ("bias", False)) if (getattr(self, name) == off) == (name == "attention")]
+            if bad:
+                raise ValueError(f"family='hf' (a transformers Llama) does not support "
+                                 f"{', '.join(bad)}")
         if self.mlp_chunk and self.compile != "off":
             raise ValueError(f"mlp_chunk={self.mlp_chunk} needs compile='off' (the chunks' "
                              f"checkpoints are eager), got compile={self.compile!r}")

@@ -26,7 +26,10 @@ class BucketedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: AttentionPlan, impl):
         fwd, _ = impl
-        o, lse, aux = fwd(q, k, v, plan)      # aux: what the backend's backward needs
+        # the kernels compute in the inputs' dtype: an enclosing autocast must not recast
+        # their inner matmuls (the tiled backend's would mix dtypes)
+        with torch.autocast(q.device.type, enabled=False):
+            o, lse, aux = fwd(q, k, v, plan)  # aux: what the backend's backward needs
         ctx.save_for_backward(q, k, v, o, lse, aux)
         ctx.plan, ctx.impl = plan, impl
         return o, lse
@@ -35,7 +38,8 @@ class BucketedAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, aux = ctx.saved_tensors
         _, bwd = ctx.impl
-        dq, dk, dv = bwd(do.contiguous(), dlse, q, k, v, o, lse, aux, ctx.plan)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = bwd(do.contiguous().to(o.dtype), dlse, q, k, v, o, lse, aux, ctx.plan)
         return dq, dk, dv, None, None
 
 

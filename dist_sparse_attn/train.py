@@ -364,6 +364,15 @@ def check_out_dir(path: str, create: bool):
                           f"{where!r})") from None
 
 
+def build_model(mcfg: GPTConfig, sp: int = 1):
+    """The model a config describes: this package's GPT, or (``family="hf"``) a Hugging
+    Face Llama with this library's attention (same forward interface)."""
+    if mcfg.family == "hf":
+        from .integrations.transformers import build_from_config
+        return build_from_config(mcfg, sequence_parallel=sp > 1)
+    return GPT(mcfg)
+
+
 class Trainer:
     """One training run on an initialised process group: the DeepSpeed engine, the
     sequence-parallel groups, the loop, evaluation and checkpoints.
@@ -381,7 +390,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.data = data if data is not None else load_data(tcfg)
         torch.manual_seed(tcfg.seed)          # identical initial weights on every rank
-        model = GPT(mcfg)
+        model = build_model(mcfg, self.sp)
         self.n_params = model.get_num_params()
         optimizer = model.configure_optimizers(tcfg.weight_decay, tcfg.lr, tcfg.betas,
                                                device_type=self.device.type)
@@ -424,11 +433,11 @@ class Trainer:
         micro-batch (see the module docstring); also the local sum for logging."""
         xs = x[:, self.lo:self.hi].to(self.device, non_blocking=True)
         ys = y[:, self.lo:self.hi].to(self.device, non_blocking=True)
-        logits, _ = self.engine(xs, positions=self.positions, sp_group=self.sp_group,
-                                sp_strategy=self.tcfg.sp_strategy)
-        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ys.reshape(-1),
-                                reduction="sum")
-        return total / y.numel()
+        # the model's mean CE over this shard (computed chunk by chunk with
+        # model.loss_chunk, never as whole-sequence logits), times the shard's tokens
+        _, loss = self.engine(xs, ys, positions=self.positions, sp_group=self.sp_group,
+                              sp_strategy=self.tcfg.sp_strategy)
+        return loss * (ys.numel() / y.numel())
 
     def _mean_over_world(self, local: torch.Tensor) -> float:
         """Sum over the world / dp: the mean over the global batch of per-sequence losses."""

@@ -109,6 +109,9 @@ if ! "$PY" -c "import tomllib" >/dev/null 2>&1; then    # Python 3.10: the TOML 
 fi
 install_missing deepspeed=deepspeed
 install_missing mpi4py.MPI="mpich mpi4py"     # mpi4py.MPI fails to import without an MPI library
+# Hugging Face transformers for dist_sparse_attn.integrations.transformers (5.25 needs a
+# package the index may lack; 5.24.0 is tested)
+install_missing transformers=transformers==5.24.0
 # 4. the package itself, editable, without letting pip touch torch/triton.
 say "pip install --no-deps -e ."
 if "$PY" -c "import setuptools, sys; v = tuple(int(x) for x in setuptools.__version__.split('.')[:2]); sys.exit(v < (70, 1))" 2>/dev/null; then

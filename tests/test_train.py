@@ -870,3 +870,25 @@ def test_bad_config_and_out_dir_without_dry_run(work, config):
         assert "Traceback" not in job.log, job.tail()
     assert not (work / "n_layer0").exists()
     assert file_out.read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# model.family = "hf": a Hugging Face Llama through the same entry point
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_hf_family_trains_sequence_parallel_equal_to_one_process(work, config):
+    """A Llama of the preset's shape (hash attention, a block-local kv head) trains through
+    the deepspeed launcher on 2 ranks (the library's bucket strategy) with the same
+    progress, metrics, checkpoints and losses as one process."""
+    pytest.importorskip("transformers")
+    hf = ["--set", "model.family=hf", "--set", "model.local_heads=1",
+          "--set", "model.local_window=64", "--set", "train.steps=8"]
+    one = run_job("python", work / "hf_single", config, *hf, nproc=1).check()
+    two = run_job("deepspeed", work / "hf_ds", config, *hf).check()
+    losses = two.losses()
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 0.3, losses
+    assert "[train] done: 8 steps" in two.log and "ETA" in two.log, two.tail()
+    assert two.summary()["sp"] == 2 and one.summary()["world"] == 1
+    assert os.path.isfile(os.path.join(two.out, "checkpoints", "latest"))
+    assert_same_losses(two, one)

@@ -818,3 +818,40 @@ def build_llama(vocab_size: int = 256, n_layer: int = 4, n_embd: int = 128, n_he
 
 __all__ = ["register", "n_buckets_for", "sharded_loss", "build_llama", "HFCausalLM",
            "MODES"]
+
+
+def build_from_config(config, *, sequence_parallel: bool = False) -> HFCausalLM:
+    """The ``family="hf"`` model of a :class:`dist_sparse_attn.model.GPTConfig`: a Llama
+    of its vocabulary, depth, width and heads (MLP ``intermediate_size``, or 4 * n_embd),
+    RoPE base ``rope_base``, activation checkpointing per decoder layer when
+    ``activation_checkpointing``, and attention as the GPT's would be:
+
+    * "hash": this library's implementation, ``n_buckets``, seed ``hash_seed + layer``,
+      ``local_heads`` block-local kv heads of ``local_window`` tokens;
+    * "qk": query/key dropping at ``qk_keep_rate`` (the GPT's position-hash rule);
+    * "dense": ``"sdpa"`` (``sequence_parallel=False``); for a sequence-parallel run the
+      library's implementation with everything kept (``keep_rate=1.0``), which is exact
+      dense causal attention over the whole sequence.
+
+    The implementation is registered under a name derived from these settings.
+    """
+    name = None
+    if config.attention == "hash":
+        opts = dict(mode="hash", n_buckets=config.n_buckets, seed=config.hash_seed,
+                    local_heads=config.local_heads, local_window=config.local_window)
+    elif config.attention == "qk":
+        opts = dict(mode="qk", keep_rate=config.qk_keep_rate, seed=config.hash_seed)
+    elif config.attention == "dense":
+        opts = None if not sequence_parallel else dict(mode="qk", keep_rate=1.0)
+        name = "sdpa"
+    else:
+        raise ValueError(f"family='hf' supports attention 'hash', 'qk' and 'dense', got "
+                         f"{config.attention!r}")
+    if opts is not None:
+        name = "dsa_" + "_".join(f"{k}{v}" for k, v in sorted(opts.items()))
+        register(name, **opts)
+    return build_llama(vocab_size=config.vocab_size, n_layer=config.n_layer,
+                       n_embd=config.n_embd, n_head=config.n_head, n_kv_head=config.n_kv_head,
+                       intermediate_size=config.intermediate_size or None,
+                       attn_implementation=name, rope_theta=config.rope_base,
+                       gradient_checkpointing=config.activation_checkpointing)
