@@ -256,7 +256,7 @@ def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
         raise ConfigError(f"the world size must be an int >= 1, got {world!r}")
     if mcfg.family == "hf":
         try:
-            import transformers  # noqa: F401
+            import transformers  # noqa: F401 -- availability check
         except ImportError:
             raise ConfigError("model.family='hf' needs Hugging Face transformers: "
                               "pip install 'dist_sparse_attn[hf]'") from None

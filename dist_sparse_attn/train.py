@@ -58,7 +58,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import model as _model
 from .config import (REPO, ConfigError, TrainConfig, check_compile, check_config,  # noqa: F401
