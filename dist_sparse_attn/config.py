@@ -1,5 +1,5 @@
 """The training configuration: :class:`TrainConfig`, TOML presets with ``--set`` overrides,
-validation, and the DeepSpeed JSON built from them.
+validation, and the DeepSpeed JSON checked against them and completed from them.
 
 A preset has a ``[model]`` table of :class:`~dist_sparse_attn.model.GPTConfig` fields and a
 ``[train]`` table of :class:`TrainConfig` fields. Both dataclasses declare every field's
@@ -11,21 +11,33 @@ then the relations between fields, so a bad preset or override stops with one
     model.n_layer must be an int >= 1, got 0 (--set model.n_layer=0)
 
 :func:`check_config` adds the rules that depend on the world size, :func:`deepspeed_config`
-reads and checks the DeepSpeed JSON and fills in the batch arithmetic and precision.
-Nothing here starts a process group or imports DeepSpeed at import time.
+reads the DeepSpeed JSON, checks it against the preset and fills in what it leaves out
+(the rules are in its docstring). Preset names such as ``configs/tiny.toml`` resolve in
+the current directory, then among the presets shipped inside the package
+(``dist_sparse_attn/configs/``), so they work from a source checkout and from an installed
+wheel alike (:func:`find_file`). Nothing here starts a process group or imports DeepSpeed
+at import time.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 from .model import ATTENTIONS, SP_STRATEGIES, GPTConfig
 from .schema import parse_text, setting, validate, validate_instance
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(PACKAGE)
+"""The source checkout holding the package (for an installed wheel: site-packages)."""
+PRESETS = os.path.join(PACKAGE, "configs")
+"""The shipped presets (``*.toml``) and DeepSpeed configs (``ds/*.json``)."""
 PRECISIONS = ("auto", "bf16", "fp32")
+DEEPSPEED_GRADIENT_CLIPPING = 1.0
+"""The gradient-norm clip DeepSpeed applies when the JSON has no "gradient_clipping"
+(its ``GRADIENT_CLIPPING_DEFAULT``, 1.0 in DeepSpeed 0.19.8); 0 turns clipping off."""
 
 
 class ConfigError(ValueError):
@@ -60,13 +72,17 @@ class TrainConfig:
     betas: tuple[float, float] = setting((0.9, 0.95), ge=0.0, lt=1.0)
     """AdamW's (beta1, beta2)."""
     sequence_parallel: int = setting(0, ge=0)
-    """Ranks per sequence-parallel group sp (must divide the world size); 0 = all ranks."""
+    """Ranks per sequence-parallel group sp (must divide the world size); 0 = the DeepSpeed
+    JSON's ``sequence_parallel_size`` if it has one, else all ranks."""
     sp_strategy: str = setting("bucket", choices=SP_STRATEGIES)
     """"bucket", "ulysses", "allgather" or "ds-ulysses" (see :mod:`dist_sparse_attn.model`)."""
     deepspeed_config: str = setting("configs/ds/zero1.json", nonempty=True)
-    """DeepSpeed JSON (relative paths: to the current directory, then the repository)."""
+    """DeepSpeed JSON (``--deepspeed_config`` on the command line); relative paths: to the
+    current directory, then the shipped ``configs/`` (:func:`find_file`). What it sets
+    must agree with this table: :func:`deepspeed_config`."""
     precision: str = setting("auto", choices=PRECISIONS)
-    """"auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"; written into the DeepSpeed config."""
+    """"auto" (the DeepSpeed JSON's ``bf16.enabled`` if it sets it, else bf16 on CUDA and
+    fp32 on CPU), "bf16" or "fp32"."""
     eval_interval: int = setting(50, ge=0)
     """Evaluate the validation loss every this many steps (and at the end); 0 = only at the end."""
     eval_iters: int = setting(4, ge=1)
@@ -91,6 +107,10 @@ class TrainConfig:
     makes the others fail after this."""
     warmup_steps_excluded: int = setting(2, ge=0)
     """Steps left out of the step-time statistics and the ETA (compilation, allocator warmup)."""
+    peak_tflops: float = setting(0.0, ge=0.0)
+    """Peak dense bf16 TFLOP/s of one device, for the MFU in the progress line and
+    summary; 0 = by device name (H100, H200, A100: :data:`dist_sparse_attn.metrics.PEAK_BF16_TFLOPS`),
+    and no MFU on other devices."""
     profile: bool = setting(False)
     """Profile one step after the excluded warmup steps (torch.profiler) and write the
     top operators by device time, then by allocated memory, and the step's peak memory
@@ -132,11 +152,20 @@ RETRIEVAL_MIN_LEN = 12
 # ---------------------------------------------------------------------------------------------
 
 def find_file(path: str) -> str:
-    """``path`` as given if it exists (or is absolute), else relative to the repository."""
+    """``path`` as given if it exists (or is absolute); else a shipped file when it starts
+    with ``configs/`` (``configs/tiny.toml`` is ``dist_sparse_attn/configs/tiny.toml``,
+    in a checkout and in an installed wheel); else relative to the source checkout;
+    else ``path`` unchanged (the caller reports it missing)."""
     if os.path.exists(path) or os.path.isabs(path):
         return path
-    alt = os.path.join(REPO, path)
-    return alt if os.path.exists(alt) else path
+    head, sep, rest = path.replace(os.sep, "/").partition("/")
+    if sep and head == "configs" and os.path.exists(os.path.join(PRESETS, rest)):
+        return os.path.join(PRESETS, rest)
+    if os.path.isfile(os.path.join(REPO, "pyproject.toml")):       # a source checkout
+        alt = os.path.join(REPO, path)
+        if os.path.exists(alt):
+            return alt
+    return path
 
 
 def _toml():
@@ -185,11 +214,15 @@ def _classes() -> dict:
     return {"model": GPTConfig, "train": TrainConfig}
 
 
-def load_config(path: str | None, overrides=()) -> tuple[GPTConfig, TrainConfig]:
+def load_config(path: str | None, overrides=(), *,
+                sources: dict | None = None) -> tuple[GPTConfig, TrainConfig]:
     """Read a TOML preset and apply ``section.field=value`` overrides; check every field's
     type and range, then the relations between fields.
 
-    Raises :class:`ConfigError` (one line) naming the file, section or field."""
+    ``sources``: a dict to fill with where each field that was set came from,
+    ``{"model": {field: "in FILE" or "--set ..."}, "train": {...}}`` (fields left at
+    their defaults are absent). Raises :class:`ConfigError` (one line) naming the file,
+    section or field."""
     classes = _classes()
     raw = read_preset(path) if path else {"model": {}, "train": {}}
     origin = {sec: {k: f"in {path}" for k in raw[sec]} for sec in raw}
@@ -229,6 +262,8 @@ def load_config(path: str | None, overrides=()) -> tuple[GPTConfig, TrainConfig]
     except ValueError as e:
         raise ConfigError(f"[model] {e}") from None
     check_model_and_train(model, train)
+    if sources is not None:
+        sources.update(origin)
     return model, train
 
 
@@ -293,7 +328,8 @@ def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
 # the DeepSpeed JSON
 # ---------------------------------------------------------------------------------------------
 
-def _read_json(tcfg: TrainConfig) -> tuple[str, dict]:
+def read_deepspeed_json(tcfg: TrainConfig) -> tuple[str, dict]:
+    """(the resolved path, the parsed object) of ``train.deepspeed_config``."""
     path = find_file(tcfg.deepspeed_config)
     try:
         with open(path, "rb") as f:
@@ -316,31 +352,166 @@ def _read_json(tcfg: TrainConfig) -> tuple[str, dict]:
     return path, ds
 
 
-def deepspeed_config(tcfg: TrainConfig, layout: dict, cuda: bool) -> dict:
-    """The DeepSpeed JSON with the batch arithmetic, precision and SP mesh filled in."""
-    path, ds = _read_json(tcfg)
+def _unset(value) -> bool:
+    """A JSON value that leaves the choice to the preset: absent (None) or "auto"."""
+    return value is None or value == "auto"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sequence_parallel_from_json(tcfg: TrainConfig) -> str | None:
+    """The DeepSpeed JSON's ``sequence_parallel_size``, if it has one, becomes
+    ``train.sequence_parallel`` (before the layout is checked against the world size):
+    a ConfigError if both are set and differ. Returns the JSON's path when it set sp,
+    else None. The groups are built by
+    :class:`~dist_sparse_attn.integrations.ds_groups.SequenceParallelMPU` either way
+    (DeepSpeed's own mesh does not reduce gradients across sequence-parallel ranks)."""
+    path, ds = read_deepspeed_json(tcfg)
+    sp = ds.get("sequence_parallel_size")
+    if _unset(sp):
+        return None
+    if not _is_int(sp) or sp < 1:
+        raise ConfigError(f"{path}: sequence_parallel_size must be an int >= 1, got {sp!r}")
+    if tcfg.sequence_parallel and tcfg.sequence_parallel != sp:
+        raise ConfigError(f"{path}: sequence_parallel_size={sp} disagrees with "
+                          f"train.sequence_parallel={tcfg.sequence_parallel}: set one of them "
+                          "(train.sequence_parallel=0 takes the JSON's)")
+    tcfg.sequence_parallel = sp
+    return path
+
+
+def _agree_or_fill(ds: dict, key: str, want: int, path: str, preset: str):
+    have = ds.get(key)
+    if _unset(have):
+        ds[key] = want
+    elif not _is_int(have) or have != want:
+        raise ConfigError(f"{path}: {key}={have!r} disagrees with {preset}: set one of them "
+                          "(what the JSON leaves out is taken from the preset)")
+
+
+def _close(a, b) -> bool:
+    return abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), abs(float(b)))
+
+
+def _optimizer_params(tcfg: TrainConfig, opt, path: str) -> dict:
+    """The JSON's "optimizer", checked against [train] and completed from it."""
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        raise ConfigError(f"{path}: 'optimizer' must be an object with a \"type\", got {opt!r}")
+    if opt["type"].lower() not in ("adam", "adamw"):
+        raise ConfigError(f"{path}: optimizer type {opt['type']!r} is not supported: the "
+                          "[train] settings (lr, betas, weight_decay, the warmup + cosine "
+                          "schedule) are AdamW's; use \"AdamW\" or \"Adam\", or remove "
+                          "'optimizer' (the trainer then builds torch's AdamW)")
+    params = opt.setdefault("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: optimizer.params must be an object {{...}}, got {params!r}")
+    if params.get("adam_w_mode", True) is not True:
+        raise ConfigError(f"{path}: optimizer.params.adam_w_mode={params['adam_w_mode']!r}: "
+                          "train.weight_decay is decoupled (AdamW) weight decay; remove it")
+    for key, want in (("lr", tcfg.lr), ("betas", list(tcfg.betas)),
+                      ("weight_decay", tcfg.weight_decay)):
+        have = params.get(key)
+        if _unset(have):
+            params[key] = want
+            continue
+        if key == "betas":
+            ok = isinstance(have, list) and len(have) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and _close(b, w)
+                for b, w in zip(have, want))
+        else:
+            ok = isinstance(have, (int, float)) and not isinstance(have, bool) \
+                and _close(have, want)
+        if not ok:
+            shown = tuple(want) if key == "betas" else want
+            raise ConfigError(f"{path}: optimizer.params.{key}={have!r} disagrees with "
+                              f"train.{key}={shown!r}: set one of them (what the JSON leaves "
+                              "out is taken from [train])")
+    return opt
+
+
+def deepspeed_config(tcfg: TrainConfig, layout: dict, cuda: bool, *,
+                     world_known: bool = True) -> dict:
+    """The DeepSpeed JSON of ``train.deepspeed_config``, checked against the preset and
+    completed from it: what the JSON sets is kept, and a preset value that contradicts
+    it is a :class:`ConfigError` naming both; what it leaves out (or sets to "auto") is
+    filled in from the preset.
+
+    * ``train_micro_batch_size_per_gpu`` = train.micro_batch, ``gradient_accumulation_steps``
+      = train.grad_accum, ``train_batch_size`` = micro_batch * grad_accum * dp (not
+      compared when ``world_known`` is False: a dry run without a world size);
+    * ``bf16.enabled``: train.precision "bf16" / "fp32" must agree with it; "auto" takes
+      it (bf16 on CUDA, fp32 on CPU where the JSON does not say); fp16 is refused;
+    * ``optimizer``: "Adam" or "AdamW" only; DeepSpeed builds it (fused Adam on GPUs,
+      its CPU Adam under ZeRO-Offload, torch's AdamW with ``"torch_adam": true``) over
+      the model's weight-decay groups; its ``lr``, ``betas`` and ``weight_decay`` must
+      agree with [train] (filled in from there). Without one the trainer builds torch's
+      AdamW. Either way the trainer sets the learning rate of every step itself
+      (linear warmup, cosine decay: train.lr, min_lr, warmup, steps);
+    * ``scheduler`` is refused: the schedule is [train]'s (above);
+    * ``sequence_parallel_size`` / ``data_parallel_size`` must equal the layout's sp / dp
+      (:func:`sequence_parallel_from_json` makes the first train.sequence_parallel) and
+      are removed: the groups come from
+      :class:`~dist_sparse_attn.integrations.ds_groups.SequenceParallelMPU`;
+    * ``gradient_clipping``: DeepSpeed's default (:data:`DEEPSPEED_GRADIENT_CLIPPING`)
+      written in where absent, so the resolved config says what applies;
+    * ``tensorboard`` / ``csv_monitor`` without an ``output_path`` write to train.out_dir.
+    """
+    path, ds = read_deepspeed_json(tcfg)
     sp, dp = layout["sp"], layout["dp"]
-    ds["train_micro_batch_size_per_gpu"] = tcfg.micro_batch
-    ds["gradient_accumulation_steps"] = tcfg.grad_accum
-    ds["train_batch_size"] = tcfg.micro_batch * tcfg.grad_accum * dp
-    for key in ("bf16", "fp16", "zero_optimization"):
+    for key in ("bf16", "bfloat16", "fp16", "zero_optimization", "tensorboard", "csv_monitor"):
         if key in ds and not isinstance(ds[key], dict):
             raise ConfigError(f"{path}: {key!r} must be an object {{...}}, got {ds[key]!r}")
-    if ds.get("fp16", {}).get("enabled"):
+    _agree_or_fill(ds, "train_micro_batch_size_per_gpu", tcfg.micro_batch, path,
+                   f"train.micro_batch={tcfg.micro_batch}")
+    _agree_or_fill(ds, "gradient_accumulation_steps", tcfg.grad_accum, path,
+                   f"train.grad_accum={tcfg.grad_accum}")
+    batch = tcfg.micro_batch * tcfg.grad_accum * dp
+    if world_known:
+        _agree_or_fill(ds, "train_batch_size", batch, path,
+                       f"train.micro_batch * train.grad_accum * dp = {tcfg.micro_batch} * "
+                       f"{tcfg.grad_accum} * {dp} = {batch}")
+    else:
+        ds["train_batch_size"] = batch
+    if "bfloat16" in ds:        # DeepSpeed's older name of the block
+        if "bf16" in ds:
+            raise ConfigError(f"{path}: has both 'bf16' and 'bfloat16' (the same setting): "
+                              "keep 'bf16'")
+        ds["bf16"] = ds.pop("bfloat16")
+    if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"{path}: fp16 is not supported; train.precision chooses bf16 or fp32")
-    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and cuda)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)
-    # the SP/DP groups come from an mpu (integrations.ds_groups), not from DeepSpeed's
-    # "sequence_parallel_size" mesh, which does not reduce gradients across SP ranks
-    for key in ("sequence_parallel_size", "data_parallel_size"):
-        if key in ds and ds.pop(key) not in (None, sp if key[0] == "s" else dp):
-            raise ConfigError(f"{path}: {key} disagrees with train.sequence_parallel={sp} on "
-                              f"this world (dp={dp}); set train.sequence_parallel instead")
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{path}: remove {key!r}: the trainer builds AdamW and its "
-                              "schedule from [train] (lr, min_lr, warmup, betas, weight_decay)")
+    json_bf16 = ds.get("bf16", {}).get("enabled")
+    if not _unset(json_bf16) and not isinstance(json_bf16, bool):
+        raise ConfigError(f"{path}: bf16.enabled must be true or false, got {json_bf16!r}")
+    if tcfg.precision == "auto":
+        bf16 = cuda if _unset(json_bf16) else json_bf16
+    else:
+        bf16 = tcfg.precision == "bf16"
+        if not _unset(json_bf16) and json_bf16 != bf16:
+            raise ConfigError(f"{path}: bf16.enabled={str(json_bf16).lower()} disagrees with "
+                              f"train.precision={tcfg.precision!r}: set one of them "
+                              "(train.precision='auto' follows the JSON)")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    for key, value, field in (("sequence_parallel_size", sp, "train.sequence_parallel"),
+                              ("data_parallel_size", dp, "the world size")):
+        have = ds.pop(key, None)
+        if _unset(have) or (key == "data_parallel_size" and not world_known):
+            continue
+        if have != value:
+            raise ConfigError(f"{path}: {key}={have!r} disagrees with the layout of this run "
+                              f"(dp {dp} x sp {sp}, from {field})")
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: remove 'scheduler': the trainer sets the learning rate of "
+                          "every step (linear warmup, cosine decay) from [train] (lr, min_lr, "
+                          "warmup, steps)")
+    if "optimizer" in ds:
+        _optimizer_params(tcfg, ds["optimizer"], path)
+    ds.setdefault("gradient_clipping", DEEPSPEED_GRADIENT_CLIPPING)
+    for key in ("tensorboard", "csv_monitor"):
+        if ds.get(key, {}).get("enabled") and not ds[key].get("output_path"):
+            ds[key]["output_path"] = tcfg.out_dir
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     check_deepspeed_json(ds, path)
@@ -351,7 +522,7 @@ def check_deepspeed_json(ds: dict, path: str):
     """Let DeepSpeed's own config classes check the JSON (types, ZeRO stage, unknown
     ZeRO keys, ...) before any process starts, as a :class:`ConfigError` naming the file.
     Also checks what the trainer reads itself (``gradient_clipping``)."""
-    clip = ds.get("gradient_clipping", 0.0)
+    clip = ds.get("gradient_clipping", DEEPSPEED_GRADIENT_CLIPPING)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
         raise ConfigError(f"{path}: gradient_clipping must be a number >= 0, got {clip!r}")
     import logging
@@ -396,6 +567,36 @@ def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1):
                           f"sequence parallelism (sp={sp}) use model.compile='blocks'")
 
 
+def check_out_dir(path: str, create: bool):
+    """The output directory can be written. ``create``: made (with its parents) and
+    probed with a file. Else (a dry run, which creates nothing that stays): a file is
+    created and removed in it, or in its nearest existing parent directory. Raises
+    :class:`ConfigError` naming train.out_dir."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"train.out_dir {path!r} exists and is not a directory")
+    where = os.path.abspath(path)
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.out_dir {path!r} cannot be created ({e.strerror})") from None
+    else:
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            raise ConfigError(f"train.out_dir {path!r} cannot be created: {where!r} is not a "
+                              "directory")
+    try:        # permission bits do not tell (root, read-only mounts): try it
+        fd, probe = tempfile.mkstemp(prefix=".dsa_write_test", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"train.out_dir {path!r} cannot be written ({e.strerror} in "
+                          f"{where!r})") from None
+
+
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_preset", "check_config",
-           "check_model_and_train", "deepspeed_config", "check_deepspeed_json",
-           "check_compile", "find_file", "PRECISIONS", "ATTENTIONS", "SP_STRATEGIES"]
+           "check_model_and_train", "read_deepspeed_json", "sequence_parallel_from_json",
+           "deepspeed_config", "check_deepspeed_json", "check_compile", "check_out_dir",
+           "find_file", "PRESETS", "PRECISIONS", "DEEPSPEED_GRADIENT_CLIPPING", "ATTENTIONS",
+           "SP_STRATEGIES"]

@@ -9,7 +9,10 @@
 * :func:`shard_sequence`: sequence sharding of inputs/labels for sequence
   parallelism, done in one place, with the shards' global positions.
 * :func:`retrieval_batch` / :func:`eval_retrieval`: a synthetic long-range
-  retrieval task (a key/value pair planted far back, the key asked at the end).
+  retrieval task (a key/value pair planted far back, the key asked at the end),
+  evaluated on one device or sequence-parallel.
+* :func:`load_data`, :func:`train_batch`, :func:`val_batch`: the training run's corpus
+  and batches, a function of the configuration and the step (exact resume).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import os
 
 import numpy as np
 import torch
+
+from .config import ConfigError, find_file
 
 # ---------------------------------------------------------------------------------------------
 # corpora
@@ -185,9 +190,22 @@ def retrieval_batch(batch_size: int, seq_len: int, generator: torch.Generator | 
 
 @torch.no_grad()
 def eval_retrieval(model, n_samples: int = 64, seq_len: int = 256, batch_size: int = 16,
-                   generator: torch.Generator | None = None, device=None, **task) -> float:
+                   generator: torch.Generator | None = None, device=None, *, shard=(0, 1),
+                   forward_kwargs: dict | None = None, **task) -> float | None:
     """Accuracy of ``model`` on :func:`retrieval_batch`: the argmax of the last position's
-    logits (``model(x)[0][:, -1]``) equals the planted value. ``task``: key_len, max_depth."""
+    logits (``model(x)[0][:, -1]``) equals the planted value. ``task``: key_len, max_depth.
+
+    ``shard = (rank, world)``: sequence parallelism. Every rank draws the same sequences
+    (give each the same ``generator`` state) and runs its contiguous shard of them
+    (:func:`shard_bounds`) with their global positions, ``model(x_shard, positions=...)``;
+    the rank holding the last position (``world - 1``) returns the accuracy, the others
+    None. ``forward_kwargs``: extra keyword arguments of every forward call.
+    """
+    rank, world = shard
+    lo, hi = shard_bounds(seq_len, rank, world)
+    kwargs = dict(forward_kwargs or {})
+    if world > 1:
+        kwargs["positions"] = torch.arange(lo, hi, device=device)
     was_training = model.training
     model.eval()
     correct = done = 0
@@ -197,13 +215,86 @@ def eval_retrieval(model, n_samples: int = 64, seq_len: int = 256, batch_size: i
             x, value, _ = retrieval_batch(b, seq_len, generator, **task)
             if device is not None:
                 x, value = x.to(device), value.to(device)
-            logits = model(x)[0]                                               # (b, N, V)
+            logits = model(x[:, lo:hi], **kwargs)[0]                          # (b, n_r, V)
             correct += int((logits[:, -1].argmax(-1) == value).sum())
             done += b
     finally:
         model.train(was_training)
-    return correct / n_samples
+    return correct / n_samples if rank == world - 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the training run's data
+# ---------------------------------------------------------------------------------------------
+
+def load_tokens(tcfg):
+    """The corpus of ``train.data`` (:class:`~dist_sparse_attn.config.TrainConfig`):
+    "stdlib", a text file (bytes, up to ``train.max_bytes``) or a uint16 ``.bin``;
+    relative paths as :func:`~dist_sparse_attn.config.find_file` resolves them."""
+    if tcfg.data == "stdlib":
+        return stdlib_corpus(tcfg.max_bytes)
+    path = find_file(tcfg.data)
+    if not os.path.exists(path):
+        raise ConfigError(f"train.data: no file {tcfg.data!r} (use 'stdlib', a text file or a .bin)")
+    if os.path.isdir(path):
+        raise ConfigError(f"train.data {tcfg.data!r} is a directory (use 'stdlib', a text file "
+                          "or a .bin)")
+    try:
+        if path.endswith(".bin"):
+            if os.path.getsize(path) % 2:
+                raise ConfigError(f"train.data {tcfg.data!r}: a .bin holds uint16 token ids, "
+                                  f"but its size ({os.path.getsize(path)} bytes) is odd")
+            return load_bin(path)
+        return load_text(path, tcfg.max_bytes)
+    except OSError as e:
+        raise ConfigError(f"train.data {tcfg.data!r}: cannot read it ({e.strerror})") from None
+
+
+def load_data(tcfg) -> TokenData:
+    """The corpus split into train and val (``train.val_fraction``); ConfigError when a
+    split cannot hold one sequence (the same result on every rank: the same files)."""
+    tokens = load_tokens(tcfg)
+    if len(tokens) < 2:
+        raise ConfigError(f"train.data {tcfg.data!r} has {len(tokens)} tokens")
+    data = TokenData(tokens, tcfg.val_fraction)
+    for split in ("train", "val"):
+        n = len(data.splits[split])
+        if n < tcfg.seq_len + 1:
+            raise ConfigError(f"the {split} split has {n} tokens, fewer than seq_len + 1 = "
+                              f"{tcfg.seq_len + 1}: use more data (train.max_bytes), a shorter "
+                              "train.seq_len or another train.val_fraction")
+    return data
+
+
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (stable across runs and processes)."""
+    h = 1469598103934665603
+    for k in key:
+        h = ((h ^ (int(k) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+
+
+def train_batch(data: TokenData, tcfg, step: int, micro: int, dp_rank: int):
+    """Micro-batch ``micro`` of optimizer step ``step`` for data-parallel rank ``dp_rank``:
+    x, y (micro_batch, seq_len) int64 on the CPU, the same on every rank of a
+    sequence-parallel group, a function of (seed, step, micro, dp_rank) only (exact
+    resume). A ``train.retrieval_mix`` fraction of the rows are retrieval sequences."""
+    g = seeded_generator(tcfg.seed, 1, step, micro, dp_rank)
+    x, y = data.batch("train", tcfg.seq_len, tcfg.micro_batch, generator=g)
+    if tcfg.retrieval_mix > 0:
+        swap = torch.rand(tcfg.micro_batch, generator=g) < tcfg.retrieval_mix
+        if swap.any():
+            r, _, _ = retrieval_batch(int(swap.sum()), tcfg.seq_len + 1, generator=g)
+            x[swap], y[swap] = r[:, :-1], r[:, 1:]
+    return x, y
+
+
+def val_batch(data: TokenData, tcfg, i: int, dp_rank: int):
+    """Validation batch ``i`` of data-parallel rank ``dp_rank`` (the same at every eval)."""
+    g = seeded_generator(tcfg.seed, 2, i, dp_rank)
+    return data.batch("val", tcfg.seq_len, tcfg.micro_batch, generator=g)
 
 
 __all__ = ["stdlib_files", "stdlib_corpus", "bytes_to_tokens", "load_text", "load_bin",
-           "TokenData", "shard_bounds", "shard_sequence", "retrieval_batch", "eval_retrieval"]
+           "TokenData", "shard_bounds", "shard_sequence", "retrieval_batch", "eval_retrieval",
+           "load_tokens", "load_data", "seeded_generator", "train_batch", "val_batch"]

@@ -112,9 +112,11 @@ install_missing mpi4py.MPI="mpich mpi4py"     # mpi4py.MPI fails to import witho
 # Hugging Face transformers for dist_sparse_attn.integrations.transformers (5.25 needs a
 # package the index may lack; 5.24.0 is tested)
 install_missing transformers=transformers==5.24.0
-# 4. the package itself, editable, without letting pip touch torch/triton.
+# 4. the package itself, editable, without letting pip touch torch/triton (the dsa-train
+#    command comes with it). pyproject.toml needs setuptools >= 77 (PEP 639 license
+#    fields): with an older one pip builds in an isolated environment (needs an index).
 say "pip install --no-deps -e ."
-if "$PY" -c "import setuptools, sys; v = tuple(int(x) for x in setuptools.__version__.split('.')[:2]); sys.exit(v < (70, 1))" 2>/dev/null; then
+if "$PY" -c "import setuptools, sys; v = tuple(int(x) for x in setuptools.__version__.split('.')[:2]); sys.exit(v < (77, 0))" 2>/dev/null; then
     pip_install --no-deps --no-build-isolation -e .       # works offline
 else
     pip_install --no-deps -e .

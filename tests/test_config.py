@@ -8,7 +8,6 @@ run in a launched job (tests/test_train.py and tests/test_launch.py start real o
 """
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import os
 import sys
@@ -269,15 +268,6 @@ def test_tomllib_missing_gives_a_clear_error(config, monkeypatch):
         load_config(str(config))
 
 
-def test_setup_cfg_matches_the_tomllib_fallback():
-    """python_requires allows 3.10, so tomli is a dependency there (and only there)."""
-    cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(REPO, "setup.cfg"))
-    assert cfg["options"]["python_requires"].strip() == ">=3.10"
-    reqs = [r.strip() for r in cfg["options"]["install_requires"].splitlines() if r.strip()]
-    assert any(r.replace(" ", "") == 'tomli>=1.1;python_version<"3.11"' for r in reqs), reqs
-
-
 # ---------------------------------------------------------------------------------------------
 # the Python API
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +322,8 @@ DS_ERRORS = {
     "unknown_zero_key": ('{"zero_optimization": {"stage": 1, "stagee": 2}}',
                          "DeepSpeed rejects it"),
     "clipping_string": ('{"gradient_clipping": "a"}', "gradient_clipping must be a number"),
-    "optimizer_section": ('{"optimizer": {"type": "Adam"}}', "remove 'optimizer'"),
+    "optimizer_section": ('{"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}',
+                          "optimizer.params.lr=0.1 disagrees with train.lr=0.003"),
     "fp16": ('{"fp16": {"enabled": true}}', "fp16 is not supported"),
 }
 
@@ -416,3 +407,264 @@ def test_only_rank_0_reports(config, tmp_path, capsys, clean_env):
     clean_env.setenv("RANK", "0")
     rc = train.main(["--config", str(config), "--set", "model.n_layer=0", "--device", "cpu"])
     assert_one_line_error(rc, capsys.readouterr(), "model.n_layer")
+
+
+# ---------------------------------------------------------------------------------------------
+# the DeepSpeed JSON is authoritative: what it sets must agree with the preset, what it
+# leaves out is filled in from the preset
+# ---------------------------------------------------------------------------------------------
+
+NO_JSON = SMALL.replace('deepspeed_config = "configs/ds/zero1.json"\n', "")
+
+
+def _resolve(tmp_path, ds_json: str, sets=(), world=1, cuda=False):
+    """(train config, resolved DeepSpeed dict) of SMALL with ``ds_json`` as its JSON."""
+    from dist_sparse_attn.config import check_config, deepspeed_config, sequence_parallel_from_json
+    path = tmp_path / "ds.json"
+    path.write_text(ds_json)
+    mcfg, tcfg = load_config(None, [*SMALL_SETS, f"train.deepspeed_config={path}", *sets])
+    sequence_parallel_from_json(tcfg)
+    return tcfg, deepspeed_config(tcfg, check_config(mcfg, tcfg, world), cuda)
+
+
+SMALL_SETS = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "train.seq_len=256",
+              "train.micro_batch=2"]
+
+
+def test_json_values_absent_or_auto_are_filled_from_the_preset(tmp_path):
+    tcfg, ds = _resolve(tmp_path, '{"zero_optimization": {"stage": 2}}', ["train.grad_accum=3"],
+                        world=4, cuda=True)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (2, 3, 2 * 3 * 1), ds      # world 4 = sp 4, dp 1
+    assert ds["bf16"] == {"enabled": True}          # precision auto on CUDA
+    tcfg, ds = _resolve(tmp_path, '{"train_micro_batch_size_per_gpu": "auto", '
+                        '"gradient_accumulation_steps": "auto", "train_batch_size": "auto", '
+                        '"bf16": {"enabled": "auto"}}', ["train.sequence_parallel=1"], world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"], ds["bf16"]["enabled"]) == (2, 1, 4, False), ds
+
+
+def test_json_values_that_agree_are_kept(tmp_path):
+    tcfg, ds = _resolve(tmp_path, '{"train_micro_batch_size_per_gpu": 2, '
+                        '"gradient_accumulation_steps": 2, "train_batch_size": 8, '
+                        '"bf16": {"enabled": true}}',
+                        ["train.grad_accum=2", "train.sequence_parallel=1"], world=2)
+    assert (ds["train_batch_size"], ds["bf16"]["enabled"]) == (8, True)
+
+
+def test_precision_auto_follows_the_json(tmp_path):
+    """train.precision="auto" takes the JSON's bf16.enabled where it sets one (here on the
+    CPU, where auto alone would give fp32, and on CUDA the other way round)."""
+    assert _resolve(tmp_path, '{"bf16": {"enabled": true}}')[1]["bf16"]["enabled"] is True
+    assert _resolve(tmp_path, '{"bf16": {"enabled": false}}', cuda=True)[1]["bf16"]["enabled"] \
+        is False
+    # DeepSpeed's older name of the block
+    assert _resolve(tmp_path, '{"bfloat16": {"enabled": true}}')[1]["bf16"]["enabled"] is True
+
+
+def test_gradient_clipping_default_is_deepspeeds(tmp_path):
+    """Without "gradient_clipping" DeepSpeed clips at its own default; the resolved config
+    writes that value in, so config.json says what applies."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+    from dist_sparse_attn.config import DEEPSPEED_GRADIENT_CLIPPING
+    assert DEEPSPEED_GRADIENT_CLIPPING == GRADIENT_CLIPPING_DEFAULT, deepspeed.__version__
+    assert _resolve(tmp_path, "{}")[1]["gradient_clipping"] == GRADIENT_CLIPPING_DEFAULT
+    assert _resolve(tmp_path, '{"gradient_clipping": 0}')[1]["gradient_clipping"] == 0
+
+
+def test_optimizer_block_is_completed_from_train(tmp_path):
+    """An "optimizer" is DeepSpeed's to build; its lr, betas and weight_decay come from
+    [train] where it leaves them out, and must equal them where it sets them."""
+    tcfg, ds = _resolve(tmp_path, '{"optimizer": {"type": "AdamW", "params": '
+                        '{"torch_adam": true, "lr": 0.003}}}', ["train.weight_decay=0.05"])
+    assert ds["optimizer"] == {"type": "AdamW", "params": {
+        "torch_adam": True, "lr": 0.003, "betas": [0.9, 0.95], "weight_decay": 0.05}}, ds
+    _, ds = _resolve(tmp_path, '{"optimizer": {"type": "Adam"}}')
+    assert ds["optimizer"]["params"]["lr"] == 3e-3
+
+
+def test_monitor_output_goes_to_out_dir(tmp_path):
+    _, ds = _resolve(tmp_path, '{"csv_monitor": {"enabled": true, "job_name": "j"}, '
+                     '"tensorboard": {"enabled": true, "output_path": "/elsewhere"}}',
+                     ["train.out_dir=runs/x"])
+    assert ds["csv_monitor"]["output_path"] == "runs/x"
+    assert ds["tensorboard"]["output_path"] == "/elsewhere"
+
+
+# name: (JSON, --set overrides, --world-size, expected texts)
+JSON_CONFLICTS = {
+    "micro_batch": ('{"train_micro_batch_size_per_gpu": 4}', [], 1,
+                    ["train_micro_batch_size_per_gpu=4 disagrees with train.micro_batch=2"]),
+    "grad_accum": ('{"gradient_accumulation_steps": 2}', [], 1,
+                   ["gradient_accumulation_steps=2 disagrees with train.grad_accum=1"]),
+    "train_batch_size": ('{"train_batch_size": 2}', ["train.sequence_parallel=1"], 2,
+                         ["train_batch_size=2 disagrees with train.micro_batch * "
+                          "train.grad_accum * dp = 2 * 1 * 2 = 4"]),
+    "batch_not_int": ('{"train_batch_size": 2.0}', [], 1, ["train_batch_size=2.0 disagrees"]),
+    "precision": ('{"bf16": {"enabled": false}}', ["train.precision=bf16"], 1,
+                  ["bf16.enabled=false disagrees with train.precision='bf16'"]),
+    "bf16_not_bool": ('{"bf16": {"enabled": 1}}', [], 1, ["bf16.enabled must be true or false"]),
+    "scheduler": ('{"scheduler": {"type": "WarmupLR"}}', [], 1,
+                  ["remove 'scheduler'", "from [train] (lr, min_lr, warmup, steps)"]),
+    "optimizer_betas": ('{"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}}',
+                        [], 1, ["optimizer.params.betas=[0.9, 0.999] disagrees with "
+                                "train.betas=(0.9, 0.95)"]),
+    "optimizer_weight_decay": ('{"optimizer": {"type": "AdamW", "params": '
+                               '{"weight_decay": 0.0}}}', [], 1,
+                               ["optimizer.params.weight_decay=0.0 disagrees with "
+                                "train.weight_decay=0.1"]),
+    "optimizer_type": ('{"optimizer": {"type": "Lion"}}', [], 1,
+                       ["optimizer type 'Lion' is not supported"]),
+    "optimizer_no_type": ('{"optimizer": {"params": {}}}', [], 1,
+                          ["'optimizer' must be an object with a \"type\""]),
+    "adam_l2": ('{"optimizer": {"type": "Adam", "params": {"adam_w_mode": false}}}', [], 1,
+                ["adam_w_mode=False", "decoupled"]),
+    "json_sp_vs_train": ('{"sequence_parallel_size": 2}', ["train.sequence_parallel=4"], 4,
+                         ["sequence_parallel_size=2 disagrees with train.sequence_parallel=4"]),
+    "json_sp_not_divisor": ('{"sequence_parallel_size": 2}', [], 3,
+                            ["train.sequence_parallel=2 must divide the world size 3"]),
+    "json_sp_bad": ('{"sequence_parallel_size": 0}', [], 1,
+                    ["sequence_parallel_size must be an int >= 1, got 0"]),
+    "json_dp": ('{"data_parallel_size": 3}', ["train.sequence_parallel=2"], 4,
+                ["data_parallel_size=3 disagrees with the layout of this run (dp 2 x sp 2"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSON_CONFLICTS))
+def test_json_contradicting_the_preset_is_an_error(case, config, tmp_path, capsys, clean_env):
+    pytest.importorskip("deepspeed")
+    content, sets, world, texts = JSON_CONFLICTS[case]
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    rc, cap = dry_run(capsys, config, "--world-size", str(world), out=tmp_path / "out",
+                      sets=[f"train.deepspeed_config={path}", *sets])
+    assert_one_line_error(rc, cap, str(path), *texts)
+
+
+def test_json_sequence_parallel_size_sets_sp(config, tmp_path, capsys, clean_env):
+    """sequence_parallel_size in the JSON is used (train.sequence_parallel=0 takes it;
+    equal values agree), and the groups still come from the trainer's mpu."""
+    path = tmp_path / "ds.json"
+    path.write_text('{"sequence_parallel_size": 2, "data_parallel_size": 2}')
+    for sets in ([], ["train.sequence_parallel=2"]):
+        rc, cap = dry_run(capsys, config, "--world-size", "4", out=tmp_path / "o",
+                          sets=[f"train.deepspeed_config={path}", *sets])
+        assert rc == 0, cap.err
+        assert "world 4 = dp 2 x sp 2" in cap.out, cap.out
+    from dist_sparse_attn.config import check_config, deepspeed_config, sequence_parallel_from_json
+    mcfg, tcfg = load_config(str(config), [f"train.deepspeed_config={path}"])
+    sequence_parallel_from_json(tcfg)
+    assert tcfg.sequence_parallel == 2
+    ds = deepspeed_config(tcfg, check_config(mcfg, tcfg, 4), False)
+    assert "sequence_parallel_size" not in ds and "data_parallel_size" not in ds
+
+
+def test_dry_run_without_world_size_does_not_check_the_json_batch(config, tmp_path, capsys,
+                                                                  clean_env):
+    """train_batch_size depends on the world size: a dry run that does not know it plans
+    with the preset's and says the JSON's is checked at launch."""
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": 16}')
+    rc, cap = dry_run(capsys, config, out=tmp_path / "o",
+                      sets=[f"train.deepspeed_config={path}", "train.sequence_parallel=1"])
+    assert rc == 0, cap.err
+    assert "train_batch_size is checked against it at launch" in cap.out, cap.out
+    rc, cap = dry_run(capsys, config, "--world-size", "8", out=tmp_path / "o",
+                      sets=[f"train.deepspeed_config={path}", "train.sequence_parallel=1"])
+    assert rc == 0 and "= 16 sequences" in cap.out, (cap.out, cap.err)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's command-line flags
+# ---------------------------------------------------------------------------------------------
+
+def test_deepspeed_flags_are_accepted(tmp_path, capsys, clean_env):
+    """--deepspeed_config names the JSON (DeepSpeed's convention) where the preset names
+    none; --deepspeed is accepted."""
+    preset = tmp_path / "p.toml"
+    preset.write_text(NO_JSON)
+    rc, cap = dry_run(capsys, preset, "--deepspeed", "--deepspeed_config",
+                      "configs/ds/zero3.json", out=tmp_path / "o")
+    assert rc == 0, cap.err
+    assert "DeepSpeed: ZeRO 3," in cap.out, cap.out
+
+
+def test_deepspeed_config_flag_conflicts(config, tmp_path, capsys, clean_env):
+    """The preset (SMALL names configs/ds/zero1.json) and the flag must name the same file;
+    the same file under another name is fine."""
+    rc, cap = dry_run(capsys, config, "--deepspeed_config", "configs/ds/zero3.json",
+                      out=tmp_path / "o")
+    assert_one_line_error(rc, cap, "--deepspeed_config configs/ds/zero3.json and "
+                          "train.deepspeed_config='configs/ds/zero1.json'", "give one of them")
+    rc, cap = dry_run(capsys, config, "--deepspeed_config", "configs/ds/zero1.json",
+                      out=tmp_path / "o")
+    assert rc == 0 and "ZeRO 1," in cap.out, cap.err
+    rc, cap = dry_run(capsys, config, "--deepspeed_config", "configs/ds/zero1.json",
+                      out=tmp_path / "o", sets=["train.deepspeed_config=configs/ds/zero2.json"])
+    assert_one_line_error(rc, cap, "(--set train.deepspeed_config=configs/ds/zero2.json)")
+    rc, cap = dry_run(capsys, config, "--deepspeed_config", "", out=tmp_path / "o")
+    assert_one_line_error(rc, cap, "--deepspeed_config must name a DeepSpeed JSON")
+
+
+def test_deepspeed_flags_match_add_config_arguments():
+    """Every option deepspeed.add_config_arguments declares is accepted, with the same
+    kind (flag or value)."""
+    import argparse
+    deepspeed = pytest.importorskip("deepspeed")
+    ours = {a.option_strings[0]: a.nargs for a in _parser_actions() if a.option_strings}
+    theirs = argparse.ArgumentParser()
+    deepspeed.add_config_arguments(theirs)
+    for action in theirs._actions:
+        if action.option_strings and action.option_strings[0] != "-h":
+            assert action.option_strings[0] in ours, action.option_strings
+            assert ours[action.option_strings[0]] == action.nargs, action.option_strings
+
+
+def _parser_actions():
+    """The entry point's argparse actions (parse_args builds the parser)."""
+    import argparse
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, argv=None, namespace=None):
+        seen.extend(self._actions)
+        return real(self, [], namespace)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        train.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen
+
+
+def test_missing_deepspeed_is_one_line(config, tmp_path, capsys, clean_env):
+    """Without DeepSpeed the entry point says what to install: exit 2, one line."""
+    clean_env.setitem(sys.modules, "deepspeed", None)
+    rc = train.main(["--config", str(config), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 2, cap
+    assert cap.err.splitlines() == ["[train] training needs DeepSpeed: pip install "
+                                    "'dist_sparse_attn[train]'"], cap.err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# presets by name, from any directory
+# ---------------------------------------------------------------------------------------------
+
+def test_preset_names_resolve_from_any_directory(tmp_path, capsys, clean_env):
+    """configs/... names the presets and DeepSpeed configs shipped inside the package, so
+    they work outside the repository (as from an installed wheel)."""
+    from dist_sparse_attn.config import PRESETS, find_file
+    clean_env.chdir(tmp_path)
+    assert find_file("configs/tiny.toml") == os.path.join(PRESETS, "tiny.toml")
+    assert os.path.isfile(os.path.join(PRESETS, "ds", "zero1.json"))
+    m, t = load_config("configs/tiny.toml")
+    assert t.deepspeed_config == "configs/ds/zero1.json"
+    rc, cap = dry_run(capsys, "configs/tiny.toml", out=tmp_path / "o")
+    assert rc == 0 and "ZeRO 1," in cap.out, cap.err
+    # a file of that name in the current directory comes first
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.toml").write_text(SMALL)
+    assert find_file("configs/tiny.toml") == "configs/tiny.toml"

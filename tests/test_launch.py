@@ -69,8 +69,8 @@ def config(tmp_path):
     return path
 
 
-def _run(cmd, env, timeout=TIMEOUT_S):
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _run(cmd, env, timeout=TIMEOUT_S, cwd=REPO):
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -221,3 +221,81 @@ def test_setup_offline_uses_only_the_given_wheels(tmp_path):
     assert calls == ["-m pip install -q torch==2.13.0"], calls
     text = open(os.path.join(REPO, "launch", "setup.sh")).read()
     assert "shared" not in text and "--find-links" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging: a wheel carries the presets and the dsa-train command
+# ---------------------------------------------------------------------------------------------
+
+def _setuptools_version() -> tuple:
+    try:
+        import setuptools
+    except ImportError:
+        return (0,)
+    return tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(_setuptools_version() < (77,), reason="pyproject.toml needs setuptools >= 77")
+def test_wheel_runs_presets_from_another_directory(tmp_path):
+    """Build a wheel of a copy of the repository (offline, no build isolation), install it
+    into a folder of its own, and run its dsa-train command from a directory that is not
+    the repository: ``--config configs/tiny.toml`` resolves to the preset inside the
+    installed package, which names its DeepSpeed config the same way."""
+    import zipfile
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
+    wheels = tmp_path / "wheels"
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(wheels), str(src)],
+                       capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (wheel,) = wheels.glob("dist_sparse_attn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in ("dist_sparse_attn/py.typed", "dist_sparse_attn/configs/tiny.toml",
+                 "dist_sparse_attn/configs/gpt2_small_128k_sp4.toml",
+                 "dist_sparse_attn/configs/ds/zero3.json", "dist_sparse_attn/trainer.py"):
+        assert name in names, sorted(names)
+    info = {n.split("/", 1)[1]: n for n in names if ".dist-info/" in n}
+    assert "licenses/LICENSE" in info, sorted(info)
+    meta = zipfile.ZipFile(wheel).read(info["METADATA"]).decode()
+    assert "License-Expression: Apache-2.0" in meta, meta[:2000]
+    extras = {l.split(":", 1)[1].strip() for l in meta.splitlines() if l.startswith("Provides-Extra:")}
+    assert {"train", "hf", "mpi", "bench", "test", "all"} <= extras, extras
+    assert "dsa-train = dist_sparse_attn.train:main" in \
+        zipfile.ZipFile(wheel).read(info["entry_points.txt"]).decode()
+
+    site = tmp_path / "site"
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                        "--target", str(site), str(wheel)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = _env()
+    env["PYTHONPATH"] = str(site)       # the wheel's package before the editable checkout
+    p = subprocess.run([sys.executable, "-c", "import dist_sparse_attn; print(dist_sparse_attn.__file__)"],
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=100)
+    assert p.stdout.strip().startswith(str(site)), (p.stdout, p.stderr)
+    rc, out, err = _run([str(site / "bin" / "dsa-train"), "--config", "configs/tiny.toml",
+                         "--dry-run", "--device", "cpu"], env, cwd=elsewhere)
+    assert rc == 0, err
+    assert "4 layers, 4 heads" in out and "DeepSpeed: ZeRO 1," in out, out
+    assert "dry run: configuration is valid" in out, out
+
+
+def test_pyproject_matches_the_tomllib_fallback():
+    """requires-python allows 3.10, so tomli is a dependency there (and only there); the
+    metadata lives in pyproject.toml alone."""
+    try:
+        import tomllib
+    except ImportError:
+        tomllib = pytest.importorskip("tomli")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["requires-python"].strip() == ">=3.10"
+    reqs = project["dependencies"]
+    assert any(r.replace(" ", "") == 'tomli>=1.1;python_version<"3.11"' for r in reqs), reqs
+    assert not os.path.exists(os.path.join(REPO, "setup.cfg"))
+    assert project["scripts"]["dsa-train"] == "dist_sparse_attn.train:main"

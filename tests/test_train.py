@@ -435,7 +435,7 @@ def test_step_statistics_in_summary(attention_runs):
 
 def test_gc_clock_times_collections():
     import gc
-    from dist_sparse_attn.train import _GcClock
+    from dist_sparse_attn.metrics import GcClock as _GcClock
     clock = _GcClock()
     gc.callbacks.append(clock)
     try:
