@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_sparse_attn.distributed import free_port
 
 
 def init_process_group(cuda: bool, timeout_s: float, threads: int = 1):

@@ -74,10 +74,11 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from dist_sparse_attn.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,12 +177,6 @@ def atomic_json(path: str, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sh(cmd, timeout=10):

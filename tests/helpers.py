@@ -5,6 +5,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from dist_sparse_attn.distributed import free_port  # noqa: F401 - the test files import it from here
+
 
 def rand_qkv(B, Nq, Nk, H, Hkv, D, dtype=torch.float32, device="cpu", requires_grad=False):
     """Random q (B, Nq, H, D), k and v (B, Nk, Hkv, D) from randn (never zeros).
@@ -94,12 +96,6 @@ def grads(fn: Callable, inputs: Sequence[torch.Tensor], do, *, return_out: bool 
 # multi-process tests
 # ---------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0)."""
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(target, world, outdir, names, timeout_s, extra_args=()):

@@ -126,3 +126,37 @@ def test_eval_retrieval_runs():
     assert eval_retrieval(Oracle(), n_samples=20, seq_len=128, batch_size=8, generator=gen) == 1.0
     acc = eval_retrieval(Constant(), n_samples=200, seq_len=64, batch_size=64, generator=gen)
     assert 0.0 < acc < 0.3    # chance is 1/10
+
+
+def test_eval_retrieval_sequence_parallel_shards():
+    """shard=(rank, world): each rank runs its contiguous shard of the same sequences with
+    their global positions (and the extra forward arguments); the last rank returns the
+    accuracy of the whole-sequence run, the others None."""
+    calls = []
+
+    class LastToken(torch.nn.Module):
+        """Predicts the digit (last token - ord('A')) % 10: depends on the last position only."""
+        def forward(self, x, positions=None, tag=None):
+            calls.append((x.clone(), positions, tag))
+            logits = torch.zeros(*x.shape, 256)
+            logits[:, -1, ord("0") + (x[:, -1] - ord("A")) % 10] = 1.0
+            return logits, None
+
+    model = LastToken()
+    n, L, world = 13, 61, 3
+    whole = eval_retrieval(model, n_samples=n, seq_len=L, batch_size=5,
+                           generator=torch.Generator().manual_seed(4))
+    full = [c[0] for c in calls]
+    assert [c[1] for c in calls] == [None] * 3 and 0.0 <= whole <= 1.0
+    for rank in range(world):
+        calls.clear()
+        acc = eval_retrieval(model, n_samples=n, seq_len=L, batch_size=5,
+                             generator=torch.Generator().manual_seed(4), shard=(rank, world),
+                             forward_kwargs={"tag": "sp"})
+        lo, hi = shard_bounds(L, rank, world)
+        assert len(calls) == 3
+        for (x, pos, tag), ref in zip(calls, full):
+            assert torch.equal(x, ref[:, lo:hi]) and tag == "sp"
+            assert pos.tolist() == list(range(lo, hi))
+        assert acc == (whole if rank == world - 1 else None), (rank, acc, whole)
+    assert model.training       # eval() is undone

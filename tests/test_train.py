@@ -344,12 +344,12 @@ def test_mpirun_sp2_equals_single_process(work, config, single):
 @needs_mpirun
 @pytest.mark.timeout(120)
 def test_mpirun_honours_master_port(work):
-    """A 1-rank MPI job through train.init_distributed: the rendezvous port is the
+    """A 1-rank MPI job through distributed.init_distributed: the rendezvous port is the
     MASTER_PORT the user exported (as under torchrun and the deepspeed launcher), not
     DeepSpeed's MPI-discovery default 29500 (two MPI jobs on one host would collide)."""
     port = free_port()
     code = ("import os, torch.distributed as dist; "
-            "from dist_sparse_attn.train import init_distributed; "
+            "from dist_sparse_attn.distributed import init_distributed; "
             "init_distributed(False, 1.0); print('MASTER_PORT', os.environ['MASTER_PORT']); "
             "dist.destroy_process_group()")
     out = work / "mpi_port"
@@ -397,11 +397,21 @@ ATTENTIONS = ("dense", "hash", "qk")
 SHORT = 10
 
 
+PEAK_TFLOPS = 0.5          # train.peak_tflops of the attention runs: MFU on the CPU
+
+
 @pytest.fixture(scope="module")
 def attention_runs(work, config):
-    # train.profile on: one step runs under torch.profiler (test_profile_written)
+    # train.profile on: one step runs under torch.profiler (test_profile_written);
+    # train.peak_tflops set: the progress line and metrics carry an MFU (test_mfu_*);
+    # the dense run's DeepSpeed JSON enables the CSV monitor (test_csv_monitor_*)
+    csv_json = work / "zero1_csv.json"
+    csv_json.write_text(json.dumps({"zero_optimization": {"stage": 1},
+                                    "csv_monitor": {"enabled": True, "job_name": "csv"}}))
     return {a: run_job("python", work / f"attn_{a}", config, "--set", f"model.attention={a}",
                        "--set", f"train.steps={SHORT}", "--set", "train.profile=true",
+                       "--set", f"train.peak_tflops={PEAK_TFLOPS}",
+                       *(["--set", f"train.deepspeed_config={csv_json}"] if a == "dense" else []),
                        nproc=1).check()
             for a in ATTENTIONS}
 
@@ -455,6 +465,131 @@ def test_attentions_differ(attention_runs):
               for a, j in attention_runs.items()}
     assert curves["dense"] != curves["hash"] and curves["dense"] != curves["qk"] \
         and curves["hash"] != curves["qk"], curves
+
+
+def _attention_flops_per_token(attention, n_layer=2, n_head=4, head_dim=16, n=256, nb=4,
+                               keep=0.5) -> float:
+    """Forward + backward attention FLOPs per token of the test preset, written out:
+    dense causal = 4 * N^2/2 * D * H per layer forward (QK^T and PV), x3 with backward."""
+    dense = 3 * 4 * (n * n / 2) * head_dim * n_head * n_layer / n
+    return {"dense": dense, "hash": dense / nb, "qk": dense * keep ** 2}[attention]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_mfu_in_metrics_and_progress_line(attention_runs, attention):
+    """MFU = tokens/s * (6 * params + attention FLOPs per token) / (peak * world), in
+    every metrics record, the progress line and the summary; no memory on the CPU."""
+    job = attention_runs[attention]
+    s = job.summary()
+    per_token = 6 * s["n_params"] + _attention_flops_per_token(attention)
+    assert s["flops_per_token"] == pytest.approx(per_token, rel=1e-12), s
+    records = [r for r in job.metrics() if "loss" in r]
+    assert records
+    for r in records:
+        want = r["tokens_per_s"] * per_token / (PEAK_TFLOPS * 1e12)
+        assert r["mfu"] == pytest.approx(want, rel=1e-9), r
+        assert "mem_gib" not in r and "peak_mem_gib" not in r, r
+    assert s["mfu"] == pytest.approx(s["tokens_per_s"] * per_token / (PEAK_TFLOPS * 1e12),
+                                     rel=1e-9), s
+    lines = [l for l in job.log.splitlines() if l.startswith("[train] step ") and "/" in l.split()[2]]
+    assert lines and all("| MFU " in l and "% |" in l and "mem " not in l for l in lines), lines
+    assert f"MFU against {PEAK_TFLOPS:g} TFLOP/s per device" in job.log, job.tail()
+
+
+@pytest.mark.timeout(600)
+def test_csv_monitor_gets_the_metrics(attention_runs):
+    """The DeepSpeed JSON's csv_monitor (no output_path: train.out_dir) receives what
+    metrics.jsonl records, by step, beside DeepSpeed's own events."""
+    import csv
+    job = attention_runs["dense"]
+    folder = Path(job.out, "csv")
+    assert folder.is_dir(), sorted(os.listdir(job.out))
+
+    def column(name):
+        with open(folder / f"{name}.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0][0] == "step", rows[:2]
+        return {int(step): float(v) for step, v in rows[1:]}
+
+    records = job.metrics()
+    train = {r["step"]: r for r in records if "loss" in r}
+    assert column("Train_loss") == pytest.approx({k: r["loss"] for k, r in train.items()})
+    assert column("Train_mfu") == pytest.approx({k: r["mfu"] for k, r in train.items()})
+    assert column("Train_lr") == pytest.approx({k: r["lr"] for k, r in train.items()})
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert evals and column("Eval_loss") == pytest.approx(evals)
+    assert (folder / "Train_Samples_lr.csv").exists()      # DeepSpeed's own
+    assert not Path(job.out.replace("dense", "hash"), "csv").exists()
+
+
+def test_peak_flops_table():
+    from dist_sparse_attn.metrics import peak_tflops
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == peak_tflops("NVIDIA A100 80GB PCIe") == 312.0
+    for unknown in ("NVIDIA GeForce RTX 4090", "NVIDIA A10G", "cpu", "", None):
+        assert peak_tflops(unknown) is None, unknown
+
+
+def test_attention_flops_estimates():
+    """The attention FLOPs against the written-out counts: causal pairs N^2/2 per head,
+    1/nb of them hashed, windows of w for block-local heads, r^2 kept by qk, none for
+    "none"; and MFU without a peak is None."""
+    from dist_sparse_attn.metrics import attention_pairs, flops_per_token, mfu
+    from dist_sparse_attn.model import GPTConfig
+    n = 1000
+    dense = GPTConfig(n_layer=3, n_head=8, n_kv_head=4, n_embd=256, attention="dense")
+    assert attention_pairs(dense, n) == 8 * n * n / 2
+    assert flops_per_token(dense, 10 ** 6, n) == 6e6 + 3 * 4 * 32 * 8 * (n * n / 2) * 3 / n
+    hashed = GPTConfig(n_layer=3, n_head=8, n_kv_head=4, n_embd=256, attention="hash",
+                       n_buckets=10, local_heads=1, local_window=300)
+    # 1 of 4 kv heads local: 2 of 8 query heads, windows 300, 300, 300, 100
+    assert attention_pairs(hashed, n) == pytest.approx(
+        6 * n * n / 2 / 10 + 2 * (3 * 300 ** 2 / 2 + 100 ** 2 / 2))
+    qk = GPTConfig(n_head=8, n_embd=256, attention="qk", qk_keep_rate=0.3)
+    assert attention_pairs(qk, n) == pytest.approx(8 * n * n / 2 * 0.09)
+    assert attention_pairs(GPTConfig(attention="none"), n) == 0
+    assert mfu(1e5, 1e9, None, 4) is None
+    assert mfu(1e5, 1e9, 100.0, 4) == pytest.approx(1e14 / 4e14)
+
+
+def test_progress_line_shows_memory_on_cuda():
+    """The progress line: loss, tokens/s, MFU where known, allocated memory where known
+    (CUDA), step time, ETA last."""
+    from types import SimpleNamespace
+    from dist_sparse_attn.trainer import Trainer
+    me = SimpleNamespace(step=50, tcfg=SimpleNamespace(steps=100))
+    rec = {"loss_avg": 2.5, "tokens_per_s": 123456.0, "mfu": 0.4123, "mem_gib": 3.1,
+           "peak_mem_gib": 5.25}
+    line = Trainer._progress(me, rec, True, 0.25)
+    assert line == ("[train] step     50/100 [############............] loss 2.5000 | "
+                    "123.5k tok/s | MFU 41.2% | mem 3.10 GiB (peak 5.25) | 250 ms/step | "
+                    "ETA 0:00:12"), line
+    line = Trainer._progress(me, {"loss_avg": 2.5, "tokens_per_s": 10.0}, False, 0.25)
+    assert "MFU" not in line and "mem" not in line and line.endswith("| ETA --"), line
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_json_optimizer_trains_like_torch_adamw(work, config, attention_runs):
+    """An "optimizer" in the DeepSpeed JSON is built by DeepSpeed (here torch's AdamW,
+    "torch_adam": true) over the model's weight-decay groups, with [train]'s lr, betas and
+    weight decay filled in and the trainer's schedule: the same losses as the trainer's
+    own AdamW (the hash run of attention_runs)."""
+    ds_json = work / "zero1_optimizer.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1},
+                                   "optimizer": {"type": "AdamW",
+                                                 "params": {"torch_adam": True}}}))
+    job = run_job("python", work / "ds_optimizer", config, "--set", "model.attention=hash",
+                  "--set", f"train.steps={SHORT}",
+                  "--set", f"train.deepspeed_config={ds_json}", nproc=1).check()
+    assert "optimizer: AdamW built by DeepSpeed" in job.log, job.tail()
+    with open(os.path.join(job.out, "config.json")) as f:
+        params = json.load(f)["deepspeed"]["optimizer"]["params"]
+    assert params == {"torch_adam": True, "lr": 3e-3, "betas": [0.9, 0.95],
+                      "weight_decay": 0.1}, params
+    assert_same_losses(job, attention_runs["hash"], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
