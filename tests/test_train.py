@@ -237,9 +237,11 @@ def single(work, config):
 
 @pytest.fixture(scope="module")
 def ds_run(work, config):
-    """2 ranks through the deepspeed launcher (sp=2), checkpoints every 10 steps."""
+    """2 ranks through the deepspeed launcher (sp=2), checkpoints every 10 steps, with
+    DeepSpeed's own flags (the JSON the preset names too)."""
     return run_job("deepspeed", work / "deepspeed", config,
-                   "--set", "train.checkpoint_interval=10").check()
+                   "--set", "train.checkpoint_interval=10",
+                   "--deepspeed", "--deepspeed_config", "configs/ds/zero1.json").check()
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +276,7 @@ def test_deepspeed_launcher_trains(ds_run, single):
     with open(os.path.join(ds_run.out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["world"] == 2 and cfg["deepspeed"]["train_batch_size"] == 2, cfg["deepspeed"]
+    assert cfg["train"]["deepspeed_config"] == "configs/ds/zero1.json", cfg["train"]
     ckpt = os.path.join(ds_run.out, "checkpoints")
     tags = sorted(d for d in os.listdir(ckpt) if d.startswith("step"))
     assert tags == ["step0000010", "step0000020", "step0000030"], tags
