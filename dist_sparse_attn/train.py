@@ -44,14 +44,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import model as _model
 from .checkpoint import checkpoint_layout, resolve_checkpoint
 from .config import (ConfigError, TrainConfig, check_compile, check_config, check_out_dir,
                      deepspeed_config, find_file, load_config, sequence_parallel_from_json)
 from .data import load_data
 from .distributed import agree, init_distributed, launch_rank, launch_world, peer_failure
 from .model import GPTConfig
-from .trainer import Trainer
+from .trainer import Trainer, describe_run
 
 NEEDS_DEEPSPEED = "training needs DeepSpeed: pip install 'dist_sparse_attn[train]'"
 
@@ -133,53 +132,6 @@ def _layout(mcfg, tcfg, world: int, sp_json: str | None) -> dict:
         raise
 
 
-def _plan_text(mcfg, tcfg, layout, ds, world, cuda, trainer=None) -> str:
-    sp, dp = layout["sp"], layout["dp"]
-    n_params = trainer.n_params if trainer else None
-    opt = ds.get("optimizer")
-    lines = [
-        f"world {world} = dp {dp} x sp {sp} ({'NCCL, CUDA' if cuda else 'gloo, CPU'}); "
-        f"sp strategy {tcfg.sp_strategy!r}",
-        f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads ({mcfg.n_kv_head} kv), d={mcfg.n_embd}, "
-        f"attention {mcfg.attention!r}"
-        + (f" ({mcfg.n_buckets} buckets)" if mcfg.attention == "hash" else "")
-        + (f", {mcfg.local_heads} block-local kv heads (window {mcfg.local_window})"
-           if mcfg.local_heads else "")
-        + (f" (keep {mcfg.qk_keep_rate:.0%})" if mcfg.attention == "qk" else "")
-        + (f", {n_params / 1e6:.2f}M params" if n_params else ""),
-        f"batch: {tcfg.micro_batch} x {tcfg.grad_accum} accum x {dp} dp = {ds['train_batch_size']} "
-        f"sequences of {tcfg.seq_len} tokens = {ds['train_batch_size'] * tcfg.seq_len} tokens/step; "
-        f"{tcfg.seq_len // sp}-{-(-tcfg.seq_len // sp)} tokens per rank",
-        f"DeepSpeed: ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
-        f"bf16 {ds['bf16']['enabled']}, {tcfg.steps} steps, out {tcfg.out_dir}",
-        f"optimizer: {opt['type'] + ' built by DeepSpeed' if opt else 'torch AdamW'} (lr "
-        f"{tcfg.lr:g} -> {tcfg.min_lr:g}, warmup {tcfg.warmup}, betas {tuple(tcfg.betas)}, "
-        f"weight decay {tcfg.weight_decay:g}); gradient clipping {ds['gradient_clipping']:g}"
-        + (" (0: off)" if not ds["gradient_clipping"] else ""),
-        "retrieval eval: " + (f"{tcfg.retrieval_samples} sequences of {tcfg.retrieval_len} tokens "
-                              f"at the end (train.retrieval_mix {tcfg.retrieval_mix:g})"
-                              if tcfg.retrieval_evaluated else
-                              "off (train.retrieval_mix = 0: the model is not trained on it)"
-                              if tcfg.retrieval_mix == 0 else "off (train.retrieval_samples = 0)"),
-    ]
-    if trainer is not None:
-        lines.append(f"model FLOPs: {trainer.flops_per_token / 1e6:.2f} MFLOP/token; MFU "
-                     + (f"against {trainer.peak_tflops:g} TFLOP/s per device"
-                        if trainer.peak_tflops else
-                        f"not shown (no peak FLOP/s known for {trainer.device_name}: set "
-                        "train.peak_tflops)"))
-    if mcfg.compile == "blocks":
-        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
-                     f"shapes): each block's ln_1+qkv+RoPE and out-proj+residual+ln_2+MLP, "
-                     f"2 graphs shared by the {mcfg.n_layer} blocks; attention, embedding, "
-                     f"ln_f, head and loss stay eager")
-    if mcfg.compile == "model":
-        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
-                     f"shapes): the whole forward as one graph, attention as the library's "
-                     f"custom ops")
-    return "\n".join("[train] " + s for s in lines)
-
-
 def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank0: bool) -> int:
     """Every check of a real start that needs no process group (configuration, world size,
     DeepSpeed JSON, data, output directory, the checkpoint to resume), then the plan."""
@@ -199,7 +151,7 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
                                      expect)
     if not rank0:
         return 0
-    print(_plan_text(mcfg, tcfg, layout, ds, world, cuda), flush=True)
+    print(describe_run(mcfg, tcfg, layout, ds, world, cuda), flush=True)
     if not known:
         rule = (f"train.sequence_parallel={tcfg.sequence_parallel} needs a world size that "
                 f"is a multiple of {tcfg.sequence_parallel}" if tcfg.sequence_parallel else
@@ -264,7 +216,7 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
               if rank0 else None, error=ConfigError)
         trainer = Trainer(mcfg, tcfg, layout, ds, cuda, tag, data)
         if rank0:
-            print(_plan_text(mcfg, tcfg, layout, ds, world, cuda, trainer), flush=True)
+            print(describe_run(mcfg, tcfg, layout, ds, world, cuda, trainer), flush=True)
         trainer.run()
     except ConfigError as e:
         if rank0:

@@ -35,6 +35,7 @@ from .data import (TokenData, eval_retrieval, load_data, seeded_generator, shard
 from .integrations.ds_groups import SequenceParallelMPU
 from .metrics import (GcClock, MetricsWriter, flops_per_token, fmt_rate, fmt_time, memory_gib,
                       mfu, peak_tflops, plot_history)
+from . import model as _model
 from .model import GPT, GPTConfig
 
 
@@ -53,6 +54,57 @@ def build_model(mcfg: GPTConfig, sp: int = 1):
         from .integrations.transformers import build_from_config
         return build_from_config(mcfg, sequence_parallel=sp > 1)
     return GPT(mcfg)
+
+
+def describe_run(mcfg: GPTConfig, tcfg: TrainConfig, layout: dict, ds: dict, world: int,
+                 cuda: bool, trainer: "Trainer | None" = None) -> str:
+    """The plan of a run as ``[train] ...`` lines: layout, model, batch, DeepSpeed,
+    optimizer, evaluation, compilation; with ``trainer``, also the parameter count and
+    the FLOPs behind the MFU."""
+    sp, dp = layout["sp"], layout["dp"]
+    n_params = trainer.n_params if trainer else None
+    opt = ds.get("optimizer")
+    lines = [
+        f"world {world} = dp {dp} x sp {sp} ({'NCCL, CUDA' if cuda else 'gloo, CPU'}); "
+        f"sp strategy {tcfg.sp_strategy!r}",
+        f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads ({mcfg.n_kv_head} kv), d={mcfg.n_embd}, "
+        f"attention {mcfg.attention!r}"
+        + (f" ({mcfg.n_buckets} buckets)" if mcfg.attention == "hash" else "")
+        + (f", {mcfg.local_heads} block-local kv heads (window {mcfg.local_window})"
+           if mcfg.local_heads else "")
+        + (f" (keep {mcfg.qk_keep_rate:.0%})" if mcfg.attention == "qk" else "")
+        + (f", {n_params / 1e6:.2f}M params" if n_params else ""),
+        f"batch: {tcfg.micro_batch} x {tcfg.grad_accum} accum x {dp} dp = {ds['train_batch_size']} "
+        f"sequences of {tcfg.seq_len} tokens = {ds['train_batch_size'] * tcfg.seq_len} tokens/step; "
+        f"{tcfg.seq_len // sp}-{-(-tcfg.seq_len // sp)} tokens per rank",
+        f"DeepSpeed: ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
+        f"bf16 {ds['bf16']['enabled']}, {tcfg.steps} steps, out {tcfg.out_dir}",
+        f"optimizer: {opt['type'] + ' built by DeepSpeed' if opt else 'torch AdamW'} (lr "
+        f"{tcfg.lr:g} -> {tcfg.min_lr:g}, warmup {tcfg.warmup}, betas {tuple(tcfg.betas)}, "
+        f"weight decay {tcfg.weight_decay:g}); gradient clipping {ds['gradient_clipping']:g}"
+        + (" (0: off)" if not ds["gradient_clipping"] else ""),
+        "retrieval eval: " + (f"{tcfg.retrieval_samples} sequences of {tcfg.retrieval_len} tokens "
+                              f"at the end (train.retrieval_mix {tcfg.retrieval_mix:g})"
+                              if tcfg.retrieval_evaluated else
+                              "off (train.retrieval_mix = 0: the model is not trained on it)"
+                              if tcfg.retrieval_mix == 0 else "off (train.retrieval_samples = 0)"),
+    ]
+    if trainer is not None:
+        lines.append(f"model FLOPs: {trainer.flops_per_token / 1e6:.2f} MFLOP/token; MFU "
+                     + (f"against {trainer.peak_tflops:g} TFLOP/s per device"
+                        if trainer.peak_tflops else
+                        f"not shown (no peak FLOP/s known for {trainer.device_name}: set "
+                        "train.peak_tflops)"))
+    if mcfg.compile == "blocks":
+        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
+                     f"shapes): each block's ln_1+qkv+RoPE and out-proj+residual+ln_2+MLP, "
+                     f"2 graphs shared by the {mcfg.n_layer} blocks; attention, embedding, "
+                     f"ln_f, head and loss stay eager")
+    if mcfg.compile == "model":
+        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
+                     f"shapes): the whole forward as one graph, attention as the library's "
+                     f"custom ops")
+    return "\n".join("[train] " + s for s in lines)
 
 
 class Trainer:
@@ -348,4 +400,4 @@ class Trainer:
         return summary
 
 
-__all__ = ["Trainer", "build_model", "lr_at"]
+__all__ = ["Trainer", "build_model", "lr_at", "describe_run"]
