@@ -109,8 +109,8 @@ class TrainConfig:
     """Steps left out of the step-time statistics and the ETA (compilation, allocator warmup)."""
     peak_tflops: float = setting(0.0, ge=0.0)
     """Peak dense bf16 TFLOP/s of one device, for the MFU in the progress line and
-    summary; 0 = by device name (H100, H200, A100: :data:`dist_sparse_attn.metrics.PEAK_BF16_TFLOPS`),
-    and no MFU on other devices."""
+    summary; 0 = by device name (H100, H200, A100:
+    :data:`dist_sparse_attn.metrics.PEAK_BF16_TFLOPS`), and no MFU on other devices."""
     profile: bool = setting(False)
     """Profile one step after the excluded warmup steps (torch.profiler) and write the
     top operators by device time, then by allocated memory, and the step's peak memory

@@ -261,7 +261,8 @@ def test_wheel_runs_presets_from_another_directory(tmp_path):
     assert "licenses/LICENSE" in info, sorted(info)
     meta = zipfile.ZipFile(wheel).read(info["METADATA"]).decode()
     assert "License-Expression: Apache-2.0" in meta, meta[:2000]
-    extras = {l.split(":", 1)[1].strip() for l in meta.splitlines() if l.startswith("Provides-Extra:")}
+    extras = {line.split(":", 1)[1].strip() for line in meta.splitlines()
+              if line.startswith("Provides-Extra:")}
     assert {"train", "hf", "mpi", "bench", "test", "all"} <= extras, extras
     assert "dsa-train = dist_sparse_attn.train:main" in \
         zipfile.ZipFile(wheel).read(info["entry_points.txt"]).decode()
@@ -275,7 +276,8 @@ def test_wheel_runs_presets_from_another_directory(tmp_path):
     elsewhere.mkdir()
     env = _env()
     env["PYTHONPATH"] = str(site)       # the wheel's package before the editable checkout
-    p = subprocess.run([sys.executable, "-c", "import dist_sparse_attn; print(dist_sparse_attn.__file__)"],
+    p = subprocess.run([sys.executable, "-c",
+                        "import dist_sparse_attn; print(dist_sparse_attn.__file__)"],
                        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=100)
     assert p.stdout.strip().startswith(str(site)), (p.stdout, p.stderr)
     rc, out, err = _run([str(site / "bin" / "dsa-train"), "--config", "configs/tiny.toml",

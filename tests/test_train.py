@@ -495,8 +495,10 @@ def test_mfu_in_metrics_and_progress_line(attention_runs, attention):
         assert "mem_gib" not in r and "peak_mem_gib" not in r, r
     assert s["mfu"] == pytest.approx(s["tokens_per_s"] * per_token / (PEAK_TFLOPS * 1e12),
                                      rel=1e-9), s
-    lines = [l for l in job.log.splitlines() if l.startswith("[train] step ") and "/" in l.split()[2]]
-    assert lines and all("| MFU " in l and "% |" in l and "mem " not in l for l in lines), lines
+    lines = [line for line in job.log.splitlines()
+             if line.startswith("[train] step ") and "/" in line.split()[2]]
+    assert lines and all("| MFU " in line and "% |" in line and "mem " not in line
+                         for line in lines), lines
     assert f"MFU against {PEAK_TFLOPS:g} TFLOP/s per device" in job.log, job.tail()
 
 
