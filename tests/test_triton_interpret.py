@@ -230,13 +230,20 @@ from dist_sparse_attn.kernels import triton_hash as th
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 if not os.path.exists(tool):
     sys.exit(77)
-for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64), (2 ** 30 - 2, 16)]:
+cases = [(nb, D, False) for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64),
+                                        (2 ** 30 - 2, 16)]]
+cases += [(nb, D, True) for nb, D in [(16, 64), (2048, 64), (8192, 64), (2048, 128),
+                                       (6000, 128), (2 ** 30 - 2, 16)]]
+for nb, D, split in cases:
     s = lsh_scheme(nb)
-    cons = dict(D=D, C=s.n_columns, BLOCK_D=min(th._MAX_BLOCK_D, triton.next_power_of_2(D)),
-                BLOCK_N=th._BLOCK_N, MERGE_BITS=max(0, s.merge.bit_length() - 1),
-                WRITE_KEY=True, **th._factor_args(s))
+    block_d = max(16, triton.next_power_of_2(D)) if split else \
+        min(th._MAX_BLOCK_D, triton.next_power_of_2(D))
+    cons = dict(D=D, C=s.n_columns, BLOCK_D=block_d,
+                BLOCK_N=th._BLOCK_N_SPLIT if split else th._BLOCK_N,
+                MERGE_BITS=max(0, s.merge.bit_length() - 1),
+                WRITE_KEY=True, SPLIT=split, **th._factor_args(s))
     names = th._lsh_kernel.arg_names
-    types = dict(X="*bf16", R="*fp32", OUT="*i64")
+    types = dict(X="*bf16", R="*bf16" if split else "*fp32", OUT="*i64")
     sig = {n: "constexpr" if n in cons else types.get(n, "i32") for n in names}
     k = triton.compile(ASTSource(th._lsh_kernel, sig, {(names.index(n),): v
                                                        for n, v in cons.items()}),
@@ -248,8 +255,8 @@ for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64), (2 ** 30 - 2, 16)
                            text=True, check=True).stdout
     os.unlink(f.name)
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    print(nb, D, usage.strip().splitlines()[-1])
-    assert stack == 0, (nb, D, usage)
+    print(nb, D, split, usage.strip().splitlines()[-1])
+    assert stack == 0, (nb, D, split, usage)
 """
 
 
@@ -258,7 +265,8 @@ def test_fused_lsh_kernel_compiles_for_sm90_without_spills(tmp_path):
     """The fused hashing kernel compiles for an H100/H200 (sm_90, no GPU needed) and
     ptxas spills no registers, for the classic scheme at D = 128 (where a whole-D
     dot spilled and ran ~20x slower than PyTorch), 2 and 3 factors up to D = 256,
-    and the 6-factor merged scheme."""
+    and the 6-factor merged scheme; and the tensor-core path for bfloat16 rows (split
+    rotations) up to D = 128."""
     import subprocess
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
