@@ -404,6 +404,41 @@ def test_local_heads_buckets_and_semantics():
     assert torch.isfinite(a).all() and not torch.allclose(a, dense(idx)[0], atol=1e-4)
 
 
+def test_layering_model_on_modules():
+    """The model is built on the modules and imports no framework: importing and running
+    it (every attention) imports neither DeepSpeed nor transformers, and the modules and
+    the integrations import no model."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "import dist_sparse_attn.integrations, dist_sparse_attn.modules\n"
+            "import dist_sparse_attn.integrations.transformers\n"
+            "assert 'dist_sparse_attn.model' not in sys.modules, 'modules/integrations import model'\n"
+            "from dist_sparse_attn.model import GPT, GPTConfig, parallelize\n"
+            "for a in ('dense', 'hash', 'qk', 'none'):\n"
+            "    m = parallelize(GPT(GPTConfig(attention=a, n_layer=1, n_embd=16, n_head=2)), None)\n"
+            "    m(torch.randint(0, 256, (1, 9)))\n"
+            "bad = [m for m in ('deepspeed', 'transformers') if m in sys.modules]\n"
+            "assert not bad, f'imported {bad}'\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_parallelize_arguments():
+    """parallelize: a no-op without a group, ValueError for a bad strategy or group."""
+    model = GPT(GPTConfig(attention="hash", **TINY))
+    before = [b.attn.core_attn for b in model.transformer.h]
+    assert parallelize(model, None) is model
+    assert [b.attn.core_attn for b in model.transformer.h] == before
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        parallelize(model, None, "ring")
+    with pytest.raises(ValueError, match="group must be None or a torch.distributed"):
+        parallelize(model, "world")
+
+
 @pytest.mark.parametrize("attention,steps,batch,margin",
                          [("dense", 30, 8, 1.5), ("hash", 12, 4, 1.0), ("qk", 12, 4, 1.0)])
 def test_training_loss_falls_on_stdlib_corpus(attention, steps, batch, margin):
