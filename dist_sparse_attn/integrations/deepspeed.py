@@ -271,6 +271,9 @@ class UlyssesLocalSparseAttention(nn.Module):
                  include_self=True, softmax_scale=None, backend="auto"):
         super().__init__()
         _check_group("group", group)
+        if mode == "none":
+            raise ValueError("mode='none' exchanges nothing: use SparseAttention('none') "
+                             "without DistributedAttention")
         kw = dict(causal=causal, include_self=include_self, softmax_scale=softmax_scale,
                   backend=backend)
         attn = SparseAttention(mode, n_buckets, seed=seed, **kw)    # validates the arguments
