@@ -508,6 +508,11 @@ def _sp_case(name, rank, world):
     # this rank's shard, through the process group
     x, pos = shard_sequence(idx, rank, world)
     y, _ = shard_sequence(tgt, rank, world)
+    if name == "dense_bucket":      # a group of one rank leaves the model as it is
+        singles = [dist.new_group([r]) for r in range(world)]     # (every rank makes each)
+        ops = [b.attn.core_attn for b in model.transformer.h]
+        assert parallelize(model, singles[rank], strategy) is model
+        assert [b.attn.core_attn for b in model.transformer.h] == ops
     assert parallelize(model, dist.group.WORLD, strategy) is model
     logits, loss = model(x, y, positions=pos if explicit else None)
     if rank == 1:   # local positions instead of global ones: RoPE disagrees with rank 0's keys
