@@ -406,7 +406,7 @@ class GPT(nn.Module):
                 the rotation and the position rules.
 
         Returns:
-            logits (B, N, vocab_size) float (None with ``loss_chunk`` and targets), and
+            logits (B, N, vocab_size) float (None when ``loss_chunk`` chunks the loss), and
             loss: the mean cross-entropy over this call's tokens (None without targets).
             Under sequence parallelism this is the LOCAL mean; the caller averages it
             across ranks (weighted by shard length when shards differ) -- gradients flow
