@@ -1,4 +1,6 @@
-"""Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids.
+"""Bucketing: angular LSH bucket ids, block-local buckets (:func:`local_buckets`), the
+position keep rule of QK-sparse attention (:func:`position_keep`) and keep-masks as
+bucket ids.
 
 Two LSH schemes, chosen by ``n_buckets`` alone, so every rank and device agrees:
 
@@ -393,3 +395,57 @@ def merge_fine_buckets(fine, n_buckets: int, m: int):
 def keep_to_buckets(keep: torch.Tensor) -> torch.Tensor:
     """QK-sparse keep-mask (bool) -> bucket ids: kept tokens 0, dropped -1."""
     return torch.where(keep, 0, -1).to(torch.int64)
+
+
+def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: float,
+                  seed: int, salt: int) -> torch.Tensor:
+    """QK-sparse keep rule by position: a token is kept for a head iff a hash of its
+    GLOBAL position, the head, ``seed`` and ``salt`` (one for queries, another for keys)
+    falls below ``keep_rate``; the token at position 0 is always kept, so every kept
+    query has a key. The rule is causal and data independent (a token's fate never
+    depends on other tokens, so no information leaks from the future) and local
+    (sequence-parallel shards need only their global positions). The hash is Knuth's
+    multiplicative one, whose fractions of consecutive positions are evenly spread:
+    every window of L tokens keeps ``keep_rate * L`` of them up to a token or two.
+
+    positions (n,) or (B, n) integer -> keep (batch, n, heads) bool.
+    """
+    pos = positions.long()
+    pos = (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)             # (B, n)
+    head = torch.arange(heads, device=pos.device)                              # (heads,)
+    mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
+             + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
+    return (mixed.double() / 2 ** 32 < keep_rate) | (pos == 0)[..., None]
+
+
+def local_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, positions: torch.Tensor,
+                  local_heads: int, window: int, *, n_kv_heads: int | None = None,
+                  kv_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-local heads: the last ``local_heads`` kv heads of the model (and the query
+    heads that read them) take the bucket ``position // window`` instead of the given
+    one, so they attend causally within aligned windows of ``window`` tokens.
+
+    Args:
+        q_buckets: (B, n, h) integer; query head i reads kv head i // (h // hkv).
+        k_buckets: (B, n, hkv) integer.
+        positions: (n,) or (B, n) non-negative integer positions of the tokens.
+        local_heads: how many of the model's kv heads are local (the last ones).
+        window: tokens per window (>= 1).
+        n_kv_heads: the model's kv heads (default hkv: the call holds all of them).
+        kv_index: (hkv,) the model's index of each kv head of the call (default
+            ``arange(hkv)``), for callers holding a subset of the heads.
+
+    Returns (q_buckets, k_buckets) int64, new tensors.
+    """
+    B, hkv = k_buckets.shape[0], k_buckets.shape[2]
+    h = q_buckets.shape[2]
+    dev = k_buckets.device
+    if kv_index is None:
+        kv_index = torch.arange(hkv, device=dev)
+    n_kv_heads = hkv if n_kv_heads is None else n_kv_heads
+    pos = positions.long()
+    win = ((pos[None] if pos.dim() == 1 else pos).expand(B, -1) // window)[..., None]  # (B, n, 1)
+    kv_local = kv_index >= n_kv_heads - local_heads                            # (hkv,)
+    q_local = kv_local[torch.arange(h, device=dev) // (h // hkv)]              # (h,)
+    return (torch.where(q_local, win, q_buckets.long()),
+            torch.where(kv_local, win, k_buckets.long()))
