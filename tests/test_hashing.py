@@ -5,7 +5,8 @@ import torch
 
 import dist_sparse_attn as dsa
 from dist_sparse_attn.hashing import (buckets_from_rotations, lsh_rotations, lsh_scheme,
-                                      merge_fine_buckets, rotation_groups)
+                                      rotation_groups)
+from dist_sparse_attn.kernels.torch_hash import merge_fine_buckets
 
 
 def rand_x(B=2, N=57, heads=4, D=16, dtype=torch.float32):

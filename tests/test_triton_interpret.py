@@ -185,20 +185,20 @@ FUSED_CASES = [
 def test_fused_lsh_kernel_matches_torch(n_buckets, D, group, dtype, N, layout):
     """The fused GPU hashing kernel (run here by the interpreter) gives the buckets of
     the PyTorch path, and the sort keys of those buckets."""
-    from dist_sparse_attn.hashing import lsh_rotations
+    from dist_sparse_attn.hashing import lsh_rotations, lsh_scheme
     from dist_sparse_attn.kernels.triton_hash import lsh_triton
     from dist_sparse_attn.layout import bucket_keys
     B, heads = 2, 4
     x = _hash_input(B, N, heads, D, dtype, layout)
     want = dsa.lsh_buckets(x, n_buckets, seed=3, group_size=group)
     rot = lsh_rotations(heads, D, n_buckets, seed=3, group_size=group, device="cpu")
-    got = lsh_triton(x, rot, n_buckets, group, write_keys=False)
+    got = lsh_triton(x, rot, lsh_scheme(n_buckets), group, write_keys=False)
     clear = _clear_tokens(x, n_buckets, 3, group)
     assert clear.float().mean() > 0.9
     assert torch.equal(got[clear], want[clear])
     # float32 sums in another order may flip an exact near-tie
     assert (got == want).float().mean() >= 0.98
-    keys = lsh_triton(x, rot, n_buckets, group, write_keys=True)
+    keys = lsh_triton(x, rot, lsh_scheme(n_buckets), group, write_keys=True)
     assert torch.equal(keys, bucket_keys(got, torch.arange(N).expand(B, N)))
 
 
@@ -215,7 +215,7 @@ def test_fused_lsh_kernel_exact_ties(n_buckets, D):
     x[:, :5] = 0.0
     rot = torch.randint(-1, 2, (heads // group, D, lsh_scheme(n_buckets).n_columns)).float()
     want = buckets_from_rotations(x, rot, n_buckets, group)
-    got = lsh_triton(x, rot, n_buckets, group, write_keys=False)
+    got = lsh_triton(x, rot, lsh_scheme(n_buckets), group, write_keys=False)
     assert torch.equal(got, want)
     assert (want[:, :5] == 0).all()
 
