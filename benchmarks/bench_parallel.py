@@ -1,4 +1,4 @@
-"""Sequence-parallel strong-scaling benchmark (DESIGN §3, §5).
+"""Sequence-parallel strong-scaling benchmark (docs/design.md, section 3).
 
 Each rank holds a contiguous shard of N / P tokens (B=1, H=16, D=64; bf16 on
 CUDA with one GPU per rank via LOCAL_RANK and NCCL, float32 on CPU with gloo).

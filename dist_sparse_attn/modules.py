@@ -14,6 +14,7 @@ from .hashing import check_seed
 from .ops import bucketed_attention, hash_sparse_attention, qk_sparse_attention
 from .parallel import (STRATEGIES, sequence_parallel_attention, sequence_parallel_hash_attention,
                        sequence_parallel_qk_attention)
+from .parallel._comm import check_overlap_chunks
 
 MODES = ("hash", "qk", "dense", "bucketed")
 
@@ -113,6 +114,8 @@ class SequenceParallelSparseAttention(SparseAttention):
             Default: "allgather" for modes "qk" and "dense" (each rank keeps its queries and
             gathers the kept keys; dense attention has no buckets to route by), "bucket"
             for "hash" and "bucketed".
+        overlap_chunks: the bucket strategy's pipeline chunks (see
+            :func:`~dist_sparse_attn.parallel.sequence_parallel_attention`).
 
     ``forward`` takes this rank's contiguous shard (ranks in group order hold
     consecutive slices; lengths may differ) with the arguments of
@@ -125,7 +128,8 @@ class SequenceParallelSparseAttention(SparseAttention):
     _bucketed_fn = staticmethod(sequence_parallel_attention)
 
     def __init__(self, group, mode="hash", n_buckets=None, *, strategy=None, seed=0,
-                 causal=True, include_self=True, softmax_scale=None, backend="auto"):
+                 causal=True, include_self=True, softmax_scale=None, backend="auto",
+                 overlap_chunks=1):
         super().__init__(mode, n_buckets, seed=seed, causal=causal, include_self=include_self,
                          softmax_scale=softmax_scale, backend=backend)
         if strategy is None:
@@ -133,9 +137,11 @@ class SequenceParallelSparseAttention(SparseAttention):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
         self.group, self.strategy = group, strategy
+        self.overlap_chunks = check_overlap_chunks(overlap_chunks)
 
     def _call_kwargs(self):
-        return dict(super()._call_kwargs(), group=self.group, strategy=self.strategy)
+        return dict(super()._call_kwargs(), group=self.group, strategy=self.strategy,
+                    overlap_chunks=self.overlap_chunks)
 
     def extra_repr(self):
         return super().extra_repr() + f", strategy={self.strategy!r}"

@@ -1,4 +1,5 @@
-"""Angular LSH bucketing (``lsh_buckets``) and keep-masks as buckets (DESIGN §1)."""
+"""Angular LSH bucketing (``lsh_buckets``) and keep-masks as buckets (docs/design.md,
+section 1)."""
 import numpy as np
 import pytest
 import torch
