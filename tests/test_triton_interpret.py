@@ -112,6 +112,37 @@ def test_interpreter_hash_sparse_equals_torch_backend():
     assert_close_rel(a, b, 1e-5, "o", atol=1e-6)
 
 
+def test_interpreter_tile_arguments():
+    """The launchers' tile arguments (tuning runs) set the kernels' blocks (the plan
+    caches block ranges per tile shape) and leave the result alone: forward, lse and
+    gradients equal the float64 oracle like the tuned tiles do; bad tiles raise."""
+    from dist_sparse_attn.kernels import triton_attn as ta
+    B, N, H, Hkv, D = 1, 77, 2, 1, 16
+    q, k, v = (x.detach() for x in _rand(B, N, N, H, Hkv, D))
+    qb, kb = torch.randint(-1, 3, (B, N, H)), torch.randint(-1, 3, (B, N, Hkv))
+    pos = torch.arange(N).expand(B, N)
+    do = torch.randn_like(q)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ro, rlse = reference_attention(q64, k64, v64, qb, kb, return_lse=True)
+    want = torch.autograd.grad(ro, (q64, k64, v64), do.double())
+    for tiles, dkdv in (((16, 32, 4, 1), (64, 16, 2, 1)), ((64, 16, 2, 1), (16, 64, 4, 1))):
+        plan = make_plan(q, k, qb, kb, pos, pos, causal=True, include_self=True,
+                         softmax_scale=None)
+        o, lse, lse_s = ta.triton_forward(q, k, v, plan, tiles=tiles)
+        got = ta.triton_backward(do, None, q, k, v, o, lse, lse_s, plan, dkdv_tiles=dkdv,
+                                 dq_tiles=tiles)
+        assert set(plan.cache) == {("kv", *tiles[:2]), ("q", *dkdv[:2])}, plan.cache.keys()
+        assert_close_rel(o, ro.float(), 1e-5, "o", atol=1e-6)
+        assert_close_rel(lse, rlse.float(), 1e-5, "lse")
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert_close_rel(g, w.float(), 1e-4, name, atol=1e-6)
+    plan = make_plan(q, k, qb, kb, pos, pos, causal=True, include_self=True,
+                     softmax_scale=None)
+    for bad in ((16, 32, 4), (24, 32, 4, 1), (16, 32, 0, 1), "64x64", (16, 32, 4, 1.0)):
+        with pytest.raises(ValueError, match="tiles must be"):
+            ta.triton_forward(q, k, v, plan, tiles=bad)
+
+
 @pytest.mark.parametrize("trial", range(12))
 def test_range_kernel_matches_pytorch_ranges(trial):
     """The fused Triton block-range kernel equals layout.kv_ranges / q_ranges."""

@@ -507,12 +507,12 @@ def _ranges_kernel(SELF_KEY, OTHER_KEY, R_START, R_FLO, R_FHI, R_END,
 # --------------------------------------------------------------------------- #
 def _config(D: int, dtype: torch.dtype, kind: str, tiles=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tuned on H100 for bf16/fp16.
-    ``tiles``: the caller's choice instead (tuning runs), ignored by the interpreter."""
+    ``tiles``: the caller's choice instead (tuning runs)."""
+    if tiles is not None:
+        return _check_tiles(tiles, kind)
     big = dtype == torch.float32 or D > 128
     if _INTERPRET:
         return 32, 32, 4, 1
-    if tiles is not None:
-        return _check_tiles(tiles, kind)
     # measured on H100, bf16, D=64, B=2, H=16, N=16k (benchmarks/tune_kernels.py);
     # fwd and dq share a tile shape, so they share one set of block ranges
     if kind == "dkdv":
