@@ -26,8 +26,8 @@ Cases (H = --heads, D = --dim, B = --batch, nb = --buckets):
     qk80           QK-sparse, 80% of the (token, head) items dropped
                    (``sequence_parallel_qk_attention``)
     dense          every bucket 0: causal dense attention
-each with the strategies bucket, ulysses (when P divides H and Hkv; otherwise
-skipped) and allgather.
+each with the strategies bucket (``--overlap-chunks K``: its pipelined path), ulysses
+(when P divides H and Hkv; otherwise skipped) and allgather.
 
 Tolerances. The parallel run and the single-device run compute the same
 thing in the same dtype with different summation orders (other tiles, other
@@ -179,16 +179,15 @@ def parallel_call(spec, shard, strategy, args, backend):
     """o of the sequence-parallel op on this rank's shard."""
     q, k, v = shard["q"], shard["k"], shard["v"]
     kind, incl = spec["kind"], spec.get("include_self", True)
+    kw = dict(strategy=strategy, backend=backend, overlap_chunks=args.overlap_chunks)
     if kind == "hash":
         return dsp.sequence_parallel_hash_attention(q, k, v, spec["nb"], seed=args.hash_seed,
-                                                    strategy=strategy, include_self=incl,
-                                                    backend=backend)
+                                                    include_self=incl, **kw)
     if kind == "qk":
         return dsp.sequence_parallel_qk_attention(q, k, v, shard["q_keep"], shard["k_keep"],
-                                                  strategy=strategy, backend=backend)
+                                                  **kw)
     return dsp.sequence_parallel_attention(q, k, v, shard["qb"], shard["kb"],
-                                           strategy=strategy, include_self=incl,
-                                           backend=backend)
+                                           include_self=incl, **kw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,7 +338,8 @@ def run(args, device) -> int:
         triton_version = None
     say(f"# check_parallel_gpu: P={P} ({'NCCL' if cuda else 'gloo'}), {card}, "
         f"torch {torch.__version__}, triton {triton_version}, B={args.batch} H={args.heads} "
-        f"D={args.dim} {args.dtype}, backend={backend}, high precision: "
+        f"D={args.dim} {args.dtype}, backend={backend}, overlap_chunks={args.overlap_chunks}, "
+        f"high precision: "
         f"{str(hi_dtype).replace('torch.', '') if hi_dtype else 'none'}")
     say(f"# tolerances ({args.dtype}): rtol, max_tol, floor, max_floor = {TOLERANCES[dtype]}")
     hdr = (f"{'case':<18} {'strategy':<9} {'P':>2} {'N':>6} {'H/Hkv':>6} {'worst':>5} "
@@ -495,6 +495,9 @@ def parse_args(argv=None):
     p.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=None,
                    help="a subset of the cases (default: all)")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    p.add_argument("--overlap-chunks", type=int, default=1,
+                   help="the bucket strategy's pipeline chunks (overlap_chunks; 1: the "
+                        "unpipelined path)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--hash-seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
@@ -513,4 +516,6 @@ def parse_args(argv=None):
         p.error("--gqa-kv-heads must divide --heads")
     if min(args.seqlen) < 8:
         p.error("--seqlen must be at least 8")
+    if args.overlap_chunks < 1:
+        p.error("--overlap-chunks must be at least 1")
     return args
