@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from ._validation import check_n_buckets
 
 CLASSIC_MAX_BUCKETS = 64    # n_buckets up to this hash with the classic scheme
@@ -261,13 +262,6 @@ def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
     return rot
 
 
-def _fused(x):
-    """Use the fused Triton hashing kernel? For every CUDA tensor, except under
-    torch.compile tracing (the PyTorch ops trace; the raw kernel launch may not).
-    Both lsh_buckets and lsh_sort_keys decide here, so they always agree."""
-    return x.is_cuda and not torch.compiler.is_compiling()
-
-
 def _check_lsh_args(x, n_buckets, seed, group_size):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
@@ -284,17 +278,12 @@ def _check_lsh_args(x, n_buckets, seed, group_size):
 
 def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
                   group_size: int = 1) -> torch.Tensor:
-    """Sort keys (B * heads, N) int64 of ``layout.sort_streams`` for the LSH
-    buckets of x at default positions, fused into one kernel on CUDA."""
+    """Stream sort keys (B * heads, N) int64 (``layout.bucket_keys``) of the buckets
+    of :func:`lsh_buckets` at positions ``arange(N)``: on the fused backend one kernel
+    writes them directly."""
     seed = _check_lsh_args(x, n_buckets, seed, group_size)
-    B, N, Hx, D = x.shape
-    if _fused(x):
-        from .kernels.triton_hash import lsh_triton
-        rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)
-        return lsh_triton(x, rot, int(n_buckets), group_size, write_keys=True)
-    from .layout import bucket_keys
-    pos = torch.arange(N, device=x.device).expand(B, N)
-    return bucket_keys(lsh_buckets(x, n_buckets, seed=seed, group_size=group_size), pos)
+    return _hash(x, _rotations_on(x.device, x.shape[2], x.shape[3], int(n_buckets), seed,
+                                  group_size), int(n_buckets), group_size, keys=True)
 
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
@@ -323,7 +312,7 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     seed = _check_lsh_args(x, n_buckets, seed, group_size)
     B, N, Hx, D = x.shape
     rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)  # (Hx/g, D, C)
-    return _buckets(x, rot, int(n_buckets), group_size)
+    return _hash(x, rot, int(n_buckets), group_size)
 
 
 def buckets_from_rotations(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
@@ -343,53 +332,16 @@ def buckets_from_rotations(x: torch.Tensor, rotations: torch.Tensor, n_buckets: 
     if rotations.device != x.device:
         raise ValueError(f"rotations.device {rotations.device} differs from x.device "
                          f"{x.device}")
-    return _buckets(x, rotations, int(n_buckets), group_size)
+    return _hash(x, rotations, int(n_buckets), group_size)
 
 
-def _buckets(x, rot, n_buckets: int, group_size: int) -> torch.Tensor:
-    """Buckets (B, N, heads) of x with rotations ``rot`` (heads // group_size, D, C):
-    the fused kernel on CUDA, else PyTorch ops in chunks of tokens."""
-    B, N, Hx, D = x.shape
-    if _fused(x):       # one launch, no float copy of x
-        from .kernels.triton_hash import lsh_triton
-        return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
-    scheme = lsh_scheme(n_buckets)
-    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, C)
-    # in chunks of tokens: the projections (chunk, heads, C) stay below ~64M floats
-    step = max(1, (1 << 26) // max(1, B * Hx * scheme.n_columns))
-    out = torch.empty(B, N, Hx, dtype=torch.int64, device=x.device)
-    for s in range(0, N, step):
-        xr = torch.einsum("bnhd,hdc->bnhc", x[:, s:s + step].float(), rot)   # (B, n, heads, C)
-        out[:, s:s + step] = buckets_of_projections(xr, scheme)
-    return out                                                               # (B, N, heads)
-
-
-def buckets_of_projections(xr: torch.Tensor, scheme: LSHScheme) -> torch.Tensor:
-    """Buckets (...) int64 from projections xr (..., C) on the scheme's rotation columns."""
-    bucket = None
-    for f, c0, c, signed in scheme.blocks:
-        p = xr[..., c0:c0 + c]
-        if signed:
-            # argmax over [p ; -p] without building it: the larger of max(p) and max(-p),
-            # the + half on a tie (the first maximal index)
-            mx, imx = p.max(dim=-1)
-            mn, imn = p.min(dim=-1)
-            sub = torch.where(mx >= -mn, imx, imn + c)
-        else:
-            sub = p.argmax(dim=-1)
-        bucket = sub if bucket is None else bucket * f + sub
-    if scheme.merge:
-        bucket = merge_fine_buckets(bucket, scheme.n_buckets, scheme.merge)
-    return bucket
-
-
-def merge_fine_buckets(fine, n_buckets: int, m: int):
-    """``fine * n_buckets // m`` for fine in [0, m), m a power of two <= 2**36 and
-    n_buckets < 2**31, without int64 overflow: split fine = hi * 2**s + lo, then
-    ``(hi * n + (lo * n >> s)) >> (log2 m - s)`` (floor of a floor quotient)."""
-    bits = m.bit_length() - 1
-    s = bits // 2
-    return ((fine >> s) * n_buckets + (((fine & ((1 << s) - 1)) * n_buckets) >> s)) >> (bits - s)
+def _hash(x, rot, n_buckets: int, group_size: int, *, keys: bool = False) -> torch.Tensor:
+    """Buckets (B, N, heads) of x with rotations ``rot`` (heads // group_size, D, C), or
+    the sort keys (B * heads, N): computed by the backend the registry picks for x
+    (the fused Triton kernel for CUDA tensors outside ``torch.compile`` tracing, PyTorch
+    ops elsewhere; see :class:`~dist_sparse_attn.kernels.Backend`)."""
+    backend = kernels.select("auto", x.device, x.dtype)
+    return backend.lsh(x, rot, lsh_scheme(n_buckets), group_size, keys=keys)
 
 
 def keep_to_buckets(keep: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .ops import (_bucketed_default_positions, bucketed_attention, hash_sparse_a
                   qk_sparse_attention)
 from .parallel import (STRATEGIES, sequence_parallel_attention, sequence_parallel_hash_attention,
                        sequence_parallel_qk_attention)
+from .parallel._comm import check_overlap_chunks
 
 MODES = ("hash", "qk", "dense", "bucketed", "none")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -383,6 +384,8 @@ class SequenceParallelSparseAttention(SparseAttention):
             Default: "allgather" for modes "qk" and "dense" (each rank keeps its queries and
             gathers the kept keys; dense attention has no buckets to route by), "bucket"
             for "hash", "bucketed" and "none".
+        overlap_chunks: the bucket strategy's pipeline chunks (see
+            :func:`~dist_sparse_attn.parallel.sequence_parallel_attention`).
 
     ``forward`` takes this rank's contiguous shard (ranks in group order hold
     consecutive slices; lengths may differ) with the arguments of
@@ -399,7 +402,8 @@ class SequenceParallelSparseAttention(SparseAttention):
 
     def __init__(self, group, mode="hash", n_buckets=None, *, strategy=None, seed=0,
                  causal=True, include_self=True, softmax_scale=None, backend="auto",
-                 local_heads=0, local_window=512, bucket_cap=0.0, keep_rate=None):
+                 local_heads=0, local_window=512, bucket_cap=0.0, keep_rate=None,
+                 overlap_chunks=1):
         super().__init__(mode, n_buckets, seed=seed, causal=causal, include_self=include_self,
                          softmax_scale=softmax_scale, backend=backend, local_heads=local_heads,
                          local_window=local_window, bucket_cap=bucket_cap, keep_rate=keep_rate)
@@ -408,9 +412,11 @@ class SequenceParallelSparseAttention(SparseAttention):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
         self.group, self.strategy = group, strategy
+        self.overlap_chunks = check_overlap_chunks(overlap_chunks)
 
     def _call_kwargs(self):
-        return dict(super()._call_kwargs(), group=self.group, strategy=self.strategy)
+        return dict(super()._call_kwargs(), group=self.group, strategy=self.strategy,
+                    overlap_chunks=self.overlap_chunks)
 
     def shard_positions(self, n: int, device=None) -> torch.Tensor:
         """Global positions (n,) int64 of this rank's contiguous shard of n tokens: its

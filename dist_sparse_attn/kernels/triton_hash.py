@@ -7,15 +7,16 @@ time (float32, IEEE dot, accumulated over tiles of the head dim), keeps a
 running first maximum over the tiles, and combines the sub-buckets in mixed
 radix (then merges fine buckets where the scheme says so). It writes either the
 bucket ids (B, N, heads) or directly the sort keys ``bucket << 32 | (pos + 2**31)``
-of the stream layout (S, N) that ``layout.sort_streams`` would build, saving
+of the stream layout (S, N) that ``layout.bucket_keys`` would compute, saving
 the float copy, the projections, the argmaxes and the key arithmetic as
 separate launches. The dots run over (BLOCK_N, 16) row tiles and (16, 32)
 rotation tiles into a (BLOCK_N, 32) projection tile, so register use does not
 grow with the head dim or the bucket count (a dot over the whole head dim
 made the FMA lowering hold every row's K values: 255 registers and spills at
-D = 64 with 64-column factors). ``hashing.lsh_buckets`` uses this kernel for CUDA tensors, so
-``hash_sparse_attention`` and ``bucketed_attention(lsh_buckets(...))`` see
-identical buckets.
+D = 64 with 64-column factors). The fused backend (``kernels.Backend.lsh``) runs
+this kernel for every CUDA tensor outside ``torch.compile`` tracing, for
+``hashing.lsh_buckets`` and ``hash_sparse_attention`` alike, so both see identical
+buckets.
 """
 from __future__ import annotations
 
@@ -184,7 +185,7 @@ def _lsh_kernel(X, R, OUT, stride_xb, stride_xn, stride_xh, stride_xd, heads, N,
         bucket = bucket * F6 + _factor(x_rows, row_ok, x_tile, R_head, part_stride, D, C, O6, NC6,
                                            F6 % 2 == 0, BLOCK_N, BLOCK_D, BC6, stride_xd, SPLIT)
     if MERGE_BITS > 0:
-        # fine * n_buckets // 2**MERGE_BITS without int64 overflow, as hashing.merge_fine_buckets
+        # fine * n_buckets // 2**MERGE_BITS without int64 overflow, as torch_hash.merge_fine_buckets
         S: tl.constexpr = MERGE_BITS // 2
         nb = n_buckets.to(tl.int64)
         bucket = ((bucket >> S) * nb + (((bucket & ((1 << S) - 1)) * nb) >> S)) \
@@ -239,16 +240,16 @@ def _factor_args(scheme) -> dict:
     return args
 
 
-def lsh_triton(x: torch.Tensor, rot: torch.Tensor, n_buckets: int, group_size: int,
+def lsh_triton(x: torch.Tensor, rot: torch.Tensor, scheme, group_size: int,
                *, write_keys: bool) -> torch.Tensor:
     """x (B, N, heads, D) floating, any strides; rot (heads // group_size, D, C)
-    float32, the rotations of ``hashing.lsh_rotations(heads, D, n_buckets, ...)``.
+    float32, the rotations of ``hashing.lsh_rotations(heads, D, n_buckets, ...)``;
+    ``scheme`` is ``hashing.lsh_scheme(n_buckets)``.
 
     Returns buckets (B, N, heads) int64, or with ``write_keys`` the sort keys
     (B * heads, N) int64 for default positions ``arange(N)``.
     """
-    from ..hashing import lsh_scheme
-    scheme = lsh_scheme(n_buckets)
+    n_buckets = scheme.n_buckets
     B, N, heads, D = x.shape
     C = scheme.n_columns
     if tuple(rot.shape) != (heads // group_size, D, C) or rot.dtype != torch.float32:
