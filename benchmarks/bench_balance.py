@@ -66,19 +66,19 @@ def train(cfg: GPTConfig, seq_len: int, steps: int, lr: float, device, seed: int
 def capture_qk(model: GPT, x):
     """The rotated q (B, N, H, D) and k (B, N, Hkv, D) every layer's attention receives."""
     got = []
-    for block in model.transformer.h:
-        attn = block.attn
 
-        def hook(q, k, v, *a, _orig=attn.attend, **kw):
-            got.append((q.float().cpu(), k.float().cpu()))
-            return _orig(q, k, v, *a, **kw)
-        attn.attend = hook
+    def hook(module, args):     # args: (q, k, v) of the layer's attention op
+        got.append((args[0].float().cpu(), args[1].float().cpu()))
+    handles = [block.attn.core_attn.register_forward_pre_hook(hook)
+               for block in model.transformer.h]
     model.eval()
     amp = torch.autocast("cuda", torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
-    with amp:
-        model(x)
-    for block in model.transformer.h:
-        del block.attn.attend
+    try:
+        with amp:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
     return got
 
 

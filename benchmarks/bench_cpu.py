@@ -12,7 +12,7 @@ Times, on the CPU, float32, B=1, H=4, D=64 by default:
     tensors (transposed to (B, H, N, D) and back inside the timed region).
 Each number is the median of ``--repeats`` runs after one warm-up. Effective
 TFLOP/s use dense causal FLOPs (4·B·H·N²·D/2 forward, ×3.5 forward+backward,
-DESIGN §5), so they are comparable across methods. Writes ``bench_cpu.json``
+benchmarks/README.md), so they are comparable across methods. Writes ``bench_cpu.json``
 and, when matplotlib is installed, ``bench_cpu.png`` into ``--out``.
 """
 from __future__ import annotations

@@ -30,7 +30,8 @@ import time
 import torch
 
 import dist_sparse_attn as dsa
-from dist_sparse_attn.hashing import LSHScheme, buckets_of_projections, lsh_scheme
+from dist_sparse_attn.hashing import LSHScheme, lsh_scheme
+from dist_sparse_attn.kernels.torch_hash import buckets_of_projections
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -3,7 +3,8 @@
 For every (head dim, N, sparsity) it times, on one GPU in one run:
   * dense causal SDPA, flash and cuDNN backends;
   * this library end to end (hashing / keep-mask, sort, kernels, scatter back);
-  * this library kernel alone (buckets, sort and block ranges prepared once);
+  * this library kernel alone (buckets, sort and block ranges prepared once; the
+    Triton backend of ``kernels.select`` through the autograd Function);
   * FlexAttention given the same mask (on the bucket-sorted layout, which is
     its best case), its block mask prebuilt, and the block-mask build alone;
 forward and forward+backward. Prints a table, writes JSON and PNG plots.
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import dist_sparse_attn as dsa
-from dist_sparse_attn.kernels.triton_attn import tile_fraction, triton_backward, triton_forward
+from dist_sparse_attn import kernels
+from dist_sparse_attn.kernels.triton_attn import tile_fraction
 from dist_sparse_attn.ops import BucketedAttentionFunction
 from dist_sparse_attn.plan import make_plan, to_streams
 
@@ -137,9 +139,9 @@ def run(args):
                 plan = make_plan(q, k, qb, kb, pos, pos, causal=True, include_self=True,
                                  softmax_scale=None)
                 frac = tile_fraction(plan)["fraction"]
-                impl = (triton_forward, triton_backward)
+                be = kernels.select("triton", q.device, q.dtype)
                 for mode in args.modes:
-                    ms = _time(lambda: BucketedAttentionFunction.apply(q, k, v, plan, impl)[0],
+                    ms = _time(lambda: BucketedAttentionFunction.apply(q, k, v, plan, be)[0],
                                mode, inputs)
                     record(D, N, f"ours kernel {label}", mode, ms, sparsity, frac,
                            base.get(mode))

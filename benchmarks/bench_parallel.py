@@ -1,4 +1,4 @@
-"""Sequence-parallel strong-scaling benchmark (DESIGN §3, §5).
+"""Sequence-parallel strong-scaling benchmark (docs/design.md, section 3).
 
 Each rank holds a contiguous shard of N / P tokens (B=1, H=16, D=64; bf16 on
 CUDA with one GPU per rank via LOCAL_RANK and NCCL, float32 on CPU with gloo).
@@ -13,10 +13,9 @@ so a step's time is the slowest rank's) of:
                            drop rate, buckets ``where(keep, 0, -1)``;
   * ``bucket-ovl<K>/hash<nb>``, ``bucket-ovl<K>/qk-drop<d>``  the same two with the bucket
                            strategy's pipelined path, K chunks whose exchanges overlap the
-                           neighbouring chunk's kernel (``--overlap-chunks``, default 2;
-                           ``$DSA_BUCKET_CHUNKS`` set around the call). The plain
-                           ``bucket/*`` rows force 1 chunk (the unpipelined path) the same
-                           way, whatever the environment says;
+                           neighbouring chunk's kernel (``--overlap-chunks``, default 2,
+                           passed as ``overlap_chunks=K``; the plain ``bucket/*`` rows
+                           pass 1, the unpipelined path);
   * ``ulysses/hash<nb>``   ``strategy="ulysses"`` with the same hash buckets;
   * ``allgather/qk-drop<d>`` ``strategy="allgather"`` (gathers the kept k/v), QK-sparse,
                            when the library has that strategy;
@@ -29,15 +28,18 @@ so a step's time is the slowest rank's) of:
   * ``single/*``           (P=1 only) the single-device calls: ``hash_sparse_attention``,
                            ``qk_sparse_attention`` and dense causal SDPA.
 
-Reported per config: step time (ms), tokens/s per GPU, the local attention
-kernel's own time ("compute": the ``bucketed_attention`` call inside the
-strategy -- summed over the chunks' calls for ``bucket-ovl*`` -- or the local SDPA
-of DeepSpeed-Ulysses, timed with CUDA events / perf_counter around its forward and
-its backward, through a monkeypatch),
-"other" = step - slowest rank's compute (exchanges, routing, hashing, sync; for
-``bucket-ovl*`` only the part of the exchanges not hidden behind a kernel; on GPUs a
-kernel that shares the card with a running NCCL transfer may itself be a little slower),
-and the load imbalance max/mean of the ranks' compute times (all_gather).
+Reported per config: step time (ms), tokens/s per GPU, the local attention's own
+time ("compute": the ``bucketed_attention`` call inside the strategy -- summed over
+the chunks' calls for ``bucket-ovl*`` -- or the local SDPA of DeepSpeed-Ulysses,
+forward and backward), read from ``torch.profiler`` in ``--iters`` more steps after the
+timed ones (so the profiler's overhead stays out of the step times): the strategies'
+``dist_sparse_attn::local_attention`` ranges and the attention's autograd backward
+(``dist_sparse_attn.testing.local_attention_ms``), on GPUs the device time of their
+kernels, on the CPU their wall time; "other" = step - slowest rank's compute
+(exchanges, routing, hashing, sync; for ``bucket-ovl*`` only the part of the exchanges
+not hidden behind a kernel; on GPUs a kernel that shares the card with a running NCCL
+transfer may itself be a little slower), and the load imbalance max/mean of the ranks'
+compute times (all_gather).
 
 Rank 0 prints a table as results come and writes ``parallel_P<P>.json`` (+ a
 PNG of time per method vs N when matplotlib is present) into ``--out``. Runs
@@ -74,104 +76,67 @@ import torch.nn.functional as F
 
 import dist_sparse_attn as dsa
 import dist_sparse_attn.parallel as dsp
+from dist_sparse_attn.testing import local_attention_ms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist import init_process_group  # noqa: E402  (benchmarks/_dist.py)
 
 # ----------------------------------------------------------------------------------------
-# timing helpers
+# local compute: read from the profiler ranges the library opens (no patching)
+
+# our own range around the backward of a baseline's local attention (the library's
+# backward shows up as its autograd node, see dist_sparse_attn.testing.local_attention_ms)
+BASELINE_BACKWARD = "bench::local_attention_backward"
 
 
-class _Clock:
-    """Timestamps: CUDA events on GPU (no sync inside the step), perf_counter on CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-
-
-class _Probe:
-    """Collects (start, end) marks of the local kernel's forward and backward."""
-
-    def __init__(self, clock: _Clock):
-        self.clock = clock
-        self.spans = []
-        self.active = False
-
-    def reset(self):
-        self.spans = []
-
-    def total_ms(self) -> float:
-        return sum(self.clock.ms(a, b) for a, b in self.spans if b is not None)
-
-
-class _Enter(torch.autograd.Function):
-    """Identity on the kernel's inputs; its backward runs right after the kernel's
-    backward: it closes the backward span."""
+class _OpenRange(torch.autograd.Function):
+    """Identity on a local attention's output; its backward runs right before the
+    attention's backward: it opens the backward range."""
 
     @staticmethod
-    def forward(ctx, probe, span, *xs):
-        ctx.probe, ctx.span = probe, span
-        return tuple(x.view_as(x) for x in xs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.span[1] = ctx.probe.clock.mark()
-        ctx.probe.spans.append(tuple(ctx.span))
-        return (None, None) + grads
-
-
-class _Exit(torch.autograd.Function):
-    """Identity on the kernel's output; its backward runs right before the kernel's
-    backward: it opens the backward span."""
-
-    @staticmethod
-    def forward(ctx, probe, span, o):
-        ctx.probe, ctx.span = probe, span
+    def forward(ctx, span, o):
+        ctx.span = span
         return o.view_as(o)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.span[0] = ctx.probe.clock.mark()
-        return None, None, g
+        ctx.span.append(torch.profiler.record_function(BASELINE_BACKWARD))
+        ctx.span[-1].__enter__()
+        return None, g
 
 
-def _timed(probe: _Probe, fn):
-    """Wrap a local attention fn(q, k, v, *a, **kw) -> o so that its forward and
-    backward are timed into ``probe`` (when ``probe.active``)."""
+class _CloseRange(torch.autograd.Function):
+    """Identity on a local attention's inputs; its backward runs right after the
+    attention's backward: it closes the backward range."""
+
+    @staticmethod
+    def forward(ctx, span, *xs):
+        ctx.span = span
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.span:
+            ctx.span.pop().__exit__(None, None, None)
+        return (None,) + grads
+
+
+def _ranged(fn):
+    """A baseline's local attention fn(q, k, v, *a, **kw) -> o with the library's
+    profiler range around its forward and :data:`BASELINE_BACKWARD` around its
+    backward, so that its compute is measured like the library's."""
+    from dist_sparse_attn.parallel._comm import local_attention_range
 
     def wrapped(q, k, v, *a, **kw):
-        if not probe.active or not torch.is_grad_enabled():
-            return fn(q, k, v, *a, **kw)
-        span = [None, None]
-        q, k, v = _Enter.apply(probe, span, q, k, v)
-        t0 = probe.clock.mark()
-        o = fn(q, k, v, *a, **kw)
-        probe.spans.append((t0, probe.clock.mark()))
-        return _Exit.apply(probe, span, o)
+        if not torch.is_grad_enabled():
+            with local_attention_range():
+                return fn(q, k, v, *a, **kw)
+        span = []
+        q, k, v = _CloseRange.apply(span, q, k, v)
+        with local_attention_range():
+            o = fn(q, k, v, *a, **kw)
+        return _OpenRange.apply(span, o)
     return wrapped
-
-
-def _install_probe(probe: _Probe):
-    """Monkeypatch ``bucketed_attention`` where the strategies look it up."""
-    patched = []
-    for modname in sorted(sys.modules):
-        mod = sys.modules[modname]
-        if not modname.startswith("dist_sparse_attn.parallel.") or mod is None:
-            continue
-        if callable(getattr(mod, "bucketed_attention", None)):
-            mod.bucketed_attention = _timed(probe, mod.bucketed_attention)
-            patched.append(modname)
-    return patched
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,26 +210,6 @@ def _deepspeed_attention(local_attn, cuda):
     return DistributedAttention(local_attn, dist.group.WORLD, scatter_idx=2, gather_idx=1)
 
 
-class _bucket_chunks:
-    """Context: ``$DSA_BUCKET_CHUNKS`` = k (the bucket strategy reads it per call;
-    the pipelined backward keeps the forward's chunks), restored on exit."""
-
-    def __init__(self, k: int):
-        from dist_sparse_attn.parallel.bucket import CHUNKS_ENV
-        self.var, self.k = CHUNKS_ENV, str(k)
-
-    def __enter__(self):
-        self.old = os.environ.get(self.var)
-        os.environ[self.var] = self.k
-
-    def __exit__(self, *a):
-        if self.old is None:
-            os.environ.pop(self.var, None)
-        else:
-            os.environ[self.var] = self.old
-        return False
-
-
 def _make_qkv(B, n, H, D, dtype, device, seed):
     g = torch.Generator(device=device).manual_seed(seed)
     return [torch.randn(B, n, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -276,11 +221,10 @@ def _make_qkv(B, n, H, D, dtype, device, seed):
 
 def run(args):
     device, cuda = _setup(args)
+    acts = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     P, rank = dist.get_world_size(), dist.get_rank()
     dtype = torch.bfloat16 if cuda else torch.float32
-    clock = _Clock(cuda)
-    probe = _Probe(clock)
-    patched = _install_probe(probe)
     B, H, D = 1, args.heads, args.dim
     card = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     is0 = rank == 0
@@ -293,7 +237,7 @@ def run(args):
         f"B={B} H={H} D={D} {str(dtype).replace('torch.', '')}, fwd+bwd, median of {args.iters} "
         f"after {args.warmup} warm-up; "
         + ("" if cuda else f"{torch.get_num_threads()} thread(s)/rank; ")
-        + f"probe on {', '.join(m.split('.')[-1] for m in patched) or 'nothing'}")
+        + f"compute: local attention from the profiler, {args.iters} more steps")
     hdr = (f"{'P':>2} {'N':>8} {'method':<22} {'step ms':>10} {'tok/s/GPU':>11} "
            f"{'compute ms':>10} {'other ms':>9} {'imbal':>6} {'mem GiB':>8}")
     say(hdr)
@@ -352,16 +296,22 @@ def run(args):
         say(f"{P:>2} {N:>8} {method:<22} {step:10.2f} {r['tokens_per_s_per_gpu']:11.0f} {c} {o} {im} {mm}")
 
     def _time_steps(fn, leaves, compute_probe):
+        """Median step and local times over the timed steps; with ``compute_probe``,
+        then the median local attention time of as many steps under torch.profiler
+        (separate steps: the profiler's overhead stays out of the step times)."""
         grad = None
         local, step_t, comp = [], [], []
-        for it in range(args.warmup + args.iters):
+        for it in range(args.warmup + 2 * args.iters if compute_probe
+                        else args.warmup + args.iters):
             for x in leaves:
                 x.grad = None
+            profiled = it >= args.warmup + args.iters
             _sync(cuda)
             dist.barrier()
             _sync(cuda)
-            probe.reset()
-            probe.active = compute_probe
+            prof = torch.profiler.profile(activities=acts) if profiled else None
+            if prof is not None:
+                prof.__enter__()
             t0 = time.perf_counter()
             out = fn()
             if grad is None:
@@ -371,15 +321,16 @@ def run(args):
             out.backward(grad)
             _sync(cuda)
             t1 = time.perf_counter()
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                comp.append(local_attention_ms(prof, cuda=cuda,
+                                               extra_ranges=(BASELINE_BACKWARD,)))
             dist.barrier()
             _sync(cuda)
             t2 = time.perf_counter()
-            probe.active = False
-            if it >= args.warmup:
+            if args.warmup <= it and not profiled:
                 local.append((t1 - t0) * 1e3)
                 step_t.append((t2 - t0) * 1e3)
-                if compute_probe:
-                    comp.append(probe.total_ms())
             del out
         return (statistics.median(step_t), statistics.median(local),
                 statistics.median(comp) if compute_probe else None)
@@ -432,9 +383,8 @@ def run(args):
                     with torch.no_grad():
                         qb = dsa.lsh_buckets(q, nb, seed=args.hash_seed)
                         kb = dsa.lsh_buckets(k, nb, seed=args.hash_seed)
-                    with _bucket_chunks(chunks):
-                        return dsp.sequence_parallel_attention(q, k, v, qb, kb,
-                                                               strategy=strategy)
+                    return dsp.sequence_parallel_attention(q, k, v, qb, kb, strategy=strategy,
+                                                           overlap_chunks=chunks)
                 return fn, [q, k, v], None
 
             if wanted(f"bucket/hash{nb}"):
@@ -470,9 +420,8 @@ def run(args):
                 qb, kb = dsa.keep_to_buckets(kq), dsa.keep_to_buckets(kk)
 
                 def fn():
-                    with _bucket_chunks(chunks):
-                        return dsp.sequence_parallel_attention(q, k, v, qb, kb,
-                                                               strategy=strat)
+                    return dsp.sequence_parallel_attention(q, k, v, qb, kb, strategy=strat,
+                                                           overlap_chunks=chunks)
                 return fn, [q, k, v], None
 
             # "allgather" (gather the kept k/v) where this version of the library has it
@@ -498,7 +447,7 @@ def run(args):
                 note(f"ds-ulysses/sdpa skipped: P={P} does not divide H={H}")
             else:
                 def make_ds():
-                    attn = _deepspeed_attention(_timed(probe, sdpa), cuda)
+                    attn = _deepspeed_attention(_ranged(sdpa), cuda)
                     q, k, v = _make_qkv(B, n, H, D, dtype, device, seed)
                     return lambda: attn(q, k, v, 0), [q, k, v], None
                 bench(N, "ds-ulysses/sdpa", make_ds, True)

@@ -1,8 +1,9 @@
 """GPU micro-benchmark: torch.sort vs the Triton counting sort of stream keys.
 
-For training-like (S = batch * heads, N tokens, n_buckets) shapes it times
-``layout.sort_keys(key)`` (torch.sort, stable) and ``layout.sort_keys(key,
-n_buckets)`` (kernels/triton_sort.py where it applies), per call:
+For training-like (S = batch * heads, N tokens, n_buckets) shapes it times the
+CUDA backend's ``sort_keys(key)`` (no promise: torch.sort, stable) and
+``sort_keys(key, n_buckets)`` (kernels/triton_sort.py where it applies), per call
+(``be = dist_sparse_attn.kernels.select("auto", "cuda")``):
   * device time: CUDA events around `--calls` back-to-back calls;
   * host time: time.perf_counter around `--calls` calls with no sync in
     between (the sync comes after the clock stops). If the GPU is the
@@ -87,8 +88,9 @@ def main():
 
 
 def _row(S, N, nb, dev, args):
+    from dist_sparse_attn import kernels
     from dist_sparse_attn.kernels.triton_sort import _chunk_size, counting_sort_applies
-    from dist_sparse_attn.layout import sort_keys
+    sort_keys = kernels.select("auto", dev).sort_keys
     key = _keys(S, N, nb, dev)
     applies = counting_sort_applies(S, N, nb)
     a, b = sort_keys(key), sort_keys(key, nb)

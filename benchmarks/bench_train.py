@@ -765,7 +765,8 @@ def _sorted_runs(res):
 
 
 def targets(res) -> list[dict]:
-    """The issue's targets that this result can speak to: (what, value, goal, met)."""
+    """The goals this result can speak to (the speed-ups and lengths the project aims at):
+    (what, value, goal, met)."""
     runs, suite, out = res["runs"], res["suite"], []
 
     def ok(cfg, n):

@@ -1,5 +1,9 @@
 """Sweep tile shapes / warps / stages of the three Triton kernels on one GPU.
 
+The launchers take the tile choice as an argument (``triton_forward(..., tiles=)``,
+``triton_backward(..., dkdv_tiles=, dq_tiles=)``); the library's choice lives in
+``kernels/triton_attn.py::_config``.
+
 Times the forward and the backward (dK/dV kernel and dQ kernel, one varied at
 a time) at bf16, B=2, H=16 for the given head dim, on a hash-sparse and a
 dense (one bucket) case, and prints the best configuration of each kernel.
@@ -51,12 +55,12 @@ def main():
         o, lse, lse_s = ta.triton_forward(q, k, v, plan)
         for kind, cands in CANDIDATES.items():
             for cfg in cands:
-                ta.CONFIG_OVERRIDE.clear()
-                ta.CONFIG_OVERRIDE[kind] = cfg
                 if kind == "fwd":
-                    fn = lambda: ta.triton_forward(q, k, v, plan)  # noqa: E731
-                else:
-                    fn = lambda: ta.triton_backward(do, None, q, k, v, o, lse, lse_s, plan)  # noqa: E731
+                    fn = lambda: ta.triton_forward(q, k, v, plan, tiles=cfg)  # noqa: E731
+                else:       # one backward kernel varied at a time, the other as tuned
+                    tiles = {f"{kind}_tiles": cfg}
+                    fn = lambda: ta.triton_backward(do, None, q, k, v, o, lse, lse_s,  # noqa: E731
+                                                    plan, **tiles)
                 try:
                     ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
                 except Exception as e:                               # e.g. out of shared memory
@@ -64,7 +68,6 @@ def main():
                     continue
                 results.setdefault(f"{case}/{kind}", []).append((ms, cfg))
                 print(f"{case:5} {kind:4} {cfg} {ms:8.3f} ms", flush=True)
-        ta.CONFIG_OVERRIDE.clear()
     print("\nbest:")
     for key, lst in results.items():
         ms, cfg = min(lst)

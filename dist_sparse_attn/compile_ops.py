@@ -6,16 +6,16 @@ to the eager ``autograd.Function``: dynamo and AOTAutograd cannot trace
 through the Triton kernels (nor through the plan, a Python object holding
 sort indices), so the forward and the backward are each one opaque operator
 
-    dist_sparse_attn::attn_fwd(q, k, v, q_buckets, k_buckets, q_positions,
-        k_positions, causal, include_self, scale, backend) -> (o, lse, aux)
-    dist_sparse_attn::attn_bwd(do, dlse, q, k, v, o, lse, aux, q_buckets,
-        k_buckets, q_positions, k_positions, causal, include_self, scale,
-        backend) -> (dq, dk, dv)
+    dist_sparse_attn::attn_fwd(q, k, v, q_key, k_key, causal, include_self,
+        scale, backend) -> (o, lse, aux)
+    dist_sparse_attn::attn_bwd(do, dlse, q, k, v, o, lse, aux, q_key, k_key,
+        causal, include_self, scale, backend) -> (dq, dk, dv)
 
 with fake (meta) implementations that give the shapes, dtypes and strides the
-backends produce, and an autograd formula joining the two. The plan (the sort
-by bucket and position) is built inside each op from the buckets and
-positions, so the backward rebuilds it: one sort per stream, cheap next to the
+backends produce, and an autograd formula joining the two. ``q_key``, ``k_key``
+are the unsorted stream keys (S, N) int64 of ``layout.bucket_keys`` (traced:
+elementwise); the plan (their sort, through the backend) is built inside each
+op, so the backward rebuilds it: one sort per stream, cheap next to the
 attention itself. Eager calls keep the ``autograd.Function`` path, which
 builds the plan once.
 
@@ -35,15 +35,12 @@ from typing import Optional
 import torch
 
 from . import kernels
-from .plan import make_plan
+from .plan import plan_from_streams
 
 
-
-
-def _plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal, include_self,
-          scale):
-    return make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
-                     include_self=include_self, softmax_scale=scale)
+def _plan(backend, q, k, q_key, k_key, causal, include_self, scale):
+    return plan_from_streams(q, k, backend.sort_keys(q_key), backend.sort_keys(k_key),
+                             causal=causal, include_self=include_self, softmax_scale=scale)
 
 
 def _compute_dtype(dtype):
@@ -64,22 +61,19 @@ def _transposed_empty(x, B, N, heads, D, dtype):
 # ---------------------------------------------------------------- forward
 
 @torch.library.custom_op("dist_sparse_attn::attn_fwd", mutates_args=())
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
-             k_buckets: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor,
-             causal: bool, include_self: bool, scale: Optional[float],
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_key: torch.Tensor,
+             k_key: torch.Tensor, causal: bool, include_self: bool, scale: Optional[float],
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fwd, _ = kernels.implementation(backend)
-    plan = _plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal, include_self,
-                 scale)
-    o, lse, aux = fwd(q, k, v, plan)
+    be = kernels.select(backend, q.device, q.dtype)
+    o, lse, aux = be.forward(q, k, v, _plan(be, q, k, q_key, k_key, causal, include_self,
+                                            scale))
     if aux is lse or aux.untyped_storage().data_ptr() == lse.untyped_storage().data_ptr():
         aux = aux.clone()       # torch backend, float32 compute: aux == lse
     return o, lse, aux
 
 
 @attn_fwd.register_fake
-def _attn_fwd_fake(q, k, v, q_buckets, k_buckets, q_positions, k_positions, causal,
-                   include_self, scale, backend):
+def _attn_fwd_fake(q, k, v, q_key, k_key, causal, include_self, scale, backend):
     B, Nq, H, D = q.shape
     lse = q.new_empty((B, H, Nq), dtype=torch.float32)
     if backend == "triton":
@@ -96,19 +90,17 @@ def _attn_fwd_fake(q, k, v, q_buckets, k_buckets, q_positions, k_positions, caus
 @torch.library.custom_op("dist_sparse_attn::attn_bwd", mutates_args=())
 def attn_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-             aux: torch.Tensor, q_buckets: torch.Tensor, k_buckets: torch.Tensor,
-             q_positions: torch.Tensor, k_positions: torch.Tensor, causal: bool,
+             aux: torch.Tensor, q_key: torch.Tensor, k_key: torch.Tensor, causal: bool,
              include_self: bool, scale: Optional[float],
              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, bwd = kernels.implementation(backend)
-    plan = _plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal, include_self,
-                 scale)
-    return bwd(do.contiguous(), dlse, q, k, v, o, lse, aux, plan)
+    be = kernels.select(backend, q.device, q.dtype)
+    return be.backward(do.contiguous(), dlse, q, k, v, o, lse, aux,
+                       _plan(be, q, k, q_key, k_key, causal, include_self, scale))
 
 
 @attn_bwd.register_fake
-def _attn_bwd_fake(do, dlse, q, k, v, o, lse, aux, q_buckets, k_buckets, q_positions,
-                   k_positions, causal, include_self, scale, backend):
+def _attn_bwd_fake(do, dlse, q, k, v, o, lse, aux, q_key, k_key, causal, include_self,
+                   scale, backend):
     if backend == "triton":
         return tuple(torch.empty_like(_last_dim_contiguous(x)) for x in (q, k, v))
     B, Nq, H, D = q.shape
@@ -121,34 +113,31 @@ def _attn_bwd_fake(do, dlse, q, k, v, o, lse, aux, q_buckets, k_buckets, q_posit
 # ---------------------------------------------------------------- autograd
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_buckets, k_buckets, q_positions, k_positions, causal, include_self, scale, \
-        backend = inputs
+    q, k, v, q_key, k_key, causal, include_self, scale, backend = inputs
     o, lse, aux = output
     ctx.mark_non_differentiable(aux)
-    ctx.save_for_backward(q, k, v, o, lse, aux, q_buckets, k_buckets, q_positions,
-                          k_positions)
+    ctx.save_for_backward(q, k, v, o, lse, aux, q_key, k_key)
     ctx.causal, ctx.include_self, ctx.scale, ctx.backend = causal, include_self, scale, backend
 
 
 def _backward(ctx, do, dlse, daux):
-    q, k, v, o, lse, aux, q_buckets, k_buckets, q_positions, k_positions = ctx.saved_tensors
+    q, k, v, o, lse, aux, q_key, k_key = ctx.saved_tensors
     if do is None:              # only lse was used
         do = torch.zeros_like(o)
     # dlse None: lse unused (zeros would give the same gradients)
-    dq, dk, dv = attn_bwd(do, dlse, q, k, v, o, lse, aux, q_buckets, k_buckets,
-                          q_positions, k_positions, ctx.causal, ctx.include_self, ctx.scale,
-                          ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = attn_bwd(do, dlse, q, k, v, o, lse, aux, q_key, k_key, ctx.causal,
+                          ctx.include_self, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, *, causal,
-              include_self, softmax_scale, backend):
-    """(o, lse) of bucketed attention on validated inputs, through the custom ops."""
+def attention(q, k, v, q_key, k_key, *, causal, include_self, softmax_scale, backend):
+    """(o, lse) of bucketed attention on validated inputs and their unsorted stream keys,
+    through the custom ops."""
     backend = kernels.resolve(backend, q.device, q.dtype)
     scale = None if softmax_scale is None else float(softmax_scale)
-    o, lse, _ = attn_fwd(q, k, v, q_buckets, k_buckets, q_positions, k_positions,
-                         bool(causal), bool(include_self), scale, backend)
+    o, lse, _ = attn_fwd(q, k, v, q_key, k_key, bool(causal), bool(include_self), scale,
+                         backend)
     return o, lse

@@ -104,7 +104,8 @@ def sdpa_causal(q, k, v):
 
 
 def dense_causal_flops(B, H, N, D, *, backward=False) -> float:
-    """FLOPs of dense causal attention (DESIGN §5): 4·B·H·N²·D / 2, ×3.5 with backward."""
+    """FLOPs of dense causal attention (the convention of benchmarks/README.md):
+    4·B·H·N²·D / 2, ×3.5 with backward."""
     f = 4 * B * H * N * N * D / 2
     return f * 3.5 if backward else f
 

@@ -1,4 +1,6 @@
-"""Bucketing: angular LSH bucket ids and QK keep-masks as bucket ids.
+"""Bucketing: angular LSH bucket ids, block-local buckets (:func:`local_buckets`), the
+position keep rule of QK-sparse attention (:func:`position_keep`) and keep-masks as
+bucket ids.
 
 Two LSH schemes, chosen by ``n_buckets`` alone, so every rank and device agrees:
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from ._validation import check_n_buckets
 
 CLASSIC_MAX_BUCKETS = 64    # n_buckets up to this hash with the classic scheme
@@ -259,13 +262,6 @@ def _rotations_on(device, heads, dim, n_buckets, seed, group_size):
     return rot
 
 
-def _fused(x):
-    """Use the fused Triton hashing kernel? For every CUDA tensor, except under
-    torch.compile tracing (the PyTorch ops trace; the raw kernel launch may not).
-    Both lsh_buckets and lsh_sort_keys decide here, so they always agree."""
-    return x.is_cuda and not torch.compiler.is_compiling()
-
-
 def _check_lsh_args(x, n_buckets, seed, group_size):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, N, heads, D), got "
@@ -282,17 +278,12 @@ def _check_lsh_args(x, n_buckets, seed, group_size):
 
 def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
                   group_size: int = 1) -> torch.Tensor:
-    """Sort keys (B * heads, N) int64 of ``layout.sort_streams`` for the LSH
-    buckets of x at default positions, fused into one kernel on CUDA."""
+    """Stream sort keys (B * heads, N) int64 (``layout.bucket_keys``) of the buckets
+    of :func:`lsh_buckets` at positions ``arange(N)``: on the fused backend one kernel
+    writes them directly."""
     seed = _check_lsh_args(x, n_buckets, seed, group_size)
-    B, N, Hx, D = x.shape
-    if _fused(x):
-        from .kernels.triton_hash import lsh_triton
-        rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)
-        return lsh_triton(x, rot, int(n_buckets), group_size, write_keys=True)
-    from .layout import bucket_keys
-    pos = torch.arange(N, device=x.device).expand(B, N)
-    return bucket_keys(lsh_buckets(x, n_buckets, seed=seed, group_size=group_size), pos)
+    return _hash(x, _rotations_on(x.device, x.shape[2], x.shape[3], int(n_buckets), seed,
+                                  group_size), int(n_buckets), group_size, keys=True)
 
 
 def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
@@ -321,7 +312,7 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     seed = _check_lsh_args(x, n_buckets, seed, group_size)
     B, N, Hx, D = x.shape
     rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)  # (Hx/g, D, C)
-    return _buckets(x, rot, int(n_buckets), group_size)
+    return _hash(x, rot, int(n_buckets), group_size)
 
 
 def buckets_from_rotations(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int,
@@ -341,55 +332,72 @@ def buckets_from_rotations(x: torch.Tensor, rotations: torch.Tensor, n_buckets: 
     if rotations.device != x.device:
         raise ValueError(f"rotations.device {rotations.device} differs from x.device "
                          f"{x.device}")
-    return _buckets(x, rotations, int(n_buckets), group_size)
+    return _hash(x, rotations, int(n_buckets), group_size)
 
 
-def _buckets(x, rot, n_buckets: int, group_size: int) -> torch.Tensor:
-    """Buckets (B, N, heads) of x with rotations ``rot`` (heads // group_size, D, C):
-    the fused kernel on CUDA, else PyTorch ops in chunks of tokens."""
-    B, N, Hx, D = x.shape
-    if _fused(x):       # one launch, no float copy of x
-        from .kernels.triton_hash import lsh_triton
-        return lsh_triton(x, rot, n_buckets, group_size, write_keys=False)
-    scheme = lsh_scheme(n_buckets)
-    rot = rot.repeat_interleave(group_size, 0)                               # (heads, D, C)
-    # in chunks of tokens: the projections (chunk, heads, C) stay below ~64M floats
-    step = max(1, (1 << 26) // max(1, B * Hx * scheme.n_columns))
-    out = torch.empty(B, N, Hx, dtype=torch.int64, device=x.device)
-    for s in range(0, N, step):
-        xr = torch.einsum("bnhd,hdc->bnhc", x[:, s:s + step].float(), rot)   # (B, n, heads, C)
-        out[:, s:s + step] = buckets_of_projections(xr, scheme)
-    return out                                                               # (B, N, heads)
-
-
-def buckets_of_projections(xr: torch.Tensor, scheme: LSHScheme) -> torch.Tensor:
-    """Buckets (...) int64 from projections xr (..., C) on the scheme's rotation columns."""
-    bucket = None
-    for f, c0, c, signed in scheme.blocks:
-        p = xr[..., c0:c0 + c]
-        if signed:
-            # argmax over [p ; -p] without building it: the larger of max(p) and max(-p),
-            # the + half on a tie (the first maximal index)
-            mx, imx = p.max(dim=-1)
-            mn, imn = p.min(dim=-1)
-            sub = torch.where(mx >= -mn, imx, imn + c)
-        else:
-            sub = p.argmax(dim=-1)
-        bucket = sub if bucket is None else bucket * f + sub
-    if scheme.merge:
-        bucket = merge_fine_buckets(bucket, scheme.n_buckets, scheme.merge)
-    return bucket
-
-
-def merge_fine_buckets(fine, n_buckets: int, m: int):
-    """``fine * n_buckets // m`` for fine in [0, m), m a power of two <= 2**36 and
-    n_buckets < 2**31, without int64 overflow: split fine = hi * 2**s + lo, then
-    ``(hi * n + (lo * n >> s)) >> (log2 m - s)`` (floor of a floor quotient)."""
-    bits = m.bit_length() - 1
-    s = bits // 2
-    return ((fine >> s) * n_buckets + (((fine & ((1 << s) - 1)) * n_buckets) >> s)) >> (bits - s)
+def _hash(x, rot, n_buckets: int, group_size: int, *, keys: bool = False) -> torch.Tensor:
+    """Buckets (B, N, heads) of x with rotations ``rot`` (heads // group_size, D, C), or
+    the sort keys (B * heads, N): computed by the backend the registry picks for x
+    (the fused Triton kernel for CUDA tensors outside ``torch.compile`` tracing, PyTorch
+    ops elsewhere; see :class:`~dist_sparse_attn.kernels.Backend`)."""
+    backend = kernels.select("auto", x.device, x.dtype)
+    return backend.lsh(x, rot, lsh_scheme(n_buckets), group_size, keys=keys)
 
 
 def keep_to_buckets(keep: torch.Tensor) -> torch.Tensor:
     """QK-sparse keep-mask (bool) -> bucket ids: kept tokens 0, dropped -1."""
     return torch.where(keep, 0, -1).to(torch.int64)
+
+
+def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: float,
+                  seed: int, salt: int) -> torch.Tensor:
+    """QK-sparse keep rule by position: a token is kept for a head iff a hash of its
+    GLOBAL position, the head, ``seed`` and ``salt`` (one for queries, another for keys)
+    falls below ``keep_rate``; the token at position 0 is always kept, so every kept
+    query has a key. The rule is causal and data independent (a token's fate never
+    depends on other tokens, so no information leaks from the future) and local
+    (sequence-parallel shards need only their global positions). The hash is Knuth's
+    multiplicative one, whose fractions of consecutive positions are evenly spread:
+    every window of L tokens keeps ``keep_rate * L`` of them up to a token or two.
+
+    positions (n,) or (B, n) integer -> keep (batch, n, heads) bool.
+    """
+    pos = positions.long()
+    pos = (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)             # (B, n)
+    head = torch.arange(heads, device=pos.device)                              # (heads,)
+    mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
+             + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
+    return (mixed.double() / 2 ** 32 < keep_rate) | (pos == 0)[..., None]
+
+
+def local_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, positions: torch.Tensor,
+                  local_heads: int, window: int, *, n_kv_heads: int | None = None,
+                  kv_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-local heads: the last ``local_heads`` kv heads of the model (and the query
+    heads that read them) take the bucket ``position // window`` instead of the given
+    one, so they attend causally within aligned windows of ``window`` tokens.
+
+    Args:
+        q_buckets: (B, n, h) integer; query head i reads kv head i // (h // hkv).
+        k_buckets: (B, n, hkv) integer.
+        positions: (n,) or (B, n) non-negative integer positions of the tokens.
+        local_heads: how many of the model's kv heads are local (the last ones).
+        window: tokens per window (>= 1).
+        n_kv_heads: the model's kv heads (default hkv: the call holds all of them).
+        kv_index: (hkv,) the model's index of each kv head of the call (default
+            ``arange(hkv)``), for callers holding a subset of the heads.
+
+    Returns (q_buckets, k_buckets) int64, new tensors.
+    """
+    B, hkv = k_buckets.shape[0], k_buckets.shape[2]
+    h = q_buckets.shape[2]
+    dev = k_buckets.device
+    if kv_index is None:
+        kv_index = torch.arange(hkv, device=dev)
+    n_kv_heads = hkv if n_kv_heads is None else n_kv_heads
+    pos = positions.long()
+    win = ((pos[None] if pos.dim() == 1 else pos).expand(B, -1) // window)[..., None]  # (B, n, 1)
+    kv_local = kv_index >= n_kv_heads - local_heads                            # (hkv,)
+    q_local = kv_local[torch.arange(h, device=dev) // (h // hkv)]              # (h,)
+    return (torch.where(q_local, win, q_buckets.long()),
+            torch.where(kv_local, win, k_buckets.long()))

@@ -8,7 +8,6 @@ found by binary search (`torch.searchsorted`), in O(N / block) per stream.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -57,27 +56,13 @@ def bucket_keys(buckets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return ((b << 32) | (pos + _POS_OFF)).reshape(B * heads, N).contiguous()  # (S, N)
 
 
-def sort_keys(key: torch.Tensor, n_buckets: int | None = None) -> SortedStreams:
-    """Stable sort of stream keys (S, N) -> SortedStreams.
+def sort_keys(key: torch.Tensor) -> SortedStreams:
+    """Stable sort of stream keys (S, N) -> SortedStreams, with ``torch.sort``.
 
-    ``n_buckets`` is a promise from the caller: every bucket part is in
-    ``[0, n_buckets)`` or DROP, and positions are non-decreasing along each
-    stream (true of ``hashing.lsh_sort_keys``, and of ``bucket_keys`` at the
-    default positions ``arange(N)``). Then, on CUDA (or under
-    TRITON_INTERPRET=1) and where ``triton_sort.counting_sort_applies``, a
-    Triton counting sort by bucket (2-4 launches, no host sync) replaces
-    torch.sort's segmented radix sort; the result is identical. Otherwise,
-    or without ``n_buckets``, torch.sort. ``DSA_COUNTING_SORT=0`` in the environment
-    turns the counting sort off (A/B measurements).
+    (``kernels.Backend.sort_keys`` sorts through the backend: there, keys whose
+    buckets the caller promises in range may take a counting sort instead, with
+    the same result.)
     """
-    if n_buckets is not None and os.environ.get("DSA_COUNTING_SORT", "1") != "0" \
-            and key.dim() == 2 and key.dtype == torch.int64 \
-            and (key.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") \
-            and not torch.compiler.is_compiling():
-        from .kernels.triton_sort import bucket_sort_streams, counting_sort_applies
-        if counting_sort_applies(key.shape[0], key.shape[1], n_buckets):
-            key, index = bucket_sort_streams(key, n_buckets)
-            return SortedStreams(index=index, key=key)
     key, index = torch.sort(key, dim=-1, stable=True)
     return SortedStreams(index=index, key=key)
 

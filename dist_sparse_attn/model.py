@@ -1,21 +1,22 @@
-"""A small GPT (nanoGPT-style) whose attention is dense, hash-sparse or QK-sparse.
+"""A small GPT (nanoGPT-style) whose attention is dense, hash-sparse, QK-sparse or none.
 
-One file, read top to bottom: config -> RoPE -> attention -> MLP -> block -> GPT.
-Tensors use the library's FlashAttention layout inside attention: q (B, N, H, D),
-k/v (B, N, Hkv, D).
+One file, read top to bottom: config -> RoPE -> attention -> MLP -> block -> GPT ->
+parallelize. Tensors use the library's FlashAttention layout inside attention: q (B, N,
+H, D), k/v (B, N, Hkv, D). Each layer's attention op is one of the library's modules
+(:class:`~dist_sparse_attn.modules.SparseAttention`), built from the config.
 
-Sequence parallelism: ``GPT.forward(idx, sp_group=group)`` takes this rank's
-contiguous shard of the sequence (see :func:`dist_sparse_attn.data.shard_sequence`).
-Everything but attention is per token, so only attention communicates, through
-:func:`dist_sparse_attn.parallel.sequence_parallel_attention`; RoPE rotates each
-token by its GLOBAL position, so the shards' logits equal the full sequence's.
+Sequence parallelism: :func:`parallelize` swaps every layer's attention op for its
+sequence-parallel form (:class:`~dist_sparse_attn.modules.SequenceParallelSparseAttention`
+over a process group); ``GPT.forward`` then takes this rank's contiguous shard of the
+sequence (see :func:`dist_sparse_attn.data.shard_sequence`). Everything but attention is
+per token, so only attention communicates; RoPE rotates each token by its GLOBAL
+position, so the shards' logits equal the full sequence's.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,38 +24,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .hashing import keep_to_buckets, lsh_buckets
-from .ops import _bucketed_default_positions, hash_sparse_attention, qk_sparse_attention
+from .modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
+                      dense_causal_sdpa)
 from .schema import setting, validate_instance
 
 ATTENTIONS = ("dense", "hash", "qk", "none")
-SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                 "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
-"""Sequence-parallel strategies of the model: the library's three
+"""Sequence-parallel strategies of the model (:func:`parallelize`): the library's three
 (:func:`dist_sparse_attn.parallel.sequence_parallel_attention`) and "ds-ulysses",
-DeepSpeed-Ulysses' ``DistributedAttention`` over the local op (SDPA for "dense"):
-the baseline the benchmarks compare with."""
+DeepSpeed-Ulysses' ``DistributedAttention`` over dense SDPA
+(:class:`dist_sparse_attn.integrations.deepspeed.UlyssesDenseAttention`): the baseline
+the benchmarks compare with."""
 COMPILE_MODES = ("off", "blocks", "model")
 """``GPTConfig.compile``: "off" (eager), "blocks" (``torch.compile`` of each block's
 work before and after the attention call; see :func:`_block_pre`) or "model" (the
 whole single-device forward in one graph, attention as the library's custom ops)."""
-
-
-def dense_causal_sdpa(q, k, v, backend: str = "auto"):
-    """Dense causal attention through SDPA: q (B, N, H, D), k/v (B, N, Hkv, D) -> (B, N, H, D).
-    ``backend`` names an SDPA backend (:data:`SDPA_BACKENDS`); "auto" lets PyTorch pick."""
-    g = q.shape[2] // k.shape[2]    # repeat kv heads for GQA (enable_gqa is not on every torch)
-    args = (q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
-            v.repeat_interleave(g, 2).transpose(1, 2))                        # (B, h, N, D)
-    name = SDPA_BACKENDS[backend]
-    if name is None:
-        y = F.scaled_dot_product_attention(*args, is_causal=True)
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(getattr(SDPBackend, name)):
-            y = F.scaled_dot_product_attention(*args, is_causal=True)
-    return y.transpose(1, 2)                                                   # (B, N, H, D)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+"""``GPTConfig.compile_backend``: the ``torch.compile`` backends the model accepts."""
 
 
 @dataclass
@@ -150,7 +136,11 @@ class GPTConfig:
     "model": ``torch.compile`` of the whole forward (embedding to loss) as ONE graph, the
     sparse attention inside as the library's ``torch.library`` custom ops
     (:mod:`dist_sparse_attn.compile_ops`): one guard check per call instead of two per
-    block. Single device only: a call with ``sp_group`` runs eagerly."""
+    block. Single device only (:func:`parallelize` refuses it)."""
+    compile_backend: str = setting("inductor", choices=COMPILE_BACKENDS)
+    """The ``torch.compile`` backend of ``compile``: "inductor" (default), or "aot_eager" /
+    "eager" to tell a tracing problem from an inductor one, or where no C++ compiler is
+    available."""
 
     def __post_init__(self):
         validate_instance(self)         # every field's type and range (the settings above)
@@ -218,68 +208,61 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # attention
 # ---------------------------------------------------------------------------------------------
 
-def _batch_positions(positions: torch.Tensor, batch: int) -> torch.Tensor:
-    """Integer positions (n,) or (B, n) -> (batch, n) int64 (a broadcast view)."""
-    pos = positions.long()
-    return (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)
-
-
-def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: float,
-                  seed: int, salt: int) -> torch.Tensor:
-    """QK-sparse keep rule: a token is kept for a head iff a hash of its GLOBAL
-    position, the head, the layer seed and ``salt`` (one for queries, another for
-    keys) falls below ``keep_rate``; the token at position 0 is always kept, so
-    every kept query has a key. The rule is causal and data independent (a
-    token's fate never depends on other tokens, so no information leaks from the
-    future) and local (sequence-parallel shards need only their global positions).
-    The hash is Knuth's multiplicative one, whose fractions of consecutive
-    positions are evenly spread: every window of L tokens keeps
-    ``keep_rate * L`` of them up to a token or two.
-
-    positions (n,) or (B, n) integer -> keep (B, n, heads) bool.
-    """
-    pos = _batch_positions(positions, batch)                                   # (B, n)
-    head = torch.arange(heads, device=pos.device)                              # (heads,)
-    mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
-             + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
-    return (mixed.double() / 2 ** 32 < keep_rate) | (pos == 0)[..., None]
+def core_attention(config: GPTConfig, layer_idx: int = 0, group=None, strategy="bucket"):
+    """Layer ``layer_idx``'s attention op (q, k, v -> o) for ``config``: a
+    :class:`~dist_sparse_attn.modules.SparseAttention` on one device (``group`` None),
+    else the same attention sharded over ``group`` with ``strategy`` (:data:`SP_STRATEGIES`;
+    see :func:`parallelize`). Layer l hashes and drops with seed ``hash_seed + l``."""
+    opts = dict(seed=config.hash_seed + layer_idx)
+    if config.attention == "hash":
+        opts.update(n_buckets=config.n_buckets, local_heads=config.local_heads,
+                    local_window=config.local_window, bucket_cap=config.bucket_cap)
+    elif config.attention == "qk":
+        opts.update(keep_rate=config.qk_keep_rate)
+    if group is None:
+        sdpa = config.sdpa_backend if config.attention == "dense" else None
+        return SparseAttention(config.attention, sdpa_backend=sdpa, **opts)
+    if strategy == "ds-ulysses":        # DeepSpeed imported when it first runs
+        from .integrations.deepspeed import UlyssesDenseAttention
+        return UlyssesDenseAttention(group, sdpa_backend=config.sdpa_backend)
+    return SequenceParallelSparseAttention(group, config.attention, strategy=strategy, **opts)
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal self-attention with GQA and RoPE; the attention op is chosen by the config.
+    """Causal self-attention with GQA and RoPE; the attention op (``core_attn``, a module
+    of :mod:`dist_sparse_attn.modules`) is chosen by the config:
 
-    * ``"dense"``: ``F.scaled_dot_product_attention(is_causal=True)`` on one device;
-      through the sequence-parallel op with every bucket 0 when sharded.
+    * ``"dense"``: ``F.scaled_dot_product_attention(is_causal=True)`` (backend
+      ``sdpa_backend``) on one device; through the sequence-parallel op with every
+      bucket 0 when sharded.
     * ``"hash"``: angular LSH buckets of the rotated q and k (seed ``hash_seed + layer``);
       a query attends the earlier keys of its bucket. The buckets are taken AFTER
       RoPE, so they depend on absolute positions (a shifted sequence hashes
       differently), which is why sequence-parallel shards need global positions.
-    * ``"qk"``: query/key dropping by position hash (:func:`position_keep`): each
-      (token, head) is kept with probability ``qk_keep_rate``, decided from its
-      global position and the layer's seed only (queries and keys independently),
-      plus the token at position 0. Causal and local: what is dropped never depends
-      on other tokens, so nothing leaks from the future and shards decide alone.
-      Dropped queries output 0 (their residual stream passes through unchanged).
+      ``local_heads`` block-local heads, ``bucket_cap``: see :class:`GPTConfig`.
+    * ``"qk"``: query/key dropping by position hash
+      (:func:`~dist_sparse_attn.hashing.position_keep`): each (token, head) is kept with
+      probability ``qk_keep_rate``, decided from its global position and the layer's
+      seed only (queries and keys independently), plus the token at position 0. Causal
+      and local: what is dropped never depends on other tokens, so nothing leaks from
+      the future and shards decide alone. Dropped queries output 0 (their residual
+      stream passes through unchanged).
+    * ``"none"``: each token's output is its own value vector.
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.attention = config.attention
-        self.n_buckets, self.seed = config.n_buckets, config.hash_seed + layer_idx
-        self.keep_rate = config.qk_keep_rate
-        self.local_heads, self.local_window = config.local_heads, config.local_window
-        self.bucket_cap = config.bucket_cap
-        self.sdpa_backend = config.sdpa_backend
         kv_dim = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        self.core_attn = core_attention(config, layer_idx)    # parallelize() may swap it
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
+    def forward(self, x, cos, sin, positions=None):
         q, k, v = self.qkv(x, cos, sin)
-        return self.out(self.attend(q, k, v, positions, sp_group, sp_strategy))
+        return self.out(self.core_attn(q, k, v, positions=positions))
 
     def qkv(self, x, cos, sin):
         """x (B, N, C) -> rotated q (B, N, H, D), k (B, N, Hkv, D) and v (B, N, Hkv, D).
@@ -297,116 +280,9 @@ class CausalSelfAttention(nn.Module):
         B, N = y.shape[:2]
         return self.resid_dropout(self.c_proj(y.reshape(B, N, -1)))           # (B, N, C)
 
-    def attend(self, q, k, v, positions, sp_group=None, sp_strategy="bucket"):
-        """The attention op (never compiled by the model: it may communicate and sync
-        with the host): q (B, N, H, D), k/v (B, N, Hkv, D) -> (B, N, H, D)."""
-        B, H, Hkv = q.shape[0], self.n_head, self.n_kv_head
-        default_positions = positions is None       # arange(N): one device, none given
-        if default_positions:
-            positions = torch.arange(q.shape[1], device=q.device)
-        if self.attention == "none":        # each token attends only itself: o = v
-            y = v.repeat_interleave(H // Hkv, dim=2)                           # (B, N, H, D)
-        elif sp_group is not None:
-            y = self._sequence_parallel(q, k, v, positions, sp_group, sp_strategy)
-        elif self.attention == "dense":
-            y = dense_causal_sdpa(q, k, v, self.sdpa_backend)                  # (B, N, H, D)
-        elif self.attention == "hash" and (self.local_heads or self.bucket_cap):
-            qb, kb = self._hash_buckets(q, k, positions)
-            # the bound on bucket ids that lets the counting sort run holds for default
-            # positions only (local ids are position // window); else torch.sort
-            nb = max(self.n_buckets, -(-q.shape[1] // self.local_window)) \
-                if default_positions else None
-            if self.bucket_cap:
-                qb, kb = self._cap(qb, kb, None)
-                nb = None
-            y = _bucketed_default_positions(q, k, v, qb, kb, nb)
-        elif self.attention == "hash":
-            y = hash_sparse_attention(q, k, v, self.n_buckets, seed=self.seed)
-        else:
-            q_keep, k_keep = self._keeps(positions, B, H, Hkv)
-            y = qk_sparse_attention(q, k, v, q_keep, k_keep)
-        return y
-
     def draw_rotations(self, device):
         """Put this layer's LSH rotations (query and key side) in the hashing cache."""
-        if self.attention == "hash":
-            from .hashing import lsh_rotations
-            g = self.n_head // self.n_kv_head
-            lsh_rotations(self.n_head, self.head_dim, self.n_buckets, seed=self.seed,
-                          group_size=g, device=device)
-            lsh_rotations(self.n_kv_head, self.head_dim, self.n_buckets, seed=self.seed,
-                          device=device)
-
-    @torch.no_grad()
-    def _hash_buckets(self, q, k, positions):
-        """LSH buckets (B, n, H) and (B, n, Hkv); the last ``local_heads`` kv heads (and
-        their query heads) get ``global position // local_window`` instead."""
-        H, Hkv = q.shape[2], k.shape[2]
-        g = H // Hkv
-        qb = lsh_buckets(q, self.n_buckets, seed=self.seed, group_size=g)
-        kb = lsh_buckets(k, self.n_buckets, seed=self.seed)
-        if self.local_heads:
-            pos = _batch_positions(positions, q.shape[0])                          # (B, n)
-            win = (pos // self.local_window)[..., None]                            # (B, n, 1)
-            L = self.local_heads
-            qb[..., H - L * g:] = win.to(qb.dtype)
-            kb[..., Hkv - L:] = win.to(kb.dtype)
-        return qb, kb
-
-    @torch.no_grad()
-    def _cap(self, qb, kb, group):
-        """:func:`~dist_sparse_attn.balance.cap_buckets` at ``bucket_cap`` x the mean bucket
-        size of the whole sequence (``seq_len / n_buckets`` keys)."""
-        from .balance import cap_buckets
-        n = kb.shape[1]
-        if group is not None:
-            import torch.distributed as dist
-            n_all = torch.tensor([n], device=kb.device)
-            dist.all_reduce(n_all, group=group)
-            n = int(n_all)
-        return cap_buckets(qb, kb, max(1, math.ceil(self.bucket_cap * n / self.n_buckets)),
-                           group=group)
-
-    def _keeps(self, positions, batch, H, Hkv):
-        """Keep masks (B, n, H) for queries and (B, n, Hkv) for keys."""
-        return (position_keep(positions, batch, H, self.keep_rate, self.seed, salt=0),
-                position_keep(positions, batch, Hkv, self.keep_rate, self.seed, salt=1))
-
-    def _sequence_parallel(self, q, k, v, positions, group, strategy):
-        """Buckets computed locally (same rotations on every rank), then the sharded op."""
-        from .parallel import sequence_parallel_attention
-        if strategy == "ds-ulysses":
-            return self._ds_ulysses(q, k, v, group)
-        if strategy not in SP_STRATEGIES:
-            raise ValueError(f"sp_strategy must be one of {SP_STRATEGIES}, got {strategy!r}")
-        H, Hkv = q.shape[2], k.shape[2]
-        with torch.no_grad():
-            if self.attention == "hash":
-                qb, kb = self._hash_buckets(q, k, positions)
-                if self.bucket_cap:
-                    qb, kb = self._cap(qb, kb, group)
-            elif self.attention == "qk":
-                q_keep, k_keep = self._keeps(positions, q.shape[0], H, Hkv)
-                qb, kb = keep_to_buckets(q_keep), keep_to_buckets(k_keep)
-            else:   # dense: one bucket
-                qb = torch.zeros(q.shape[:3], dtype=torch.int64, device=q.device)
-                kb = torch.zeros(k.shape[:3], dtype=torch.int64, device=q.device)
-        return sequence_parallel_attention(q, k, v, qb, kb, group=group, strategy=strategy)
-
-
-    def _ds_ulysses(self, q, k, v, group):
-        """DeepSpeed-Ulysses: ``DistributedAttention`` (heads all-to-all) around dense
-        causal SDPA -- the dense baseline. Needs equal shards and kv heads divisible
-        by the group size (DeepSpeed's rules)."""
-        if self.attention != "dense":
-            raise ValueError("sp_strategy='ds-ulysses' is the dense baseline: use it with "
-                             "attention='dense' (the library's 'ulysses' strategy runs the "
-                             "sparse kernels after the same head exchange)")
-        from deepspeed.sequence.layer import DistributedAttention   # a cheap wrapper object
-        backend = self.sdpa_backend
-        attn = DistributedAttention(lambda q_, k_, v_, *a, **kw: dense_causal_sdpa(q_, k_, v_, backend),
-                                    group, scatter_idx=2, gather_idx=1)
-        return attn(q, k, v, 0)                                                # batch dim 0
+        self.core_attn.draw_rotations(self.n_head, self.n_kv_head, self.head_dim, device)
 
 
 class MLP(nn.Module):
@@ -442,24 +318,19 @@ def _block_post(block: "Block", x, y):
     return x + block.mlp(block.ln_2(x))
 
 
-COMPILE_BACKEND = os.environ.get("DSA_COMPILE_BACKEND", "inductor")
-"""The ``torch.compile`` backend of ``GPTConfig.compile``: "inductor", or from the
-environment variable ``DSA_COMPILE_BACKEND`` (an internal knob: "aot_eager" to tell a
-tracing problem from an inductor one, or where no C++ compiler is available). Read once,
-when this module is imported (set the variable before importing dist_sparse_attn)."""
 _COMPILED: dict = {}
 
 
-def _compiled(fn):
-    """``torch.compile(fn)``, made once per process (per backend). Used on functions that
-    take the module as an argument (:func:`_block_pre`, :func:`_block_post`,
-    :func:`_model_forward`), not on modules: dynamo treats the parameters as graph inputs
-    (torch >= 2.5 inlines nn.Modules), so every block of the same shapes reuses one graph
-    instead of recompiling per layer; ``dynamic=False`` keeps the shapes static (one graph
-    per sequence length)."""
-    key = (fn, COMPILE_BACKEND)
+def _compiled(fn, backend: str):
+    """``torch.compile(fn, backend=backend)``, made once per process (per backend). Used
+    on functions that take the module as an argument (:func:`_block_pre`,
+    :func:`_block_post`, :func:`_model_forward`), not on modules: dynamo treats the
+    parameters as graph inputs (torch >= 2.5 inlines nn.Modules), so every block of the
+    same shapes reuses one graph instead of recompiling per layer; ``dynamic=False``
+    keeps the shapes static (one graph per sequence length)."""
+    key = (fn, backend)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False)
     return _COMPILED[key]
 
 
@@ -472,12 +343,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         self.compile_mode = config.compile   # (nn.Module.compile is a method)
+        self.compile_backend = config.compile_backend
 
-    def forward(self, x, cos, sin, positions, sp_group=None, sp_strategy="bucket"):
-        pre, post = (_compiled(_block_pre), _compiled(_block_post)) \
-            if self.compile_mode == "blocks" else (_block_pre, _block_post)
+    def forward(self, x, cos, sin, positions=None):
+        pre, post = _block_pre, _block_post
+        if self.compile_mode == "blocks":
+            pre, post = (_compiled(pre, self.compile_backend),
+                         _compiled(post, self.compile_backend))
         q, k, v = pre(self, x, cos, sin)
-        y = self.attn.attend(q, k, v, positions, sp_group, sp_strategy)       # eager, always
+        y = self.attn.core_attn(q, k, v, positions=positions)                 # eager, always
         return post(self, x, y)
 
 
@@ -515,48 +389,43 @@ class GPT(nn.Module):
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, *, positions=None, sp_group=None, sp_strategy="bucket"):
+    def forward(self, idx, targets=None, *, positions=None):
         """Logits and loss.
 
         Args:
-            idx: (B, N) int64 tokens: the whole sequence, or with ``sp_group`` this
-                rank's contiguous shard (ranks in group order hold consecutive slices).
+            idx: (B, N) int64 tokens: the whole sequence, or after :func:`parallelize`
+                this rank's contiguous shard (ranks in group order hold consecutive
+                slices).
             targets: (B, N) int64 next tokens (same sharding as idx), or None.
-            positions: (N,) or (B, N) global positions for RoPE (and the qk rule's
-                "position 0"). Default ``arange(N)``; with ``sp_group`` the default
-                is this shard's offset + arange, the offset found by an all_gather
-                of the shard lengths (pass positions, e.g. from ``shard_sequence``,
-                to skip it). Causality always follows the token order (the global
-                index under sequence parallelism); positions only set the rotation
-                and the qk rule's tie-break and "position 0".
-            sp_group: a ``torch.distributed`` process group: run sequence parallel.
-            sp_strategy: "bucket", "ulysses" or "allgather" (see
-                :func:`dist_sparse_attn.parallel.sequence_parallel_attention`), or
-                "ds-ulysses" (DeepSpeed's ``DistributedAttention`` over SDPA; dense only).
+            positions: (N,) or (B, N) global positions for RoPE (and the attention's
+                position rules: block-local windows, the qk rule). Default ``arange(N)``;
+                after :func:`parallelize` this shard's offset + arange, the offset found
+                by an all_gather of the shard lengths (pass positions, e.g. from
+                ``shard_sequence``, to skip it). Causality always follows the token
+                order (the global index under sequence parallelism); positions only set
+                the rotation and the position rules.
 
         Returns:
-            logits (B, N, vocab_size) float, and loss: the mean cross-entropy over this
-            call's tokens (None without targets). Under sequence parallelism this is
-            the LOCAL mean; the caller averages it across ranks (weighted by shard
-            length when shards differ) — gradients flow between ranks through attention.
+            logits (B, N, vocab_size) float (None when ``loss_chunk`` chunks the loss), and
+            loss: the mean cross-entropy over this call's tokens (None without targets).
+            Under sequence parallelism this is the LOCAL mean; the caller averages it
+            across ranks (weighted by shard length when shards differ) -- gradients flow
+            between ranks through attention.
         """
-        if (self.config.compile == "model" and sp_group is None
-                and not torch.compiler.is_compiling()):
+        if self.config.compile == "model" and not torch.compiler.is_compiling():
             for block in self.transformer.h:       # cached before tracing (no graph break)
                 block.attn.draw_rotations(idx.device)
-            return _compiled(_model_forward)(self, idx, targets, positions)
-        return self._forward(idx, targets, positions, sp_group, sp_strategy)
+            return _compiled(_model_forward, self.config.compile_backend)(self, idx, targets,
+                                                                          positions)
+        return self._forward(idx, targets, positions)
 
-    def _forward(self, idx, targets, positions, sp_group, sp_strategy):
+    def _forward(self, idx, targets, positions):
         B, N = idx.shape
-        rope_positions = positions
-        if positions is None:
-            rope_positions = torch.arange(N, device=idx.device)
-            if sp_group is not None:
-                positions = rope_positions = rope_positions + _shard_offset(N, sp_group,
-                                                                            idx.device)
-        # (positions stays None for blocks on one device without explicit positions:
-        # attention then knows they are arange(N))
+        if positions is None:   # sharded: this shard's, found once for every layer
+            positions = self.transformer.h[0].attn.core_attn.shard_positions(N, idx.device)
+        # (on one device positions stay None unless given: attention then knows they are
+        # arange(N), which lets the block-local heads sort by counting)
+        rope_positions = torch.arange(N, device=idx.device) if positions is None else positions
         cos, sin = rope_cos_sin(rope_positions, self.config.n_embd // self.config.n_head,
                                 self.config.rope_base)                        # (B|1, N, 1, D/2)
         x = self.transformer.drop(self.transformer.wte(idx))                   # (B, N, C)
@@ -567,10 +436,9 @@ class GPT(nn.Module):
         with offload:
             for block in self.transformer.h:
                 if checkpointing:
-                    x = checkpoint(block, x, cos, sin, positions, sp_group, sp_strategy,
-                                   use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, positions, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, positions, sp_group, sp_strategy)
+                    x = block(x, cos, sin, positions)
         chunk = self.config.loss_chunk
         if targets is not None and chunk and N > chunk:
             return None, self._chunked_loss(x, targets, chunk)
@@ -624,19 +492,55 @@ def _upcast(logits):
 
 def _model_forward(model: GPT, idx, targets, positions):
     """The single-device forward compiled by ``GPTConfig.compile="model"``."""
-    return model._forward(idx, targets, positions, None, "bucket")
+    return model._forward(idx, targets, positions)
 
 
-def _shard_offset(n_local: int, group, device) -> int:
-    """Global index of this rank's first token: the sum of the lower ranks' shard lengths."""
+# ---------------------------------------------------------------------------------------------
+# sequence parallelism
+# ---------------------------------------------------------------------------------------------
+
+def parallelize(model: GPT, group, strategy: str = "bucket") -> GPT:
+    """Sequence parallelism for ``model``, in place: every layer's attention op becomes
+    the same attention sharded over ``group`` (:func:`core_attention`), and
+    ``model.forward`` then takes this rank's contiguous shard of the sequence (see
+    :meth:`GPT.forward`). Every rank of the group must call the model together.
+
+    Args:
+        model: a :class:`GPT`.
+        group: a ``torch.distributed`` process group; None, or a group of one rank,
+            leaves the model as it is.
+        strategy: "bucket", "ulysses" or "allgather" (the library's, see
+            :func:`dist_sparse_attn.parallel.sequence_parallel_attention`), or
+            "ds-ulysses" (DeepSpeed-Ulysses' ``DistributedAttention`` over SDPA;
+            attention "dense" only; equal shards; the group size divides n_kv_head).
+
+    Returns ``model``. Raises ValueError for an unknown strategy, "ds-ulysses" with
+    attention other than "dense", or ``compile="model"`` (a single-device graph).
+    """
+    if strategy not in SP_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SP_STRATEGIES}, got {strategy!r}")
+    if group is None:
+        return model
     import torch.distributed as dist
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = torch.tensor([n_local], dtype=torch.int64, device=device)
-    lengths = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(lengths, mine, group=group)
-    return int(sum(t.item() for t in lengths[:rank]))
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be None or a torch.distributed ProcessGroup, got "
+                         f"{type(group).__name__}")
+    if dist.get_world_size(group) == 1:
+        return model
+    config = model.config
+    if strategy == "ds-ulysses" and config.attention != "dense":
+        raise ValueError("strategy='ds-ulysses' is the dense baseline: use it with "
+                         "attention='dense' (the library's 'ulysses' strategy runs the "
+                         f"sparse kernels after the same head exchange), got "
+                         f"attention={config.attention!r}")
+    if config.compile == "model":
+        raise ValueError("compile='model' compiles the single-device forward; use "
+                         "compile='blocks' with sequence parallelism")
+    for i, block in enumerate(model.transformer.h):
+        block.attn.core_attn = core_attention(config, i, group, strategy)
+    return model
 
 
-__all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "rope_cos_sin", "apply_rope",
-           "dense_causal_sdpa", "ATTENTIONS", "SP_STRATEGIES", "SDPA_BACKENDS",
-           "COMPILE_MODES", "position_keep"]
+__all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "core_attention", "parallelize",
+           "rope_cos_sin", "apply_rope", "ATTENTIONS", "SP_STRATEGIES", "SDPA_BACKENDS",
+           "COMPILE_MODES", "COMPILE_BACKENDS", "dense_causal_sdpa"]

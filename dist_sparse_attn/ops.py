@@ -1,7 +1,15 @@
 """Public functional API: bucketed, hash-sparse and QK-sparse attention.
 
-Layers: input validation -> plan (sort by bucket/position) -> autograd
-Function -> backend (Triton kernels on CUDA, tiled PyTorch elsewhere).
+Every public function is one chain, in this order:
+
+    validation -> stream keys (S, N) int64 (layout.bucket_keys, or the hashing's keys)
+        -> plan: the keys sorted through the backend (kernels.Backend.sort_keys)
+        -> BucketedAttentionFunction (autograd) -> the backend's forward / backward
+
+:func:`kernels.select <dist_sparse_attn.kernels.select>` picks the backend, which
+implements every device step (hashing, sort, attention); nothing here tests for a
+device. Under ``torch.compile`` tracing the last three steps are instead the custom
+ops of :mod:`~dist_sparse_attn.compile_ops`, which build the plan inside.
 """
 from __future__ import annotations
 
@@ -10,36 +18,31 @@ import torch
 from . import _validation as V
 from . import compile_ops
 from . import kernels
-from .hashing import keep_to_buckets, lsh_buckets, lsh_sort_keys
-from .layout import bucket_keys, sort_keys
-from .plan import AttentionPlan, make_plan, plan_from_streams
-
-
-def _backend_impl(backend: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(forward, backward) callables of the backend that runs (see :func:`kernels.resolve`)."""
-    return kernels.implementation(kernels.resolve(backend, device, dtype))
+from .hashing import keep_to_buckets, lsh_sort_keys
+from .layout import bucket_keys
+from .plan import AttentionPlan, plan_from_streams
 
 
 class BucketedAttentionFunction(torch.autograd.Function):
-    """o, lse = attention(q, k, v | plan); gradients for q, k, v (and through lse)."""
+    """o, lse = attention(q, k, v | plan) on a backend; gradients for q, k, v (and
+    through lse)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: AttentionPlan, impl):
-        fwd, _ = impl
+    def forward(ctx, q, k, v, plan: AttentionPlan, backend: kernels.Backend):
         # the kernels compute in the inputs' dtype: an enclosing autocast must not recast
         # their inner matmuls (the tiled backend's would mix dtypes)
         with torch.autocast(q.device.type, enabled=False):
-            o, lse, aux = fwd(q, k, v, plan)  # aux: what the backend's backward needs
+            o, lse, aux = backend.forward(q, k, v, plan)  # aux: what the backward needs
         ctx.save_for_backward(q, k, v, o, lse, aux)
-        ctx.plan, ctx.impl = plan, impl
+        ctx.plan, ctx.backend = plan, backend
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, aux = ctx.saved_tensors
-        _, bwd = ctx.impl
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = bwd(do.contiguous().to(o.dtype), dlse, q, k, v, o, lse, aux, ctx.plan)
+            dq, dk, dv = ctx.backend.backward(do.contiguous().to(o.dtype), dlse, q, k, v, o,
+                                              lse, aux, ctx.plan)
         return dq, dk, dv, None, None
 
 
@@ -74,23 +77,30 @@ def bucketed_attention(q, k, v, q_buckets, k_buckets, *, q_positions=None,
     k_positions = V.normalize_positions("k_positions", k_positions, B, Nk, q.device)
     V.check_scale(softmax_scale)
     V.check_flags(causal=causal, include_self=include_self, return_lse=return_lse)
-    return _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
-                      include_self=include_self, softmax_scale=softmax_scale,
-                      return_lse=return_lse, backend=backend)
+    return _attention(q, k, v, *_keys(q_buckets, k_buckets, q_positions, k_positions),
+                      n_buckets=None, causal=causal, include_self=include_self,
+                      softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)
 
 
-def _attention(q, k, v, q_buckets, k_buckets, q_positions, k_positions, *, causal,
-               include_self, softmax_scale, return_lse, backend):
-    """bucketed_attention on validated inputs (positions already (B, N) int64)."""
+def _attention(q, k, v, q_key, k_key, *, n_buckets, causal, include_self, softmax_scale,
+               return_lse, backend):
+    """The chain every public function ends in, from validated inputs and unsorted
+    stream keys (S_q, Nq), (S_k, Nk) int64 (:func:`~dist_sparse_attn.layout.bucket_keys`).
+
+    ``n_buckets``: the caller's promise that every bucket of the keys is in
+    ``[0, n_buckets)`` or dropped and positions are ``arange(N)`` (then the fused
+    backend sorts by counting), or None (see ``kernels.Backend.sort_keys``)."""
     if torch.compiler.is_compiling():   # opaque custom ops: traceable, no graph break
-        o, lse = compile_ops.attention(q, k, v, q_buckets, k_buckets, q_positions,
-                                       k_positions, causal=causal, include_self=include_self,
+        o, lse = compile_ops.attention(q, k, v, q_key, k_key, causal=causal,
+                                       include_self=include_self,
                                        softmax_scale=softmax_scale, backend=backend)
-        return (o, lse) if return_lse else o
-    impl = _backend_impl(backend, q.device, q.dtype)
-    plan = make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, causal=causal,
-                     include_self=include_self, softmax_scale=softmax_scale)
-    o, lse = BucketedAttentionFunction.apply(q, k, v, plan, impl)
+    else:
+        be = kernels.select(backend, q.device, q.dtype)
+        with torch.no_grad():
+            plan = plan_from_streams(q, k, be.sort_keys(q_key, n_buckets),
+                                     be.sort_keys(k_key, n_buckets), causal=causal,
+                                     include_self=include_self, softmax_scale=softmax_scale)
+        o, lse = BucketedAttentionFunction.apply(q, k, v, plan, be)
     return (o, lse) if return_lse else o
 
 
@@ -100,36 +110,23 @@ def _default_positions(q, k):
             V.normalize_positions("k_positions", None, B, Nk, q.device))
 
 
+def _keys(q_buckets, k_buckets, q_positions, k_positions):
+    """Unsorted stream keys of validated buckets and (B, N) int64 positions."""
+    with torch.no_grad():
+        return bucket_keys(q_buckets, q_positions), bucket_keys(k_buckets, k_positions)
+
+
 def _bucketed_default_positions(q, k, v, q_buckets, k_buckets, n_buckets, *, causal=True,
                                 include_self=True, softmax_scale=None, backend="auto"):
     """``bucketed_attention`` with default positions, for buckets the caller made (e.g.
     the model's LSH + block-local heads) and promises lie in [0, n_buckets) or are
-    negative: no range check, and on CUDA the stable counting sort of
-    :func:`~dist_sparse_attn.layout.sort_keys` instead of ``torch.sort``.
+    negative: no validation, and on the fused backend (CUDA) the stable counting sort
+    instead of ``torch.sort`` (see ``kernels.Backend.sort_keys``).
     ``n_buckets=None``: no such promise (torch.sort; buckets must still be valid)."""
-    if torch.compiler.is_compiling() or not q.is_cuda:
-        return _attention(q, k, v, q_buckets, k_buckets, *_default_positions(q, k),
-                          causal=causal, include_self=include_self,
-                          softmax_scale=softmax_scale, return_lse=False, backend=backend)
-    qpos, kpos = _default_positions(q, k)
-    with torch.no_grad():
-        q_key, k_key = bucket_keys(q_buckets, qpos), bucket_keys(k_buckets, kpos)
-    return _attention_from_keys(q, k, v, q_key, k_key, n_buckets, causal=causal,
-                                include_self=include_self, softmax_scale=softmax_scale,
-                                backend=backend)[0]
-
-
-def _attention_from_keys(q, k, v, q_key, k_key, n_buckets, *, causal, include_self,
-                         softmax_scale, backend):
-    """(o, lse) from unsorted stream keys (S, N) int64: sorted by
-    :func:`~dist_sparse_attn.layout.sort_keys` (``n_buckets``: its promise, or None),
-    then the plan and the autograd Function. Eager only (CUDA fast path)."""
-    with torch.no_grad():
-        q_streams, k_streams = sort_keys(q_key, n_buckets), sort_keys(k_key, n_buckets)
-    plan = plan_from_streams(q, k, q_streams, k_streams, causal=causal,
-                             include_self=include_self, softmax_scale=softmax_scale)
-    return BucketedAttentionFunction.apply(q, k, v, plan,
-                                           _backend_impl(backend, q.device, q.dtype))
+    q_key, k_key = _keys(q_buckets, k_buckets, *_default_positions(q, k))
+    return _attention(q, k, v, q_key, k_key, n_buckets=n_buckets, causal=causal,
+                      include_self=include_self, softmax_scale=softmax_scale,
+                      return_lse=False, backend=backend)
 
 
 def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_self=True,
@@ -150,22 +147,13 @@ def hash_sparse_attention(q, k, v, n_buckets, *, seed=0, causal=True, include_se
     V.check_scale(softmax_scale)
     V.check_flags(causal=causal, include_self=include_self, return_lse=return_lse)
     g = q.shape[2] // k.shape[2]
-    if q.is_cuda and not torch.compiler.is_compiling():
-        # fused hashing writes the sort keys directly: one launch per side; its
-        # buckets are in [0, n_buckets) at positions arange(N), so a counting
-        # sort by bucket replaces torch.sort (same result, fewer launches)
-        with torch.no_grad():
-            q_key = lsh_sort_keys(q, n_buckets, seed=seed, group_size=g)
-            k_key = lsh_sort_keys(k, n_buckets, seed=seed)
-        o, lse = _attention_from_keys(q, k, v, q_key, k_key, n_buckets, causal=causal,
-                                      include_self=include_self, softmax_scale=softmax_scale,
-                                      backend=backend)
-        return (o, lse) if return_lse else o
+    # the hashing writes the sort keys (one kernel per side on the fused backend); its
+    # buckets are in [0, n_buckets) at positions arange(N): the promise that lets the
+    # fused backend sort by counting (same result as torch.sort, fewer launches)
     with torch.no_grad():
-        qb = lsh_buckets(q, n_buckets, seed=seed, group_size=g)
-        kb = lsh_buckets(k, n_buckets, seed=seed)
-    # buckets made here are in range: skip their validation (no extra launches)
-    return _attention(q, k, v, qb, kb, *_default_positions(q, k), causal=causal,
+        q_key = lsh_sort_keys(q, n_buckets, seed=seed, group_size=g)
+        k_key = lsh_sort_keys(k, n_buckets, seed=seed)
+    return _attention(q, k, v, q_key, k_key, n_buckets=n_buckets, causal=causal,
                       include_self=include_self, softmax_scale=softmax_scale,
                       return_lse=return_lse, backend=backend)
 
@@ -185,9 +173,11 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, causal=True, softmax_scale=N
     V.check_keep("k_keep", k_keep, B, k.shape[1], k.shape[2], q.device)
     V.check_scale(softmax_scale)
     V.check_flags(causal=causal, return_lse=return_lse)
-    return _attention(q, k, v, keep_to_buckets(q_keep), keep_to_buckets(k_keep),
-                      *_default_positions(q, k), causal=causal, include_self=True,
-                      softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)
+    q_key, k_key = _keys(keep_to_buckets(q_keep), keep_to_buckets(k_keep),
+                         *_default_positions(q, k))
+    return _attention(q, k, v, q_key, k_key, n_buckets=None, causal=causal,
+                      include_self=True, softmax_scale=softmax_scale, return_lse=return_lse,
+                      backend=backend)
 
 
 def _check_cu_seqlens(name, cu, total, device):
@@ -257,9 +247,9 @@ def bucketed_attention_varlen(q, k, v, q_buckets, k_buckets, cu_seqlens_q, cu_se
                          "segment * bucket range must stay below 2**31 - 1")
     qb = torch.where(q_buckets < 0, -1, q_buckets.long() + seg_q[:, None] * span)
     kb = torch.where(k_buckets < 0, -1, k_buckets.long() + seg_k[:, None] * span)
-    out = _attention(q[None], k[None], v[None], qb[None], kb[None], qpos, kpos, causal=causal,
-                     include_self=include_self, softmax_scale=softmax_scale,
-                     return_lse=return_lse, backend=backend)
+    out = _attention(q[None], k[None], v[None], *_keys(qb[None], kb[None], qpos, kpos),
+                     n_buckets=None, causal=causal, include_self=include_self,
+                     softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)
     if return_lse:
         return out[0][0], out[1][0]
     return out[0]

@@ -53,7 +53,10 @@ def softmax_scale_for(D: int, softmax_scale) -> float:
 
 def make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, *, causal,
               include_self, softmax_scale):
-    """q (B, Nq, H, D), k (B, Nk, Hkv, D); buckets (B, N, heads); positions (B, N) int64."""
+    """q (B, Nq, H, D), k (B, Nk, Hkv, D); buckets (B, N, heads); positions (B, N) int64.
+    Sorted with ``torch.sort`` (``layout.sort_streams``): for tests, benchmarks and
+    tools; the library's calls sort through their backend (``kernels.Backend.sort_keys``)
+    and use :func:`plan_from_streams`."""
     return plan_from_streams(q, k, sort_streams(q_buckets, q_positions),
                              sort_streams(k_buckets, k_positions), causal=causal,
                              include_self=include_self, softmax_scale=softmax_scale)
@@ -61,7 +64,7 @@ def make_plan(q, k, q_buckets, k_buckets, q_positions, k_positions, *, causal,
 
 def plan_from_streams(q, k, q_streams: SortedStreams, k_streams: SortedStreams, *, causal,
                       include_self, softmax_scale):
-    """The plan for already sorted streams (e.g. from fused hashing)."""
+    """The plan for already sorted streams (``kernels.Backend.sort_keys``)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     return AttentionPlan(

@@ -1,4 +1,5 @@
-"""Plain PyTorch oracle of DESIGN §1: the semantics every backend must match.
+"""Plain PyTorch oracle of the contract (docs/design.md, section 1): the semantics every
+backend must match.
 
 Materialises the full (B, H, Nq, Nk) score matrix, so use it for tests and
 small inputs only. Differentiable through autograd.

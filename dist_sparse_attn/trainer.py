@@ -56,6 +56,15 @@ def build_model(mcfg: GPTConfig, sp: int = 1):
     return GPT(mcfg)
 
 
+def parallelize(model, group, strategy: str):
+    """Sequence parallelism for a model of :func:`build_model`, in place (its family's
+    ``parallelize``): its forward then takes this rank's shard. Returns the model."""
+    if isinstance(model, GPT):
+        return _model.parallelize(model, group, strategy)
+    from .integrations.transformers import parallelize as parallelize_hf
+    return parallelize_hf(model, group, strategy)
+
+
 def describe_run(mcfg: GPTConfig, tcfg: TrainConfig, layout: dict, ds: dict, world: int,
                  cuda: bool, trainer: "Trainer | None" = None) -> str:
     """The plan of a run as ``[train] ...`` lines: layout, model, batch, DeepSpeed,
@@ -96,12 +105,12 @@ def describe_run(mcfg: GPTConfig, tcfg: TrainConfig, layout: dict, ds: dict, wor
                         f"not shown (no peak FLOP/s known for {trainer.device_name}: set "
                         "train.peak_tflops)"))
     if mcfg.compile == "blocks":
-        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
+        lines.append(f"torch.compile (backend {mcfg.compile_backend!r}, default mode, static "
                      f"shapes): each block's ln_1+qkv+RoPE and out-proj+residual+ln_2+MLP, "
                      f"2 graphs shared by the {mcfg.n_layer} blocks; attention, embedding, "
                      f"ln_f, head and loss stay eager")
     if mcfg.compile == "model":
-        lines.append(f"torch.compile (backend {_model.COMPILE_BACKEND!r}, default mode, static "
+        lines.append(f"torch.compile (backend {mcfg.compile_backend!r}, default mode, static "
                      f"shapes): the whole forward as one graph, attention as the library's "
                      f"custom ops")
     return "\n".join("[train] " + s for s in lines)
@@ -143,14 +152,11 @@ class Trainer:
         # in an all-to-all. The mpu is passed with sp = 1 too: without one, DeepSpeed
         # clones the world group for the gradient all-reduce, with that default.
         mpu = SequenceParallelMPU(self.sp, timeout=datetime.timedelta(minutes=tcfg.timeout_min))
+        self.sp_group = mpu.get_sequence_parallel_group() if self.sp > 1 else None
+        parallelize(model, self.sp_group, tcfg.sp_strategy)     # attention over the sp group
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups, config=ds_config, mpu=mpu)
-        self.sp_group = None
         if self.sp > 1:
-            from .integrations.deepspeed import deepspeed_sequence_parallel_group
-            self.sp_group = deepspeed_sequence_parallel_group(self.engine)
-            if self.sp_group is None or dist.get_world_size(self.sp_group) != self.sp:
-                raise RuntimeError("DeepSpeed did not set up the sequence-parallel group")
             self.sp_rank = dist.get_rank(self.sp_group)
             self.dp_rank = mpu.get_data_parallel_rank()
         self.lo, self.hi = shard_bounds(tcfg.seq_len, self.sp_rank, self.sp)
@@ -183,8 +189,7 @@ class Trainer:
         ys = y[:, self.lo:self.hi].to(self.device, non_blocking=True)
         # the model's mean CE over this shard (computed chunk by chunk with
         # model.loss_chunk, never as whole-sequence logits), times the shard's tokens
-        _, loss = self.engine(xs, ys, positions=self.positions, sp_group=self.sp_group,
-                              sp_strategy=self.tcfg.sp_strategy)
+        _, loss = self.engine(xs, ys, positions=self.positions)
         return loss * (ys.numel() / y.numel())
 
     def _mean_over_world(self, local: torch.Tensor) -> float:
@@ -250,9 +255,7 @@ class Trainer:
         t = self.tcfg
         acc = eval_retrieval(self.engine, t.retrieval_samples, t.retrieval_len, t.micro_batch,
                              generator=seeded_generator(t.seed, 3), device=self.device,
-                             shard=(self.sp_rank, self.sp),
-                             forward_kwargs=dict(sp_group=self.sp_group,
-                                                 sp_strategy=t.sp_strategy))
+                             shard=(self.sp_rank, self.sp))
         total = torch.tensor([acc or 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return float(total) / self.dp

@@ -10,6 +10,7 @@ import torch
 
 import dist_sparse_attn as dsa
 from dist_sparse_attn import compile_ops
+from dist_sparse_attn.layout import bucket_keys
 
 CPU_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings(
@@ -270,7 +271,8 @@ def test_opcheck(backend, dtype, strided):
         q, k, v = (t.requires_grad_(True) for t in _inputs(B, N, N, H, Hkv, D, dtype)[:3])
     qb, kb = torch.randint(-1, 3, (B, N, H)), torch.randint(-1, 3, (B, N, Hkv))
     pos = torch.arange(N).expand(B, N)
-    meta = (qb, kb, pos, torch.randperm(N).expand(B, N), True, True, None, backend)
+    meta = (bucket_keys(qb, pos), bucket_keys(kb, torch.randperm(N).expand(B, N)), True, True,
+            None, backend)
     torch.library.opcheck(compile_ops.attn_fwd, (q, k, v, *meta))
     with torch.no_grad():
         o, lse, aux = compile_ops.attn_fwd(q, k, v, *meta)

@@ -11,6 +11,10 @@ first use in an environment, ~35 s; cached afterwards):
   explicit group: output and q/k/v gradient shards equal ``hash_sparse_attention`` /
   ``qk_sparse_attention`` on the whole sequence (float64); bad head counts and
   ``batch_dim_idx`` raise ValueError on every rank.
+* "gpt_ds_ulysses": the GPT of :mod:`dist_sparse_attn.model` parallelized with strategy
+  "ds-ulysses" (``UlyssesDenseAttention``: DeepSpeed's ``DistributedAttention`` over
+  dense SDPA, the benchmarks' dense baseline): the shards' logits and the summed
+  parameter gradients equal the one-process model on the whole sequence (float64).
 * "zero0" .. "zero3": a tiny model (Linear -> q, k, v -> DeepSpeedSparseAttention ->
   Linear) in ``deepspeed.initialize`` with ``"sequence_parallel_size": 2,
   "data_parallel_size": 1`` and ZeRO stage 0..3 (fp32, SGD), each rank feeding its
@@ -44,7 +48,7 @@ WORLD = 2
 JOIN_TIMEOUT_S = 200
 PG_TIMEOUT_S = 120     # the first init_distributed in an environment builds a C++ extension
 CASES = ["auto_without_group", "ulysses_hash_gqa", "ulysses_qk", "ulysses_errors",
-         "zero0", "zero1", "zero2", "zero3", "ulysses_auto_after_initialize"]
+         "gpt_ds_ulysses", "zero0", "zero1", "zero2", "zero3", "ulysses_auto_after_initialize"]
 # ZeRO stage -> (mode, strategy) of the model's attention
 ZERO_MODES = {0: ("hash", None), 1: ("qk", None), 2: ("bucketed", None), 3: ("hash", "ulysses")}
 F64 = dict(rtol=1e-9, atol=1e-12)
@@ -89,6 +93,37 @@ def _ulysses_case(name, rank, group, seed):
     got = (o, *torch.autograd.grad(o, shard, g[:, lo:hi]))
     for nm, x, y in zip(("o", "dq", "dk", "dv"), got, ref):
         assert_close_rel(x, y[:, lo:hi].detach(), name=nm, **F64)
+
+
+def _gpt_ds_ulysses_case(rank, seed):
+    import torch.distributed as dist
+    from helpers import assert_close_rel
+
+    from dist_sparse_attn.integrations.deepspeed import UlyssesDenseAttention
+    from dist_sparse_attn.model import GPT, GPTConfig, parallelize
+    cfg = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, attention="dense")
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg)).double()
+    gen = torch.Generator().manual_seed(seed)
+    N, n = 2 * 15, 15
+    idx, tgt = (torch.randint(0, 256, (2, N), generator=gen) for _ in range(2))
+    full_logits, full_loss = model(idx, tgt)
+    full_loss.backward()
+    full_grads = {nm: p.grad.clone() for nm, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="dense baseline"):
+        parallelize(GPT(GPTConfig(**{**cfg, "attention": "hash"})), dist.group.WORLD,
+                    "ds-ulysses")
+    parallelize(model, dist.group.WORLD, "ds-ulysses")
+    assert all(isinstance(b.attn.core_attn, UlyssesDenseAttention) for b in model.transformer.h)
+    lo, hi = rank * n, (rank + 1) * n
+    logits, loss = model(idx[:, lo:hi], tgt[:, lo:hi])     # offset found by the model
+    assert_close_rel(logits, full_logits[:, lo:hi].detach(), name="logits", **F64)
+    (loss * n / N).backward()
+    for nm, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        assert_close_rel(g, full_grads[nm], name=f"grad {nm}", **F64)
 
 
 def _make_model(mode, strategy, sequence_parallel):
@@ -228,6 +263,8 @@ def _check(name, rank, seed):
         with pytest.raises(ValueError, match="N/P differs between ranks"):
             attn(q[:, :5 + rank], kv[:, :5 + rank], kv[:, :5 + rank], 0)
         assert attn(q, kv, kv, 0).shape == q.shape      # the group is still in step
+    elif name == "gpt_ds_ulysses":
+        _gpt_ds_ulysses_case(rank, seed)
     elif name.startswith("zero"):
         _zero_case(int(name[-1]), rank, seed)
     elif name == "ulysses_auto_after_initialize":

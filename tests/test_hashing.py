@@ -1,11 +1,13 @@
-"""Angular LSH bucketing (``lsh_buckets``) and keep-masks as buckets (DESIGN §1)."""
+"""Angular LSH bucketing (``lsh_buckets``) and keep-masks as buckets (docs/design.md,
+section 1)."""
 import numpy as np
 import pytest
 import torch
 
 import dist_sparse_attn as dsa
 from dist_sparse_attn.hashing import (buckets_from_rotations, lsh_rotations, lsh_scheme,
-                                      merge_fine_buckets, rotation_groups)
+                                      rotation_groups)
+from dist_sparse_attn.kernels.torch_hash import merge_fine_buckets
 
 
 def rand_x(B=2, N=57, heads=4, D=16, dtype=torch.float32):

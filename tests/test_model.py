@@ -12,7 +12,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dist_sparse_attn.data import TokenData, eval_retrieval, shard_sequence, stdlib_corpus
-from dist_sparse_attn.model import GPT, GPTConfig, position_keep
+from dist_sparse_attn.hashing import position_keep
+from dist_sparse_attn.model import GPT, GPTConfig, parallelize
 from helpers import assert_ranks_ok, run_workers
 
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_buckets=4)
@@ -291,15 +292,20 @@ def test_bucket_cap_is_cap_buckets_of_the_lsh_buckets():
 
     from dist_sparse_attn import bucketed_attention
     from dist_sparse_attn.balance import cap_buckets
+    from dist_sparse_attn.hashing import lsh_buckets
     cfg = GPTConfig(attention="hash", bucket_cap=1.0, local_heads=1, local_window=8,
                     **{**TINY, "n_buckets": 2})
-    attn = GPT(cfg).transformer.h[0].attn
+    attn = GPT(cfg).transformer.h[1].attn.core_attn
+    assert attn.seed == cfg.hash_seed + 1                     # layer l: hash_seed + l
     B, N, D = 2, 40, TINY["n_embd"] // TINY["n_head"]
     q = torch.randn(B, N, 4, D)
     k, v = torch.randn(B, N, 2, D), torch.randn(B, N, 2, D)
-    qb, kb = attn._hash_buckets(q, k, torch.arange(N))
+    # LSH buckets, kv head 1 (and its query heads 2, 3) block-local: position // 8
+    qb = lsh_buckets(q, 2, seed=attn.seed, group_size=2)
+    kb = lsh_buckets(k, 2, seed=attn.seed)
+    qb[..., 2:] = kb[..., 1:] = (torch.arange(N) // 8)[None, :, None]
     want = bucketed_attention(q, k, v, *cap_buckets(qb, kb, math.ceil(N / 2)))
-    torch.testing.assert_close(attn.attend(q, k, v, None), want)
+    torch.testing.assert_close(attn(q, k, v), want)
     assert not torch.allclose(want, bucketed_attention(q, k, v, qb, kb))
 
 
@@ -360,11 +366,11 @@ def test_local_heads_buckets_and_semantics():
     torch.testing.assert_close(local(idx)[0], dense(idx)[0], rtol=1e-4, atol=1e-5)
 
     cfg = GPTConfig(attention="hash", **{**TINY, "local_heads": 1, "local_window": 8})
-    attn = GPT(cfg).transformer.h[0].attn
+    attn = GPT(cfg).transformer.h[0].attn.core_attn
     B, N, H, Hkv, D = 2, 40, 4, 2, 8
     q, k = torch.randn(B, N, H, D), torch.randn(B, N, Hkv, D)
     pos = torch.arange(100, 100 + N)
-    qb, kb = attn._hash_buckets(q, k, pos)
+    qb, kb = attn.buckets(q, k, pos)
     win = (pos // 8)[None, :].expand(B, N)
     for h in (2, 3):                      # query heads of kv head 1 (group size 2)
         assert torch.equal(qb[..., h], win)
@@ -373,7 +379,7 @@ def test_local_heads_buckets_and_semantics():
     assert torch.equal(qb[..., :2], lsh_buckets(q, 4, seed=attn.seed, group_size=2)[..., :2])
     assert torch.equal(kb[..., 0], lsh_buckets(k, 4, seed=attn.seed)[..., 0])
     # the counting sort's bucket bound is promised only for default positions
-    from dist_sparse_attn import model as M
+    from dist_sparse_attn import modules as M
     seen = []
     real = M._bucketed_default_positions
 
@@ -396,6 +402,41 @@ def test_local_heads_buckets_and_semantics():
     hashed = GPT(cfg)
     a = hashed(idx)[0]
     assert torch.isfinite(a).all() and not torch.allclose(a, dense(idx)[0], atol=1e-4)
+
+
+def test_layering_model_on_modules():
+    """The model is built on the modules and imports no framework: importing and running
+    it (every attention) imports neither DeepSpeed nor transformers, and the modules and
+    the integrations import no model."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "import dist_sparse_attn.integrations, dist_sparse_attn.modules\n"
+            "import dist_sparse_attn.integrations.transformers\n"
+            "assert 'dist_sparse_attn.model' not in sys.modules, 'modules/integrations import model'\n"
+            "from dist_sparse_attn.model import GPT, GPTConfig, parallelize\n"
+            "for a in ('dense', 'hash', 'qk', 'none'):\n"
+            "    m = parallelize(GPT(GPTConfig(attention=a, n_layer=1, n_embd=16, n_head=2)), None)\n"
+            "    m(torch.randint(0, 256, (1, 9)))\n"
+            "bad = [m for m in ('deepspeed', 'transformers') if m in sys.modules]\n"
+            "assert not bad, f'imported {bad}'\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_parallelize_arguments():
+    """parallelize: a no-op without a group, ValueError for a bad strategy or group."""
+    model = GPT(GPTConfig(attention="hash", **TINY))
+    before = [b.attn.core_attn for b in model.transformer.h]
+    assert parallelize(model, None) is model
+    assert [b.attn.core_attn for b in model.transformer.h] == before
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        parallelize(model, None, "ring")
+    with pytest.raises(ValueError, match="group must be None or a torch.distributed"):
+        parallelize(model, "world")
 
 
 @pytest.mark.parametrize("attention,steps,batch,margin",
@@ -467,15 +508,19 @@ def _sp_case(name, rank, world):
     # this rank's shard, through the process group
     x, pos = shard_sequence(idx, rank, world)
     y, _ = shard_sequence(tgt, rank, world)
-    logits, loss = model(x, y, positions=pos if explicit else None, sp_group=dist.group.WORLD,
-                         sp_strategy=strategy)
+    if name == "dense_bucket":      # a group of one rank leaves the model as it is
+        singles = [dist.new_group([r]) for r in range(world)]     # (every rank makes each)
+        ops = [b.attn.core_attn for b in model.transformer.h]
+        assert parallelize(model, singles[rank], strategy) is model
+        assert [b.attn.core_attn for b in model.transformer.h] == ops
+    assert parallelize(model, dist.group.WORLD, strategy) is model
+    logits, loss = model(x, y, positions=pos if explicit else None)
     if rank == 1:   # local positions instead of global ones: RoPE disagrees with rank 0's keys
-        wrong = model(x, positions=torch.arange(x.shape[1]), sp_group=dist.group.WORLD,
-                      sp_strategy=strategy)[0]
+        wrong = model(x, positions=torch.arange(x.shape[1]))[0]
         if attention != "none":     # (no attention: q and k, and so RoPE, are unused)
             assert not torch.allclose(wrong, full_logits[:, pos], atol=1e-4)
     else:
-        model(x, positions=pos, sp_group=dist.group.WORLD, sp_strategy=strategy)  # same collectives
+        model(x, positions=pos)  # same collectives
     torch.testing.assert_close(logits, full_logits[:, pos], rtol=1e-4, atol=1e-5)
     # global mean loss = sum over ranks of local mean * n_r / N; grads summed over ranks
     (loss * x.shape[1] / N_SP).backward()

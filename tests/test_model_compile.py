@@ -6,7 +6,7 @@ attention call), on CPU with the real inductor backend (needs a C++ compiler):
   two AdamW steps, for dense, hash and qk attention and with activation
   checkpointing; dynamo made exactly 2 graphs (pre- and post-attention) shared by
   the 3 blocks, with no graph break, and eval mode / a new length add 2 each
-  (that one under backend "aot_eager", ``model.COMPILE_BACKEND``);
+  (that one under backend "aot_eager", ``GPTConfig.compile_backend``);
 * the training entry point accepts ``--set model.compile=blocks``: 3 steps of a
   real job log the same losses as compile off (rel 1e-4) and the startup line
   saying what is compiled; a bad value, or compile with ZeRO-3, exits with code 2.
@@ -25,7 +25,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from dist_sparse_attn import model as M
 from dist_sparse_attn.model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,12 +90,11 @@ def test_compiled_blocks_match_eager(attention, ckpt):
 
 
 @pytest.mark.timeout(300)
-def test_eval_and_new_length_recompile_once_each(monkeypatch):
+def test_eval_and_new_length_recompile_once_each():
     """Eval (no_grad) and another sequence length: 2 more graphs each, not per block.
     Dynamo's guards and recompiles do not depend on the backend: "aot_eager" here
-    (the internal knob) saves inductor's compile time of 4 more graphs."""
-    monkeypatch.setattr(M, "COMPILE_BACKEND", "aot_eager")
-    model = GPT(_tiny(attention="hash", compile="blocks"))
+    (``compile_backend``) saves inductor's compile time of 4 more graphs."""
+    model = GPT(_tiny(attention="hash", compile="blocks", compile_backend="aot_eager"))
     idx = torch.randint(0, 256, (2, 128))
     model(idx, idx)[1].backward()
     assert counters["stats"]["unique_graphs"] == 2
@@ -134,6 +132,9 @@ def test_config_rejects_bad_mode():
     with pytest.raises(ValueError, match="compile must be one of"):
         GPTConfig(compile="full")
     assert GPTConfig().compile == "off"
+    with pytest.raises(ValueError, match="compile_backend must be one of"):
+        GPTConfig(compile="blocks", compile_backend="inductr")
+    assert GPTConfig().compile_backend == "inductor"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,3 +65,95 @@ def test_module_argument_errors():
         dsa.SparseAttention("qk")(q, k, v)
     with pytest.raises(ValueError, match="takes no q_keep"):
         dsa.SparseAttention("hash", 4)(q, k, v, torch.ones(1, 5, 2, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules the modules make buckets with (what the GPT's attention is built on)
+# ---------------------------------------------------------------------------------------------
+
+def _ref(q, k, v, qb, kb, **kw):
+    return dsa.reference_attention(q, k, v, qb, kb, **kw).to(q.dtype)
+
+
+@pytest.mark.parametrize("shift", [0, 21])
+def test_hash_local_heads_and_cap_match_reference(shift):
+    """local_heads: the last kv head (and its query heads) in buckets position // window, by
+    the GIVEN positions (shifted windows straddle differently); bucket_cap: cap_buckets at
+    ceil(cap * N / n_buckets) keys (6 here: every window of 20 tokens is split); equal to
+    the float64 oracle on those buckets."""
+    import math
+
+    from dist_sparse_attn.balance import cap_buckets
+    B, N, H, Hkv, D, nb, win = 2, 45, 6, 3, 8, 8, 20
+    q, k, v = rand_qkv(B, N, N, H, Hkv, D, dtype=torch.float64)
+    pos = torch.arange(N) + shift
+    qb = dsa.lsh_buckets(q, nb, seed=5, group_size=2)
+    kb = dsa.lsh_buckets(k, nb, seed=5)
+    qb[..., 4:] = kb[..., 2:] = (pos // win)[None, :, None]
+    local = dsa.SparseAttention("hash", nb, seed=5, local_heads=1, local_window=win,
+                                backend="torch")
+    got = local(q, k, v, positions=pos if shift else None)
+    torch.testing.assert_close(got, _ref(q, k, v, qb, kb), rtol=1e-10, atol=1e-12)
+    assert torch.equal(local.buckets(q, k, pos)[0], qb)
+    capped = dsa.SparseAttention("hash", nb, seed=5, local_heads=1, local_window=win,
+                                 bucket_cap=1.0, backend="torch")
+    cqb, ckb = cap_buckets(qb, kb, math.ceil(1.0 * N / nb))
+    want = _ref(q, k, v, cqb, ckb)
+    torch.testing.assert_close(capped(q, k, v, positions=pos), want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(want, got)        # the cap changed something
+    with pytest.raises(ValueError, match="non-negative"):
+        local(q, k, v, positions=pos - 30)
+    with pytest.raises(ValueError, match="local_heads=4 exceeds"):
+        dsa.SparseAttention("hash", nb, local_heads=4)(q, k, v)
+
+
+def test_qk_keep_rate_is_the_position_rule():
+    """keep_rate: queries kept by position_keep(salt 0), keys by salt 1, of the GIVEN
+    global positions (a shard decides like the whole sequence)."""
+    from dist_sparse_attn.hashing import position_keep
+    B, N, H, Hkv, D = 2, 40, 4, 2, 8
+    q, k, v = rand_qkv(B, N, N, H, Hkv, D, dtype=torch.float64)
+    pos = torch.arange(N) + 13
+    q_keep = position_keep(pos, B, H, 0.4, 9, 0)
+    k_keep = position_keep(pos, B, Hkv, 0.4, 9, 1)
+    mod = dsa.SparseAttention("qk", seed=9, keep_rate=0.4, backend="torch")
+    want = _ref(q, k, v, dsa.keep_to_buckets(q_keep), dsa.keep_to_buckets(k_keep))
+    torch.testing.assert_close(mod(q, k, v, positions=pos), want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(mod(q, k, v), want)           # default positions: arange(N)
+    with pytest.raises(ValueError, match="takes no q_keep"):
+        mod(q, k, v, q_keep, k_keep)
+
+
+def test_dense_sdpa_and_none():
+    """sdpa_backend: dense causal SDPA (the oracle with every bucket 0, softmax_scale
+    honoured); mode "none": each token's output is its own value vector."""
+    B, N, H, Hkv, D = 2, 33, 4, 2, 8
+    q, k, v = rand_qkv(B, N, N, H, Hkv, D, dtype=torch.float64)
+    zq, zk = torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
+    for backend in ("auto", "math"):
+        sdpa = dsa.SparseAttention("dense", sdpa_backend=backend, softmax_scale=0.3)
+        torch.testing.assert_close(sdpa(q, k, v), _ref(q, k, v, zq, zk, softmax_scale=0.3),
+                                   rtol=1e-10, atol=1e-12)
+    o = dsa.SparseAttention("none")(q, k, v, positions=torch.arange(N) + 4)
+    torch.testing.assert_close(o, v.repeat_interleave(2, dim=2), rtol=0, atol=0)
+    assert torch.equal(o[:, :, 1], v[:, :, 0]) and torch.equal(o[:, :, 2], v[:, :, 1])
+
+
+def test_rule_option_errors():
+    for kw, text in [(dict(mode="qk", local_heads=1), "local_heads applies"),
+                     (dict(mode="hash", n_buckets=4, local_window=0), "local_window"),
+                     (dict(mode="hash", n_buckets=4, bucket_cap=0.5), "bucket_cap must be"),
+                     (dict(mode="dense", bucket_cap=2.0), "bucket_cap applies"),
+                     (dict(mode="qk", keep_rate=0.0), "keep_rate must be"),
+                     (dict(mode="hash", n_buckets=4, keep_rate=0.5), "keep_rate applies"),
+                     (dict(mode="dense", sdpa_backend="fast"), "sdpa_backend must be"),
+                     (dict(mode="hash", n_buckets=4, sdpa_backend="math"), "sdpa_backend applies"),
+                     (dict(mode="dense", sdpa_backend="math", causal=False), "causal=True"),
+                     (dict(mode="dense", sdpa_backend="math", backend="torch"), "backend"),
+                     (dict(mode="none", include_self=False), "always includes self")]:
+        with pytest.raises(ValueError, match=text):
+            dsa.SparseAttention(**kw)
+    with pytest.raises(TypeError):      # SDPA is one device only
+        dsa.SequenceParallelSparseAttention(None, "dense", sdpa_backend="math")
+    with pytest.raises(ValueError, match="makes no buckets"):
+        dsa.SparseAttention("bucketed").buckets(*rand_qkv(1, 5, 5, 2, 2, 8)[:2])

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_sparse_attn.parallel.bucket import _lpt_owners
+from dist_sparse_attn.parallel.routing import lpt_owners as _lpt_owners
 from helpers import assert_ranks_ok, free_port, record_cases, world_cases, world_runs
 
 JOIN_TIMEOUT_S = 240
@@ -184,20 +184,12 @@ def _check_disagreements(rank, n, gen):
     expect("dtype", lambda: spa(qd, qd, qd, kb, kb, **kw))
     # the same call through different conveniences: hashed on rank 0, given buckets on 1
     expect("mode", lambda: spha(q, q, q, 4, **kw) if rank == 0 else spa(q, q, q, kb, kb, **kw))
-    # the bucket strategy's overlap chunks (read from the environment on each rank)
-    os.environ["DSA_BUCKET_CHUNKS"] = on1("1", "2")
-    try:
-        expect("overlap_chunks", lambda: spa(q, q, q, kb, kb, **kw))
-    finally:
-        del os.environ["DSA_BUCKET_CHUNKS"]
+    # the bucket strategy's overlap chunks
+    expect("overlap_chunks", lambda: spa(q, q, q, kb, kb, overlap_chunks=on1(1, 2), **kw))
     # a local error of another type on rank 1 only (here an invalid chunk count):
     # rank 1 raises it, rank 0 learns of it instead of waiting in the next collective
-    os.environ["DSA_BUCKET_CHUNKS"] = on1("1", "two")
-    try:
-        with pytest.raises(ValueError, match="DSA_BUCKET_CHUNKS" if rank == 1 else "rank"):
-            spa(q, q, q, kb, kb, **kw)
-    finally:
-        del os.environ["DSA_BUCKET_CHUNKS"]
+    with pytest.raises(ValueError, match="overlap_chunks" if rank == 1 else "rank"):
+        spa(q, q, q, kb, kb, overlap_chunks=on1(1, "two"), **kw)
     # arguments of the wrong type are refused, not read by truthiness
     with pytest.raises(ValueError, match="causal"):
         spa(q, q, q, kb, kb, causal="no", **kw)
@@ -331,7 +323,7 @@ def test_lpt_many_groups_water_filling(G, P):
     """Beyond _LPT_EXACT * P groups the small ones fill the ranks' deficits: every
     rank still within the largest group's cost of the mean, unrouted groups -1,
     deterministic -- with one group heavier than a rank's fair share too."""
-    from dist_sparse_attn.parallel.bucket import _LPT_EXACT
+    from dist_sparse_attn.parallel.routing import LPT_EXACT as _LPT_EXACT
     assert G > _LPT_EXACT * P
     g = torch.Generator().manual_seed(G + P)
     n_q = torch.randint(0, 60, (G,), generator=g)

@@ -1,4 +1,6 @@
-"""benchmarks/check_parallel_gpu.py launched with torchrun, as users run it.
+"""benchmarks/check_parallel_gpu.py (the command line of
+``dist_sparse_attn.testing.check_parallel``) launched with torchrun, as users run it,
+and the package helpers behind it (``dist_sparse_attn.testing``).
 
 GPU (skipped with fewer than 2 CUDA devices): every case of the script (hash,
 GQA, skewed, exclude-self, uneven shards, QK-sparse, dense; strategies bucket,
@@ -119,3 +121,47 @@ def test_check_parallel_cpu_detects_errors(tmp_path):
     rows = report["rows"]
     assert len(rows) == 2 * STRATEGIES
     assert all(r["status"] == "fail" and not r["tensors"]["o"]["pass"] for r in rows), out
+
+
+# ---------------------------------------------------------------------------------------------
+# the package's helpers behind the checker and the benchmarks
+# ---------------------------------------------------------------------------------------------
+
+def test_bucket_costs_against_a_direct_count():
+    """bucket_costs: every routed group's n_q * n_k counted once, on the rank the LPT
+    assignment gives it (within the largest group of the mean)."""
+    from dist_sparse_attn.testing import bucket_costs
+    g = torch.Generator().manual_seed(5)
+    B, N, H, Hkv, nb, P = 2, 300, 4, 2, 5, 3
+    qb = torch.randint(-1, nb, (B, N, H), generator=g)
+    kb = torch.randint(-1, nb, (B, N, Hkv), generator=g)
+    kb[1, :, 1] = torch.where(kb[1, :, 1] == 2, 3, kb[1, :, 1])   # a group without keys
+    costs = bucket_costs(qb, kb, P)
+    per_group = [int((qb[b, :, j * 2:(j + 1) * 2] == u).sum() * (kb[b, :, j] == u).sum())
+                 for b in range(B) for j in range(Hkv) for u in range(nb)]
+    assert len(costs) == P and sum(costs) == sum(per_group)
+    assert max(costs) - sum(per_group) / P <= max(per_group)
+    assert bucket_costs(qb * 0 - 1, kb, P) == [0.0] * P
+
+
+def test_local_attention_ms_reads_the_profiler_ranges():
+    """local_attention_ms counts the strategies' local attention range (forward) and the
+    attention's autograd backward, and nothing outside them."""
+    from torch.profiler import profile
+
+    import dist_sparse_attn as dsa
+    from dist_sparse_attn.parallel._comm import local_attention_range
+    from dist_sparse_attn.testing import local_attention_ms
+    q, k, v = (torch.randn(1, 200, 2, 16, requires_grad=True) for _ in range(3))
+    b = torch.randint(0, 3, (1, 200, 2))
+    with profile() as prof:
+        with local_attention_range():
+            o = dsa.bucketed_attention(q, k, v, b, b, backend="torch")
+        o.sum().backward()
+    fwd = local_attention_ms(prof, cuda=False, backward=False)
+    both = local_attention_ms(prof, cuda=False)
+    assert 0 < fwd < both
+    with profile() as bare:                 # the same call outside the range: forward 0
+        dsa.bucketed_attention(q, k, v, b, b, backend="torch").sum().backward()
+    assert local_attention_ms(bare, cuda=False, backward=False) == 0
+    assert local_attention_ms(bare, cuda=False) > 0

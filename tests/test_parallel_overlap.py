@@ -4,7 +4,7 @@ on gloo, 2-4 processes, against the single-process oracle.
 As in ``test_parallel.py``: each world size is launched once (spawned processes, a free
 port, a join timeout) and runs its cases in turn; every rank rebuilds the same global
 inputs from a shared seed, takes its (uneven) shard, runs
-``sequence_parallel_attention(strategy="bucket")`` with ``$DSA_BUCKET_CHUNKS`` set to the
+``sequence_parallel_attention(strategy="bucket")`` with ``overlap_chunks`` set to the
 case's chunk count, and compares its output and q/k/v gradient shards (backward of
 sum(o * g)) with ``reference_attention`` on the full tensors in float64.
 
@@ -15,8 +15,8 @@ Every case also counts the ``all_to_all_single`` calls of the forward and of the
 from __future__ import annotations
 
 import datetime
-import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,7 +64,7 @@ CASES["w2_single_group_ckpt_c2"] = dict(lengths=[30, 20], B=1, H=2, Hkv=1, bucke
                                         chunks=2, ckpt=True)
 CASES["w3_few_groups_ckpt_c2"] = dict(_BASE["w3_few_groups"], chunks=2, ckpt=True)
 CASES["w2_mismatch"] = dict(lengths=[20, 30], kind="mismatch")
-CASES["w3_invalid_env"] = dict(lengths=[20, 30, 10], kind="invalid")
+CASES["w3_invalid_chunks"] = dict(lengths=[20, 30, 10], kind="invalid")
 WORLDS = {w: [n for n, c in CASES.items() if len(c["lengths"]) == w] for w in (2, 3, 4)}
 
 
@@ -86,11 +86,6 @@ class _CountA2A:
         return self.orig(*a, **kw)
 
 
-def _set_chunks(value):
-    from dist_sparse_attn.parallel.bucket import CHUNKS_ENV
-    os.environ[CHUNKS_ENV] = str(value)
-
-
 def _check_case(name, spec, rank, world, seed, counter):
     from helpers import sp_case, sp_check_shard
 
@@ -103,21 +98,20 @@ def _check_case(name, spec, rank, world, seed, counter):
         q = torch.randn(1, hi - lo, 2, D, generator=gen, dtype=torch.float64)
         b = torch.randint(0, 3, (1, hi - lo, 2), generator=gen)
         if spec["kind"] == "mismatch":      # rank 1 pipelines, rank 0 does not
-            _set_chunks(2 if rank == 1 else 1)
+            chunks = 2 if rank == 1 else 1
             msg = "differs between ranks"
         else:                               # an invalid value on the last rank only
-            _set_chunks("two" if rank == world - 1 else 2)
+            chunks = "two" if rank == world - 1 else 2
             msg = "integer" if rank == world - 1 else rf"invalid inputs on rank\(s\) \[{world - 1}\]"
         with pytest.raises(ValueError, match=msg):
-            spa(q, q, q, b, b, backend="torch")
-        _set_chunks(2)                      # the group is still in step
-        assert spa(q, q, q, b, b, backend="torch").shape == q.shape
+            spa(q, q, q, b, b, backend="torch", overlap_chunks=chunks)
+        # the group is still in step
+        assert spa(q, q, q, b, b, backend="torch", overlap_chunks=2).shape == q.shape
         return
 
     case = sp_case(spec, D, gen)
     qb, kb = case["qb"], case["kb"]
     K = spec["chunks"]
-    _set_chunks(K)
     shard = [case[x][:, lo:hi].clone().requires_grad_(True) for x in "qkv"]
     n0 = counter.n
     if spec.get("ckpt"):
@@ -126,11 +120,12 @@ def _check_case(name, spec, rank, world, seed, counter):
         # block through the attention (once: the recompute stops at the last saved tensor)
         o = checkpoint(lambda q_, k_, v_: spa(q_, k_, v_, qb[:, lo:hi], kb[:, lo:hi],
                                               strategy="bucket", backend="torch",
-                                              **case["kw"]) * torch.ones_like(q_),
+                                              overlap_chunks=K, **case["kw"])
+                       * torch.ones_like(q_),
                        *shard, use_reentrant=False)
     else:
         o = spa(*shard, qb[:, lo:hi], kb[:, lo:hi], strategy="bucket", backend="torch",
-                **case["kw"])
+                overlap_chunks=K, **case["kw"])
     n_fwd = counter.n - n0
     grads = torch.autograd.grad(o, shard, case["g"][:, lo:hi], allow_unused=True)
     n_bwd = counter.n - n0 - n_fwd
@@ -172,7 +167,8 @@ def test_chunk_split_balanced_and_deterministic():
     """Within every owner the chunks split its groups by cost (LPT: each chunk within the
     owner's largest group of the owner's mean), every routed group gets a chunk, unrouted
     ones -1, the same answer on every call."""
-    from dist_sparse_attn.parallel.bucket import _chunk_of, _lpt_owners
+    from dist_sparse_attn.parallel.routing import chunk_of as _chunk_of
+    from dist_sparse_attn.parallel.routing import lpt_owners as _lpt_owners
     g = torch.Generator().manual_seed(11)
     G, P, K = 400, 3, 3
     n_q = torch.randint(0, 40, (G,), generator=g)
@@ -191,15 +187,23 @@ def test_chunk_split_balanced_and_deterministic():
                        torch.full((4,), -1))
 
 
-def test_overlap_chunks_setting(monkeypatch):
-    from dist_sparse_attn.parallel import bucket
-    monkeypatch.delenv(bucket.CHUNKS_ENV, raising=False)
-    assert bucket.overlap_chunks() == bucket.OVERLAP_CHUNKS == 1
-    monkeypatch.setattr(bucket, "OVERLAP_CHUNKS", 3)
-    assert bucket.overlap_chunks() == 3
-    monkeypatch.setenv(bucket.CHUNKS_ENV, "2")
-    assert bucket.overlap_chunks() == 2
-    for bad in ("0", "-1", "1.5", "x"):
-        monkeypatch.setenv(bucket.CHUNKS_ENV, bad)
-        with pytest.raises(ValueError, match="integer"):
-            bucket.overlap_chunks()
+def test_overlap_chunks_setting():
+    """``overlap_chunks``: a keyword of every entry point, default 1 (the unpipelined
+    path); any integer >= 1 is taken, anything else is a ValueError naming it."""
+    import inspect
+
+    from dist_sparse_attn import SequenceParallelSparseAttention, parallel
+    from dist_sparse_attn.parallel._comm import check_overlap_chunks
+    for fn in (parallel.sequence_parallel_attention, parallel.sequence_parallel_hash_attention,
+               parallel.sequence_parallel_qk_attention, parallel.bucket_parallel_attention,
+               SequenceParallelSparseAttention):
+        p = inspect.signature(fn).parameters["overlap_chunks"]
+        assert p.default == 1 and p.kind is p.KEYWORD_ONLY, fn
+    assert check_overlap_chunks(1) == 1
+    assert check_overlap_chunks(3) == 3 and check_overlap_chunks(np.int64(2)) == 2
+    for bad in (0, -1, 1.5, "2", "x", True, None):
+        with pytest.raises(ValueError, match="overlap_chunks must be an integer"):
+            check_overlap_chunks(bad)
+    with pytest.raises(ValueError, match="overlap_chunks"):
+        SequenceParallelSparseAttention(None, "hash", 4, overlap_chunks=0)
+    assert SequenceParallelSparseAttention(None, "hash", 4, overlap_chunks=3).overlap_chunks == 3

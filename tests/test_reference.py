@@ -1,4 +1,5 @@
-"""The oracle ``reference_attention`` against independently built attention (DESIGN §1).
+"""The oracle ``reference_attention`` against independently built attention
+(docs/design.md, section 1).
 
 Independent references: ``scaled_dot_product_attention`` in float64 with a
 boolean mask built here from the buckets and positions (GQA by

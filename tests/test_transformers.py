@@ -20,7 +20,7 @@ no LSH bucket flips on rounding):
   padding and packed documents (one spanning the shard boundary, so its bucket count
   comes from both shards); the implementation was registered with ``group=`` (library
   bucket strategy), 4 query heads over ONE kv head on 2 ranks.
-* "bucket_wrapper": ``build_llama``'s wrapper with ``sp_group=`` per call and uneven
+* "bucket_wrapper": ``build_llama``'s wrapper sharded by ``parallelize`` with uneven
   shards (qk mode, keep rate 0.6, one kv head; hash mode with a block-local kv head);
   "bucket_errors": bad position_ids on one rank raise
   ValueError on both.
@@ -210,6 +210,9 @@ def test_hash_wrapper_trains_and_has_the_gpt_interface(names):
     y = torch.stack([text[i + 1:i + 65] for i in (0, 5000, 10000, 15000)])
     logits, none = model(x)
     assert none is None and logits.shape == (4, 64, 256)
+    assert dsa_hf.parallelize(model, None) is model and model.sp_group is None  # one device
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        dsa_hf.parallelize(model, None, "ring")
     losses = []
     for _ in range(12):
         _, loss = model(x, y)
@@ -480,8 +483,8 @@ def _bucket_adapter_case(rank, seed):
 
 
 def _bucket_wrapper_case(rank, seed):
-    """build_llama's wrapper, sp_group per call, uneven shards: qk mode with one kv head,
-    and hash mode with block-local heads."""
+    """build_llama's wrapper sharded by parallelize, uneven shards: qk mode with one kv
+    head, and hash mode with block-local heads."""
     configs = [("sp_wrap_qk", dict(mode="qk", keep_rate=0.6, seed=4), dict(n_head=3, n_kv_head=1)),
                ("sp_wrap_hash", dict(mode="hash", n_buckets=4, local_heads=1, local_window=6,
                                      seed=7), dict(n_head=4, n_kv_head=2))]
@@ -501,10 +504,11 @@ def _wrapper_steps(wrap, ref, rank, seed):
     gen = torch.Generator().manual_seed(seed)
     lengths = [23, 18]
     lo, hi = sum(lengths[:rank]), sum(lengths[:rank + 1])
+    assert dsa_hf.parallelize(wrap, dist.group.WORLD, "bucket") is wrap
     for step in range(2):
         x = torch.randint(0, 61, (2, sum(lengths) + 1), generator=gen)
         inp, tgt = x[:, :-1], x[:, 1:]
-        logits, _ = wrap(inp[:, lo:hi], sp_group=dist.group.WORLD, sp_strategy="bucket")
+        logits, _ = wrap(inp[:, lo:hi])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 61), tgt[:, lo:hi].reshape(-1),
                                                  reduction="sum") / tgt.numel()
         loss.backward()
@@ -540,6 +544,8 @@ def _bucket_errors_case(rank):
     with pytest.raises(ValueError, match="strategy"):
         m(input_ids=ids, position_ids=pos, sp_strategy="ring")
     assert m(input_ids=ids, position_ids=pos).logits.shape == (1, 10, 61)
+    with pytest.raises(ValueError, match="registered by"):     # sdpa has no sharded form
+        dsa_hf.parallelize(_llama("sdpa"), dist.group.WORLD)
 
 
 def _alst_register(model, name):

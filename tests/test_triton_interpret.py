@@ -112,6 +112,37 @@ def test_interpreter_hash_sparse_equals_torch_backend():
     assert_close_rel(a, b, 1e-5, "o", atol=1e-6)
 
 
+def test_interpreter_tile_arguments():
+    """The launchers' tile arguments (tuning runs) set the kernels' blocks (the plan
+    caches block ranges per tile shape) and leave the result alone: forward, lse and
+    gradients equal the float64 oracle like the tuned tiles do; bad tiles raise."""
+    from dist_sparse_attn.kernels import triton_attn as ta
+    B, N, H, Hkv, D = 1, 77, 2, 1, 16
+    q, k, v = (x.detach() for x in _rand(B, N, N, H, Hkv, D))
+    qb, kb = torch.randint(-1, 3, (B, N, H)), torch.randint(-1, 3, (B, N, Hkv))
+    pos = torch.arange(N).expand(B, N)
+    do = torch.randn_like(q)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ro, rlse = reference_attention(q64, k64, v64, qb, kb, return_lse=True)
+    want = torch.autograd.grad(ro, (q64, k64, v64), do.double())
+    for tiles, dkdv in (((16, 32, 4, 1), (64, 16, 2, 1)), ((64, 16, 2, 1), (16, 64, 4, 1))):
+        plan = make_plan(q, k, qb, kb, pos, pos, causal=True, include_self=True,
+                         softmax_scale=None)
+        o, lse, lse_s = ta.triton_forward(q, k, v, plan, tiles=tiles)
+        got = ta.triton_backward(do, None, q, k, v, o, lse, lse_s, plan, dkdv_tiles=dkdv,
+                                 dq_tiles=tiles)
+        assert set(plan.cache) == {("kv", *tiles[:2]), ("q", *dkdv[:2])}, plan.cache.keys()
+        assert_close_rel(o, ro.float(), 1e-5, "o", atol=1e-6)
+        assert_close_rel(lse, rlse.float(), 1e-5, "lse")
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert_close_rel(g, w.float(), 1e-4, name, atol=1e-6)
+    plan = make_plan(q, k, qb, kb, pos, pos, causal=True, include_self=True,
+                     softmax_scale=None)
+    for bad in ((16, 32, 4), (24, 32, 4, 1), (16, 32, 0, 1), "64x64", (16, 32, 4, 1.0)):
+        with pytest.raises(ValueError, match="tiles must be"):
+            ta.triton_forward(q, k, v, plan, tiles=bad)
+
+
 @pytest.mark.parametrize("trial", range(12))
 def test_range_kernel_matches_pytorch_ranges(trial):
     """The fused Triton block-range kernel equals layout.kv_ranges / q_ranges."""
@@ -185,20 +216,20 @@ FUSED_CASES = [
 def test_fused_lsh_kernel_matches_torch(n_buckets, D, group, dtype, N, layout):
     """The fused GPU hashing kernel (run here by the interpreter) gives the buckets of
     the PyTorch path, and the sort keys of those buckets."""
-    from dist_sparse_attn.hashing import lsh_rotations
+    from dist_sparse_attn.hashing import lsh_rotations, lsh_scheme
     from dist_sparse_attn.kernels.triton_hash import lsh_triton
     from dist_sparse_attn.layout import bucket_keys
     B, heads = 2, 4
     x = _hash_input(B, N, heads, D, dtype, layout)
     want = dsa.lsh_buckets(x, n_buckets, seed=3, group_size=group)
     rot = lsh_rotations(heads, D, n_buckets, seed=3, group_size=group, device="cpu")
-    got = lsh_triton(x, rot, n_buckets, group, write_keys=False)
+    got = lsh_triton(x, rot, lsh_scheme(n_buckets), group, write_keys=False)
     clear = _clear_tokens(x, n_buckets, 3, group)
     assert clear.float().mean() > 0.9
     assert torch.equal(got[clear], want[clear])
     # float32 sums in another order may flip an exact near-tie
     assert (got == want).float().mean() >= 0.98
-    keys = lsh_triton(x, rot, n_buckets, group, write_keys=True)
+    keys = lsh_triton(x, rot, lsh_scheme(n_buckets), group, write_keys=True)
     assert torch.equal(keys, bucket_keys(got, torch.arange(N).expand(B, N)))
 
 
@@ -215,7 +246,7 @@ def test_fused_lsh_kernel_exact_ties(n_buckets, D):
     x[:, :5] = 0.0
     rot = torch.randint(-1, 2, (heads // group, D, lsh_scheme(n_buckets).n_columns)).float()
     want = buckets_from_rotations(x, rot, n_buckets, group)
-    got = lsh_triton(x, rot, n_buckets, group, write_keys=False)
+    got = lsh_triton(x, rot, lsh_scheme(n_buckets), group, write_keys=False)
     assert torch.equal(got, want)
     assert (want[:, :5] == 0).all()
 
@@ -230,13 +261,20 @@ from dist_sparse_attn.kernels import triton_hash as th
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 if not os.path.exists(tool):
     sys.exit(77)
-for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64), (2 ** 30 - 2, 16)]:
+cases = [(nb, D, False) for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64),
+                                        (2 ** 30 - 2, 16)]]
+cases += [(nb, D, True) for nb, D in [(16, 64), (2048, 64), (8192, 64), (2048, 128),
+                                       (6000, 128), (2 ** 30 - 2, 16)]]
+for nb, D, split in cases:
     s = lsh_scheme(nb)
-    cons = dict(D=D, C=s.n_columns, BLOCK_D=min(th._MAX_BLOCK_D, triton.next_power_of_2(D)),
-                BLOCK_N=th._BLOCK_N, MERGE_BITS=max(0, s.merge.bit_length() - 1),
-                WRITE_KEY=True, **th._factor_args(s))
+    block_d = max(16, triton.next_power_of_2(D)) if split else \
+        min(th._MAX_BLOCK_D, triton.next_power_of_2(D))
+    cons = dict(D=D, C=s.n_columns, BLOCK_D=block_d,
+                BLOCK_N=th._BLOCK_N_SPLIT if split else th._BLOCK_N,
+                MERGE_BITS=max(0, s.merge.bit_length() - 1),
+                WRITE_KEY=True, SPLIT=split, **th._factor_args(s))
     names = th._lsh_kernel.arg_names
-    types = dict(X="*bf16", R="*fp32", OUT="*i64")
+    types = dict(X="*bf16", R="*bf16" if split else "*fp32", OUT="*i64")
     sig = {n: "constexpr" if n in cons else types.get(n, "i32") for n in names}
     k = triton.compile(ASTSource(th._lsh_kernel, sig, {(names.index(n),): v
                                                        for n, v in cons.items()}),
@@ -248,8 +286,8 @@ for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64), (2 ** 30 - 2, 16)
                            text=True, check=True).stdout
     os.unlink(f.name)
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    print(nb, D, usage.strip().splitlines()[-1])
-    assert stack == 0, (nb, D, usage)
+    print(nb, D, split, usage.strip().splitlines()[-1])
+    assert stack == 0, (nb, D, split, usage)
 """
 
 
@@ -258,7 +296,8 @@ def test_fused_lsh_kernel_compiles_for_sm90_without_spills(tmp_path):
     """The fused hashing kernel compiles for an H100/H200 (sm_90, no GPU needed) and
     ptxas spills no registers, for the classic scheme at D = 128 (where a whole-D
     dot spilled and ran ~20x slower than PyTorch), 2 and 3 factors up to D = 256,
-    and the 6-factor merged scheme."""
+    and the 6-factor merged scheme; and the tensor-core path for bfloat16 rows (split
+    rotations) up to D = 128."""
     import subprocess
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))

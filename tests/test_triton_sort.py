@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from dist_sparse_attn.layout import DROP, bucket_keys, sort_keys
+from dist_sparse_attn.kernels import Backend
+from dist_sparse_attn.layout import DROP, bucket_keys
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 interp_only = pytest.mark.skipif(
@@ -88,7 +89,7 @@ def test_counting_sort_cumsum_path(S, N, nb, chunk, monkeypatch):
 def test_counting_sort_with_tl_sort(monkeypatch):
     """The GPU branch (tl.sort for the chunk sort) run by the interpreter, small chunks."""
     from dist_sparse_attn.kernels import triton_sort
-    monkeypatch.setattr(triton_sort, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_sort, "interpreting", lambda: False)
     _check(_keys(2, 100, 16), 16, chunk=16)
     _check(_keys(1, 70, 2), 2, chunk=32)
 
@@ -110,8 +111,8 @@ def test_counting_sort_ties_and_gaps():
 
 @interp_only
 def test_sort_keys_dispatch():
-    """layout.sort_keys with n_buckets takes the counting sort (interpreter) and
-    gives torch.sort's result; without n_buckets it is torch.sort."""
+    """The fused backend's sort_keys with n_buckets takes the counting sort
+    (interpreter) and gives torch.sort's result; without n_buckets it is torch.sort."""
     from dist_sparse_attn.kernels import triton_sort
     buckets = torch.randint(-1, 16, (2, 300, 3))
     key = bucket_keys(buckets, torch.arange(300).expand(2, 300))
@@ -125,7 +126,7 @@ def test_sort_keys_dispatch():
     triton_sort.bucket_sort_streams = spy
     try:
         for nb in (None, 16):
-            got = sort_keys(key, nb)
+            got = Backend("triton", fused=True).sort_keys(key, nb)
             assert torch.equal(got.key, want.values) and torch.equal(got.index, want.indices)
     finally:
         triton_sort.bucket_sort_streams = real
@@ -134,19 +135,21 @@ def test_sort_keys_dispatch():
 
 @interp_only
 def test_hash_sparse_path_with_counting_sort():
-    """ops.hash_sparse_attention's CUDA branch (lsh_sort_keys -> sort_keys(key,
-    n_buckets) -> plan_from_streams -> Triton kernels), replayed on the CPU under
-    the interpreter, equals hash_sparse_attention with the PyTorch backend."""
+    """ops.hash_sparse_attention's chain on the fused backend (lsh_sort_keys ->
+    Backend.sort_keys(key, n_buckets) -> plan_from_streams -> Triton kernels), replayed
+    on the CPU under the interpreter, equals hash_sparse_attention with the PyTorch
+    backend."""
     import dist_sparse_attn as dsa
     from dist_sparse_attn.hashing import lsh_sort_keys
-    from dist_sparse_attn.ops import BucketedAttentionFunction, _backend_impl
+    from dist_sparse_attn.ops import BucketedAttentionFunction
     from dist_sparse_attn.plan import plan_from_streams
     B, N, H, Hkv, D, nb = 2, 90, 4, 2, 16, 4
     q, k, v = (torch.randn(B, N, h, D) for h in (H, Hkv, Hkv))
-    qs = sort_keys(lsh_sort_keys(q, nb, seed=7, group_size=H // Hkv), nb)
-    ks = sort_keys(lsh_sort_keys(k, nb, seed=7), nb)
+    be = Backend("triton", fused=True)
+    qs = be.sort_keys(lsh_sort_keys(q, nb, seed=7, group_size=H // Hkv), nb)
+    ks = be.sort_keys(lsh_sort_keys(k, nb, seed=7), nb)
     plan = plan_from_streams(q, k, qs, ks, causal=True, include_self=True, softmax_scale=None)
-    o, _ = BucketedAttentionFunction.apply(q, k, v, plan, _backend_impl("triton", q.device))
+    o, _ = BucketedAttentionFunction.apply(q, k, v, plan, be)
     want = dsa.hash_sparse_attention(q, k, v, nb, seed=7, backend="torch")
     torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
 
@@ -208,28 +211,32 @@ def test_gpu_counting_sort_chunks_and_cumsum(chunk, monkeypatch):
 
 @gpu_only
 @pytest.mark.parametrize("nb,D,N", [(16, 64, 4096), (64, 32, 3000)], ids=str)
-def test_gpu_hash_sparse_unchanged(nb, D, N, monkeypatch):
+def test_gpu_hash_sparse_unchanged(nb, D, N):
     """hash_sparse_attention on CUDA: the counting sort gives the same streams as
-    torch.sort, so output and gradients are bitwise equal."""
+    torch.sort, so output and gradients are bitwise equal to those of
+    bucketed_attention on the same LSH buckets (sorted by torch.sort: no promise)."""
     import dist_sparse_attn as dsa
-    from dist_sparse_attn import layout, ops
+    from dist_sparse_attn import kernels
     from dist_sparse_attn.hashing import lsh_sort_keys
     B, H, Hkv = 2, 4, 2
     q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, N, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, N, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     key = lsh_sort_keys(q, nb, seed=5, group_size=H // Hkv)
-    a, b = layout.sort_keys(key, nb), torch.sort(key, dim=-1, stable=True)
+    be = kernels.select("auto", q.device, q.dtype)
+    assert be.fused
+    a, b = be.sort_keys(key, nb), torch.sort(key, dim=-1, stable=True)
     assert torch.equal(a.key, b.values) and torch.equal(a.index, b.indices)
 
-    def run():
-        o = dsa.hash_sparse_attention(q, k, v, nb, seed=5)
+    def run(fn):
+        o = fn()
         g = torch.autograd.grad(o.float().square().sum(), (q, k, v))
         return o, g
-    o1, g1 = run()
-    real = layout.sort_keys
-    monkeypatch.setattr(ops, "sort_keys", lambda key, n_buckets=None: real(key))  # torch.sort
-    o2, g2 = run()
+    o1, g1 = run(lambda: dsa.hash_sparse_attention(q, k, v, nb, seed=5))
+    with torch.no_grad():
+        qb = dsa.lsh_buckets(q, nb, seed=5, group_size=H // Hkv)
+        kb = dsa.lsh_buckets(k, nb, seed=5)
+    o2, g2 = run(lambda: dsa.bucketed_attention(q, k, v, qb, kb))           # torch.sort
     assert torch.equal(o1, o2)
     for x, y in zip(g1, g2):
         assert torch.equal(x, y)

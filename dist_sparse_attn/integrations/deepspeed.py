@@ -15,6 +15,10 @@ Two ways to use the library's sparse attention in a DeepSpeed model:
   local attention of DeepSpeed-Ulysses' ``DistributedAttention`` (heads
   all-to-all, then attention over the whole sequence with H/P heads per rank).
 
+:class:`UlyssesDenseAttention` is DeepSpeed-Ulysses itself over dense SDPA, the
+baseline the sparse attention is measured against (the GPT's sequence-parallel
+strategy "ds-ulysses", :func:`dist_sparse_attn.model.parallelize`).
+
 DeepSpeed's sequence-parallel group (0.19.8): ``deepspeed.initialize`` builds a
 (data_parallel, sequence_parallel) device mesh when its config has both
 ``"sequence_parallel_size"`` and ``"data_parallel_size"`` (or when ``mesh_param``
@@ -34,7 +38,8 @@ from torch import nn
 from .. import _validation as V
 from ..hashing import buckets_from_rotations, check_seed, lsh_rotations
 from ..kernels import resolve as _resolve_backend
-from ..modules import SequenceParallelSparseAttention, SparseAttention, _forward_args
+from ..modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
+                       _forward_args, dense_causal_sdpa, shard_offset)
 from ..parallel import _comm
 from ..plan import softmax_scale_for
 
@@ -266,6 +271,9 @@ class UlyssesLocalSparseAttention(nn.Module):
                  include_self=True, softmax_scale=None, backend="auto"):
         super().__init__()
         _check_group("group", group)
+        if mode == "none":
+            raise ValueError("mode='none' exchanges nothing: use SparseAttention('none') "
+                             "without DistributedAttention")
         kw = dict(causal=causal, include_self=include_self, softmax_scale=softmax_scale,
                   backend=backend)
         attn = SparseAttention(mode, n_buckets, seed=seed, **kw)    # validates the arguments
@@ -400,5 +408,57 @@ def ulysses_sparse_attention(group="auto", mode="hash", n_buckets=None, **kwargs
                scatter_idx=2, gather_idx=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed-Ulysses over dense SDPA: the baseline
+# ---------------------------------------------------------------------------------------------
+
+class UlyssesDenseAttention(nn.Module):
+    """DeepSpeed-Ulysses over dense causal SDPA: ``DistributedAttention`` (heads
+    all-to-all) around :func:`dist_sparse_attn.modules.dense_causal_sdpa`, as a user of
+    DeepSpeed would run dense attention with sequence parallelism. The dense baseline of
+    the benchmarks (the GPT's strategy "ds-ulysses"); it adds no checks of its own to
+    DeepSpeed's exchange.
+
+    Args:
+        group: the ``torch.distributed`` process group the sequence is sharded over.
+        sdpa_backend: the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
+            "efficient" or "math".
+
+    ``forward(q, k, v, *, positions=None)``: this rank's contiguous shard q (B, n, H, D),
+    k/v (B, n, Hkv, D) -> its shard (B, n, H, D) of dense causal attention over the whole
+    sequence. DeepSpeed's rules: every rank holds n tokens (equal shards) and the group
+    size divides H and Hkv. ``positions`` (the interface of
+    :class:`dist_sparse_attn.SequenceParallelSparseAttention`) are not read: dense
+    attention has no rule by position. Needs ``deepspeed.comm`` initialized
+    (``deepspeed.init_distributed`` or ``deepspeed.initialize``).
+    """
+
+    def __init__(self, group, sdpa_backend="auto"):
+        super().__init__()
+        if not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"group must be a torch.distributed ProcessGroup, got "
+                             f"{type(group).__name__}")
+        if sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {tuple(SDPA_BACKENDS)}, got "
+                             f"{sdpa_backend!r}")
+        self.group, self.sdpa_backend = group, sdpa_backend
+
+    def shard_positions(self, n: int, device=None) -> torch.Tensor:
+        """Global positions (n,) of this rank's shard (one all_gather of the lengths)."""
+        return torch.arange(n, device=device) + shard_offset(n, self.group, device)
+
+    def _local(self, q, k, v, *args, **kwargs):
+        return dense_causal_sdpa(q, k, v, self.sdpa_backend)
+
+    def forward(self, q, k, v, *, positions=None):
+        from deepspeed.sequence.layer import DistributedAttention   # a cheap wrapper object
+        attn = DistributedAttention(self._local, self.group, scatter_idx=2, gather_idx=1)
+        return attn(q, k, v, 0)                                                # batch dim 0
+
+    def extra_repr(self):
+        return f"sdpa_backend={self.sdpa_backend!r}"
+
+
 __all__ = ["deepspeed_sequence_parallel_group", "DeepSpeedSparseAttention",
-           "UlyssesLocalSparseAttention", "ulysses_sparse_attention", "ulysses_lsh_buckets"]
+           "UlyssesLocalSparseAttention", "ulysses_sparse_attention", "ulysses_lsh_buckets",
+           "UlyssesDenseAttention"]

@@ -47,14 +47,16 @@ Sequence parallelism, two ways:
   runs the model on its contiguous shard of the sequence with GLOBAL ``position_ids``
   (as ``UlyssesSPDataLoaderAdapter`` makes them), and attention runs through
   :func:`dist_sparse_attn.parallel.sequence_parallel_attention` (default strategy
-  "bucket", which takes any head count).
+  "bucket", which takes any head count). For :class:`HFCausalLM`, :func:`parallelize`
+  sets the group and strategy once.
 
 :func:`sharded_loss`: a rank's share of the mean next-token loss of a sharded sequence.
 
 :func:`build_llama` builds a randomly initialised Llama-style causal LM wrapped like
-:class:`dist_sparse_attn.model.GPT` (``forward(idx, targets=None, *, positions=None,
-sp_group=None, sp_strategy="bucket") -> (logits, loss)``, ``configure_optimizers``,
-``get_num_params``).
+:class:`dist_sparse_attn.model.GPT` (``forward(idx, targets=None, *, positions=None)
+-> (logits, loss)``, ``configure_optimizers``, ``get_num_params``), and
+:func:`parallelize` shards it over a process group like
+:func:`dist_sparse_attn.model.parallelize`.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
-from ..hashing import lsh_buckets
+from ..hashing import local_buckets, lsh_buckets, position_keep
+from ..modules import shard_offset
 from ..ops import _bucketed_default_positions, hash_sparse_attention
 from ..parallel import STRATEGIES, sequence_parallel_attention
 from .deepspeed import _check_group, _resolve, ulysses_lsh_buckets
@@ -144,7 +147,7 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
             within aligned windows, the short-range context hashing alone misses.
         local_window: tokens per block-local window (>= 1).
         keep_rate: mode "qk": the fraction of (token, head) items kept, in (0, 1]; the
-            rule of :func:`dist_sparse_attn.model.position_keep` on the position within
+            rule of :func:`dist_sparse_attn.hashing.position_keep` on the position within
             the document (queries and keys independently, position 0 always kept):
             causal, data independent, no communication. 1.0 keeps everything (dense
             causal attention).
@@ -500,7 +503,8 @@ def _tokens_from_stats(pos, real, s, rank, need_len):
 
 
 def _position_keep(pos, heads_total, index, keep_rate, seed, salt):
-    from ..model import position_keep
+    """The keep rule's masks (B, n, len(index)) for the given heads of the model's
+    ``heads_total``."""
     return position_keep(pos, pos.shape[0], heads_total, keep_rate, seed, salt)[..., index]
 
 
@@ -537,7 +541,6 @@ def _n_buckets_tensor(n_tokens, bucket_size):
 def _buckets(opts, seed, q, k, tok: _Tokens, hd: _Heads):
     """Bucket ids (B, n, h) and (B, n, hkv) in [0, n_docs * span) or -1 (dropped), and
     n_docs * span; document d owns ids [d * span, (d + 1) * span)."""
-    h, hkv = q.shape[2], k.shape[2]
     if opts.mode == "qk":
         qb = torch.where(_position_keep(tok.pos, hd.H, hd.q_index, opts.keep_rate, seed, 0),
                          0, -1)
@@ -551,12 +554,9 @@ def _buckets(opts, seed, q, k, tok: _Tokens, hd: _Heads):
         else:
             span = n_buckets_for(tok.max_len, opts.bucket_size)
             qb, kb = _lsh_per_document(q, k, opts, seed, tok, hd)
-        if opts.local_heads:
-            win = (tok.pos // opts.local_window)[..., None]                     # (B, n, 1)
-            kv_local = hd.kv_index >= hd.Hkv - opts.local_heads                 # (hkv,)
-            q_local = kv_local[torch.arange(h, device=q.device) // (h // hkv)]  # (h,)
-            qb = torch.where(q_local, win, qb)
-            kb = torch.where(kv_local, win, kb)
+        if opts.local_heads:        # windows of the position within the document
+            qb, kb = local_buckets(qb, kb, tok.pos, opts.local_heads, opts.local_window,
+                                   n_kv_heads=hd.Hkv, kv_index=hd.kv_index)
             span = max(span, tok.max_pos // opts.local_window + 1)
     if tok.n_docs * span >= _ID_LIMIT:
         raise ValueError(f"{tok.n_docs} documents x {span} bucket ids per document exceed the "
@@ -701,20 +701,19 @@ def sharded_loss(logits, shift_labels, group=None, ignore_index: int = -100):
 class HFCausalLM(nn.Module):
     """A transformers causal LM with the interface of :class:`dist_sparse_attn.model.GPT`.
 
-    ``forward(idx, targets=None, *, positions=None, sp_group=None, sp_strategy="bucket")``:
-    idx (B, N) int64 tokens (with ``sp_group``: this rank's contiguous shard); positions
-    (N,) or (B, N) global positions (default ``arange(N)``, or this shard's offset +
-    arange under ``sp_group``, found by an all_gather of the shard lengths). Returns
-    logits (B, N, vocab) and the mean cross-entropy over the call's tokens against
-    ``targets`` (ignore_index -1; None without targets). ``sp_group`` needs an
-    implementation registered by :func:`register`; ``sp_strategy`` is one of the
-    library's strategies.
+    ``forward(idx, targets=None, *, positions=None)``: idx (B, N) int64 tokens (after
+    :func:`parallelize`: this rank's contiguous shard); positions (N,) or (B, N) global
+    positions (default ``arange(N)``, or after :func:`parallelize` this shard's offset +
+    arange, found by an all_gather of the shard lengths). Returns logits (B, N, vocab)
+    and the mean cross-entropy over the call's tokens against ``targets`` (ignore_index
+    -1; None without targets).
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.sp_group, self.sp_strategy = None, "bucket"     # set by parallelize()
 
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -726,24 +725,15 @@ class HFCausalLM(nn.Module):
         from ..model import GPT
         return GPT.configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
 
-    def forward(self, idx, targets=None, *, positions=None, sp_group=None, sp_strategy="bucket"):
+    def forward(self, idx, targets=None, *, positions=None):
         B, N = idx.shape
         kwargs = {}
-        if sp_group is not None:
-            impl = self.config._attn_implementation
-            if impl not in _REGISTERED:
-                raise ValueError(f"sp_group needs an attention implementation registered by "
-                                 f"dist_sparse_attn.integrations.transformers.register, the "
-                                 f"model has attn_implementation={impl!r}")
-            if sp_strategy not in STRATEGIES:
-                raise ValueError(f"sp_strategy must be one of {tuple(STRATEGIES)}, got "
-                                 f"{sp_strategy!r}")
-            kwargs.update(sp_group=sp_group, sp_strategy=sp_strategy)
+        if self.sp_group is not None:     # to the registered attention function, per call
+            kwargs.update(sp_group=self.sp_group, sp_strategy=self.sp_strategy)
         if positions is None:
             positions = torch.arange(N, device=idx.device)
-            if sp_group is not None:
-                from ..model import _shard_offset
-                positions = positions + _shard_offset(N, sp_group, idx.device)
+            if self.sp_group is not None:
+                positions = positions + shard_offset(N, self.sp_group, idx.device)
         pos = positions.long()
         pos = (pos[None] if pos.dim() == 1 else pos).expand(B, N)
         out = self.model(input_ids=idx, position_ids=pos, use_cache=False, **kwargs)
@@ -754,6 +744,32 @@ class HFCausalLM(nn.Module):
             loss = F.cross_entropy(wide.reshape(-1, logits.size(-1)),
                                    targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+
+def parallelize(model: HFCausalLM, group, strategy: str = "bucket") -> HFCausalLM:
+    """The library's sequence parallelism for an :class:`HFCausalLM`, in place (as
+    :func:`dist_sparse_attn.model.parallelize` for the GPT): its forward then takes this
+    rank's contiguous shard of the sequence, and every attention call runs over ``group``
+    with ``strategy`` ("bucket", "ulysses" or "allgather",
+    :func:`dist_sparse_attn.parallel.sequence_parallel_attention`). The model's attention
+    must be an implementation registered by :func:`register`. ``group`` None, or a group
+    of one rank, leaves the model as it is. Returns ``model``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
+    if group is None:
+        return model
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be None or a torch.distributed ProcessGroup, got "
+                         f"{type(group).__name__}")
+    if dist.get_world_size(group) == 1:
+        return model
+    impl = model.config._attn_implementation
+    if impl not in _REGISTERED:
+        raise ValueError(f"sequence parallelism needs an attention implementation registered "
+                         f"by dist_sparse_attn.integrations.transformers.register, the model "
+                         f"has attn_implementation={impl!r}")
+    model.sp_group, model.sp_strategy = group, strategy
+    return model
 
 
 def build_llama(vocab_size: int = 256, n_layer: int = 4, n_embd: int = 128, n_head: int = 4,
@@ -817,7 +833,7 @@ def build_llama(vocab_size: int = 256, n_layer: int = 4, n_embd: int = 128, n_he
 
 
 __all__ = ["register", "n_buckets_for", "sharded_loss", "build_llama", "HFCausalLM",
-           "MODES"]
+           "parallelize", "MODES"]
 
 
 def build_from_config(config, *, sequence_parallel: bool = False) -> HFCausalLM:

@@ -2,7 +2,7 @@
 
 Streams are sorted by (bucket, position) and cut into blocks. Only the live
 (query block, key block) pairs are visited: bucket ranges overlap (binary
-search, see :func:`layout.live_ranges`) and the key block is not wholly in the
+search, see :func:`layout.kv_ranges`) and the key block is not wholly in the
 causal future. Pairs are processed in chunks of batched matmuls with an online
 softmax across chunks, so memory stays O(N * D) plus one chunk of scores, and
 cost falls with the number of buckets. Runs anywhere PyTorch runs; it is the

@@ -16,15 +16,14 @@ past: no element mask at all), partial blocks again.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..plan import AttentionPlan
+from . import interpreting
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 _LOG2E = 1.4426950408889634     # exp(x) = exp2(x * log2(e))
 
 
@@ -506,21 +505,29 @@ def _ranges_kernel(SELF_KEY, OTHER_KEY, R_START, R_FLO, R_FHI, R_END,
 # --------------------------------------------------------------------------- #
 # Host side: block sizes, metadata, launches
 # --------------------------------------------------------------------------- #
-CONFIG_OVERRIDE: dict = {}     # kind -> (BLOCK_M, BLOCK_N, warps, stages), for tuning runs
-
-
-def _config(D: int, dtype: torch.dtype, kind: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tuned on H100 for bf16/fp16."""
+def _config(D: int, dtype: torch.dtype, kind: str, tiles=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tuned on H100 for bf16/fp16.
+    ``tiles``: the caller's choice instead (tuning runs)."""
+    if tiles is not None:
+        return _check_tiles(tiles, kind)
     big = dtype == torch.float32 or D > 128
     if _INTERPRET:
         return 32, 32, 4, 1
-    if kind in CONFIG_OVERRIDE:
-        return CONFIG_OVERRIDE[kind]
     # measured on H100, bf16, D=64, B=2, H=16, N=16k (benchmarks/tune_kernels.py);
     # fwd and dq share a tile shape, so they share one set of block ranges
     if kind == "dkdv":
         return (32, 64, 4, 2) if big else (32, 64, 4, 3)
     return (64, 64, 4, 2) if big else (64, 64, 4, 3)                   # fwd, dq
+
+
+def _check_tiles(tiles, kind):
+    t = tuple(tiles) if isinstance(tiles, (tuple, list)) else None
+    if t is None or len(t) != 4 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
+                                       for x in t) \
+            or any(b < 16 or b & (b - 1) for b in t[:2]):
+        raise ValueError(f"{kind} tiles must be (BLOCK_M, BLOCK_N, num_warps, num_stages), "
+                         f"positive ints with power-of-two blocks >= 16, got {tiles!r}")
+    return t
 
 
 def _block_d(D):
@@ -570,14 +577,17 @@ def _check_head_dim(D):
         raise ValueError(f"the Triton backend supports head dims up to 256, got D={D}")
 
 
-def triton_forward(q, k, v, plan: AttentionPlan):
+def triton_forward(q, k, v, plan: AttentionPlan, *, tiles=None):
     """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32, and for the backward
-    the lse in sorted order and log2 units (S_q, Nq)."""
+    the lse in sorted order and log2 units (S_q, Nq).
+
+    ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel instead
+    of the tuned choice (for ``benchmarks/tune_kernels.py``; None: tuned)."""
     _check_head_dim(plan.D)
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    bm, bn, warps, stages = _config(D, q.dtype, "fwd")
+    bm, bn, warps, stages = _config(D, q.dtype, "fwd", tiles)
     qidx, kidx = _stream_index(plan)
     start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
     o = torch.empty_like(q)
@@ -597,8 +607,12 @@ def triton_forward(q, k, v, plan: AttentionPlan):
     return o, lse, lse_s
 
 
-def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan):
-    """(dq, dk, dv) of :func:`triton_forward`; ``dlse`` may be None."""
+def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan, *,
+                    dkdv_tiles=None, dq_tiles=None):
+    """(dq, dk, dv) of :func:`triton_forward`; ``dlse`` may be None.
+
+    ``dkdv_tiles``, ``dq_tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the
+    dK/dV and dQ kernels instead of the tuned choices (tuning runs; None: tuned)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
@@ -618,7 +632,7 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan):
     qk_scale = plan.scale * _LOG2E
     sq = (plan.q_streams.key, plan.k_streams.key)
 
-    bm, bn, warps, stages = _config(D, q.dtype, "dkdv")
+    bm, bn, warps, stages = _config(D, q.dtype, "dkdv", dkdv_tiles)
     r = _ranges(plan, bm, bn, transposed=True)
     n_kblocks = triton.cdiv(Nk, bn)
     _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
@@ -629,7 +643,7 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan):
         H, Hkv, Nq, Nk, n_kblocks, qk_scale, plan.scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
-    bm, bn, warps, stages = _config(D, q.dtype, "dq")
+    bm, bn, warps, stages = _config(D, q.dtype, "dq", dq_tiles)
     r = _ranges(plan, bm, bn, transposed=False)
     n_qblocks = triton.cdiv(Nq, bm)
     _bwd_dq_kernel[(n_qblocks, B * H)](

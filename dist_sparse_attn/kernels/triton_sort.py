@@ -7,6 +7,7 @@ time per call on an H100. When the position part ascends along every stream
 (default positions ``arange(N)``, as ``hashing.lsh_sort_keys`` writes them),
 sorting the key stably equals sorting stably by the bucket alone, and buckets
 are small integers: a counting sort gives the very same (key, index).
+``kernels.Backend.sort_keys`` takes it for keys whose caller promises this.
 
 Precondition of :func:`bucket_sort_streams` (not checked: checking would need
 a host sync):
@@ -40,11 +41,12 @@ Launches: 2 (fused prefix) or 3-4 (with the cumsum), plus allocations.
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting
 
 MAX_BUCKETS = 2 ** 16       # keeps bin * C + local index inside int32
 _MIN_CHUNK, _CHUNK, _MAX_CHUNK = 16, 256, 2048
@@ -142,10 +144,6 @@ def _place_kernel(KEY, HIST, CUM, OUT_KEY, OUT_IDX, N, L, chunks, NB,
     tl.store(OUT_IDX + row + dest, src.to(tl.int64), mask=valid)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _chunk_size(n: int, bins: int) -> int:
     """Chunk C: 256 (smaller for short streams), doubled up to 2048 while the
     histogram (bins x chunks) would hold more entries than the stream has tokens."""
@@ -211,6 +209,6 @@ def bucket_sort_streams(key: torch.Tensor, n_buckets: int, *, chunk: int | None 
     _place_kernel[(chunks, S)](key, hist, cum, out_key, out_idx, N, L, chunks, n_buckets,
                                C=C, LOG_C=C.bit_length() - 1, FUSED=fused,
                                BINS_P2=bins_p2 if fused else 1,
-                               CHUNKS_P2=chunks_p2 if fused else 1, INTERPRET=_interpreting(),
+                               CHUNKS_P2=chunks_p2 if fused else 1, INTERPRET=interpreting(),
                                num_warps=max(warps, 4) if fused else warps)
     return out_key, out_idx

@@ -2,7 +2,8 @@
 
 Strategies, one file each, all with the local op's arguments plus ``group``:
 
-* ``"bucket"`` (:mod:`.bucket`): bucket-routed all-to-all (DESIGN §3); any head count.
+* ``"bucket"`` (:mod:`.bucket`): bucket-routed all-to-all (docs/design.md, section 3); any
+  head count.
 * ``"ulysses"`` (:mod:`.ulysses`): heads all-to-all; the group size must divide H and Hkv.
 * ``"allgather"`` (:mod:`.allgather`): every rank gathers the compacted kept k/v
   items of all ranks (QK-sparse: the exchange shrinks with the drop rate).
@@ -10,6 +11,12 @@ Strategies, one file each, all with the local op's arguments plus ``group``:
 Conveniences: :func:`sequence_parallel_hash_attention` (LSH buckets hashed
 locally, the same rotations on every rank) and
 :func:`sequence_parallel_qk_attention` (keep-masks).
+
+:mod:`.routing` plans the bucket strategy (group owners, pipeline chunks, counts);
+:mod:`._comm` holds the collectives and the agreement check every strategy runs
+first. Every strategy computes its local attention inside the profiler range
+``dist_sparse_attn::local_attention`` (``_comm.LOCAL_ATTENTION_RANGE``), so
+``torch.profiler`` separates local compute from communication.
 
 Failures and timeouts (multi-node)
 ----------------------------------
@@ -43,7 +50,7 @@ from .. import _validation as V
 from ..hashing import keep_to_buckets, lsh_buckets
 from . import _comm
 from .allgather import allgather_attention
-from .bucket import bucket_parallel_attention, overlap_chunks
+from .bucket import bucket_parallel_attention
 from .ulysses import ulysses_attention
 
 STRATEGIES = {"bucket": bucket_parallel_attention, "ulysses": ulysses_attention,
@@ -52,7 +59,7 @@ STRATEGIES = {"bucket": bucket_parallel_attention, "ulysses": ulysses_attention,
 
 def sequence_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, strategy="bucket",
                                 causal=True, include_self=True, softmax_scale=None,
-                                backend="auto"):
+                                backend="auto", overlap_chunks=1):
     """Sequence-parallel ``bucketed_attention`` over a process group.
 
     Every rank of ``group`` calls this with its contiguous shard; ranks in group
@@ -68,6 +75,10 @@ def sequence_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, st
         strategy: "bucket", "ulysses" or "allgather".
         causal, include_self, softmax_scale (default 1/sqrt(D)), backend: as in
             :func:`dist_sparse_attn.bucketed_attention`.
+        overlap_chunks: the bucket strategy's pipeline chunks (an integer >= 1; the other
+            strategies ignore it): 1 exchanges all rows at once; K > 1 splits every
+            owner's groups into K chunks whose exchanges overlap the neighbouring
+            chunk's kernel (see :mod:`.bucket`). The result is the same.
 
     Returns:
         o (B, n_r, H, D): this rank's shard of the single-device result.
@@ -80,17 +91,16 @@ def sequence_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, st
     """
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=include_self, softmax_scale=softmax_scale,
-                     backend=backend)
+                     backend=backend, overlap_chunks=overlap_chunks)
 
 
 def _dispatch(q, k, v, q_buckets, k_buckets, *, group, strategy, causal, include_self,
-              softmax_scale, backend, mode="bucketed", n_buckets=None, seed=None,
-              local_error=None):
+              softmax_scale, backend, overlap_chunks, mode="bucketed", n_buckets=None,
+              seed=None, local_error=None):
     meta = _comm.validate_and_gather_meta(
         q, k, v, q_buckets, k_buckets, group=group, strategy=strategy, strategies=STRATEGIES,
         causal=causal, include_self=include_self, softmax_scale=softmax_scale, backend=backend,
-        mode=mode, n_buckets=n_buckets, seed=seed,
-        overlap_chunks=overlap_chunks if strategy == "bucket" else 1,
+        mode=mode, n_buckets=n_buckets, seed=seed, overlap_chunks=overlap_chunks,
         local_error=local_error)
     return STRATEGIES[strategy](q, k, v, q_buckets, k_buckets, group=group, causal=causal,
                                 include_self=include_self, softmax_scale=softmax_scale,
@@ -99,7 +109,7 @@ def _dispatch(q, k, v, q_buckets, k_buckets, *, group, strategy, causal, include
 
 def sequence_parallel_hash_attention(q, k, v, n_buckets, *, seed=0, group=None,
                                      strategy="bucket", causal=True, include_self=True,
-                                     softmax_scale=None, backend="auto"):
+                                     softmax_scale=None, backend="auto", overlap_chunks=1):
     """Sequence-parallel ``hash_sparse_attention``.
 
     q (B, n_r, H, D); k, v (B, n_r, Hkv, D): this rank's contiguous shard. Every
@@ -121,13 +131,13 @@ def sequence_parallel_hash_attention(q, k, v, n_buckets, *, seed=0, group=None,
         error = e
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=include_self, softmax_scale=softmax_scale,
-                     backend=backend, mode="hash", n_buckets=n_buckets, seed=seed,
-                     local_error=error)
+                     backend=backend, overlap_chunks=overlap_chunks, mode="hash",
+                     n_buckets=n_buckets, seed=seed, local_error=error)
 
 
 def sequence_parallel_qk_attention(q, k, v, q_keep, k_keep, *, group=None,
                                    strategy="allgather", causal=True, softmax_scale=None,
-                                   backend="auto"):
+                                   backend="auto", overlap_chunks=1):
     """Sequence-parallel ``qk_sparse_attention`` (query/key dropping).
 
     q (B, n_r, H, D); k, v (B, n_r, Hkv, D); q_keep (B, n_r, H) bool, k_keep
@@ -148,7 +158,8 @@ def sequence_parallel_qk_attention(q, k, v, q_keep, k_keep, *, group=None,
         error = e
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=True, softmax_scale=softmax_scale,
-                     backend=backend, mode="qk", local_error=error)
+                     backend=backend, overlap_chunks=overlap_chunks, mode="qk",
+                     local_error=error)
 
 
 __all__ = ["sequence_parallel_attention", "sequence_parallel_hash_attention",

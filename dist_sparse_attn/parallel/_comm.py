@@ -14,12 +14,24 @@ on different ranks by the autograd engine and deadlock).
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .. import _validation as V
+
+# the profiler range around every strategy's local attention (forward): torch.profiler
+# separates the local compute from the exchanges by it
+LOCAL_ATTENTION_RANGE = "dist_sparse_attn::local_attention"
+
+
+def local_attention_range():
+    """Context manager: the :data:`LOCAL_ATTENTION_RANGE` profiler range (a
+    ``torch.profiler.record_function``; microseconds of host time when no profiler runs)."""
+    return torch.profiler.record_function(LOCAL_ATTENTION_RANGE)
+
 
 class _AllToAllSingle(torch.autograd.Function):
     """out = all_to_all_single(inp) along dim 0; backward sends the gradient back."""
@@ -214,6 +226,16 @@ def check_same(rows: torch.Tensor, names, *, what: str, floats=()):
                          "every rank of the group must pass the same value")
 
 
+def check_overlap_chunks(overlap_chunks) -> int:
+    """The bucket strategy's pipeline chunks: an integer >= 1 (1: one exchange of all
+    rows, one kernel call, one exchange back; K > 1: the pipelined path of
+    :mod:`.bucket`)."""
+    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, numbers.Integral) \
+            or overlap_chunks < 1:
+        raise ValueError(f"overlap_chunks must be an integer >= 1, got {overlap_chunks!r}")
+    return int(overlap_chunks)
+
+
 class Meta(NamedTuple):
     """What the strategies need from the agreement exchange."""
     lengths: List[int]          # every rank's shard length, in group order
@@ -248,10 +270,11 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
     Every argument that must be the same on every rank is compared: B, H, Hkv, D, dtype,
     device type, causal, include_self, strategy, mode ("bucketed", "hash", "qk"),
     n_buckets and seed (hash mode), the softmax scale in use, the backend that runs and
-    the bucket strategy's overlap chunks (``overlap_chunks``: an int, or a function
-    returning it, evaluated here so that its error reaches every rank too). Any difference, or an invalid input on any
-    rank, raises a ValueError on every rank (``local_error``: an error the caller already
-    met on this rank, e.g. while hashing, raised here after the gather in the same way).
+    the bucket strategy's overlap chunks (``overlap_chunks``: validated for every
+    strategy, compared for "bucket" only, the one that uses it). Any difference, or an
+    invalid input on any rank, raises a ValueError on every rank (``local_error``: an
+    error the caller already met on this rank, e.g. while hashing, raised here after the
+    gather in the same way).
 
     Returns :class:`Meta` (every rank's shard length, the global max bucket, the chunks).
     """
@@ -276,11 +299,9 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
         from ..kernels import resolve
         from ..plan import softmax_scale_for
         ran = resolve(backend, q.device, q.dtype)
-        if callable(overlap_chunks):        # e.g. bucket.overlap_chunks (reads the env)
-            overlap_chunks = overlap_chunks()
-        if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) \
-                or overlap_chunks < 1:
-            raise ValueError(f"overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
+        overlap_chunks = check_overlap_chunks(overlap_chunks)
+        if strategy != "bucket":        # the only strategy that pipelines
+            overlap_chunks = 1
         row = torch.tensor(
             [B, H, k.shape[2], D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 2), n,
              -1, int(causal), int(include_self), list(strategies).index(strategy),

@@ -13,8 +13,8 @@ every bucket 0 this is all-gather KV context parallelism for dense attention.
 gloo cannot all_gather unequal sizes, so every rank pads its items to the
 largest count (learned first with one tiny all_gather). The k/v gradients
 travel back to their home ranks in the backward of :class:`_GatherRows`: one
-all_reduce of the gathered gradient, then this rank's slice (exact; see
-ENVIRONMENT.md on ``torch.distributed.nn.functional.all_gather``).
+all_reduce of the gathered gradient, then this rank's slice (exact: every rank
+used every rank's rows, so the summed gradient of this rank's slice is its gradient).
 
 Communication per call, in this order on every rank:
     forward  1 all_gather (kept-key counts), 1 all_gather (int64 positions + group keys),
@@ -126,12 +126,14 @@ def allgather_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=Tru
     gid_q, gid_k = gid[:idx_q.numel()], gid[idx_q.numel():]
 
     if idx_q.numel():
-        o_r = bucketed_attention(q.reshape(-1, D)[idx_q][None, :, None, :],
-                                 kr[None, :, None, :], vr[None, :, None, :],
-                                 gid_q[None, :, None], gid_k[None, :, None],
-                                 q_positions=pos_q[None], k_positions=rpos_k[None],
-                                 causal=causal, include_self=include_self,
-                                 softmax_scale=scale, backend=backend)[0, :, 0, :]  # (Mq, D)
+        with _comm.local_attention_range():
+            o_r = bucketed_attention(q.reshape(-1, D)[idx_q][None, :, None, :],
+                                     kr[None, :, None, :], vr[None, :, None, :],
+                                     gid_q[None, :, None], gid_k[None, :, None],
+                                     q_positions=pos_q[None], k_positions=rpos_k[None],
+                                     causal=causal, include_self=include_self,
+                                     softmax_scale=scale,
+                                     backend=backend)[0, :, 0, :]             # (Mq, D)
     else:
         o_r = q.new_zeros(0, D)
     out = q.new_zeros(B * n * H, D).index_copy(0, idx_q, o_r).view(B, n, H, D)

@@ -76,8 +76,9 @@ def ulysses_attention(q, k, v, q_buckets, k_buckets, *, group=None, causal=True,
     kh = from_seq(kf, Hkvp, (D,))                                             # (B, N, Hkvp, D)
     vh = from_seq(vf, Hkvp, (D,))
 
-    o = bucketed_attention(qh, kh, vh, qb, kb, causal=causal, include_self=include_self,
-                           softmax_scale=scale, backend=backend)              # (B, N, Hp, D)
+    with _comm.local_attention_range():
+        o = bucketed_attention(qh, kh, vh, qb, kb, causal=causal, include_self=include_self,
+                               softmax_scale=scale, backend=backend)          # (B, N, Hp, D)
 
     # ---- reverse: (B, N, Hp, D) -> this rank's (B, n, H, D) ------------------------------
     chunks = torch.split(o, lengths, dim=1)                                   # (B, n_s, Hp, D)
