@@ -26,7 +26,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from .model import ATTENTIONS, SP_STRATEGIES, GPTConfig
+from .model import ATTENTIONS, GPTConfig
+from .model import SP_STRATEGIES as _LIBRARY_STRATEGIES
 from .schema import parse_text, setting, validate, validate_instance
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +36,10 @@ REPO = os.path.dirname(PACKAGE)
 PRESETS = os.path.join(PACKAGE, "configs")
 """The shipped presets (``*.toml``) and DeepSpeed configs (``ds/*.json``)."""
 PRECISIONS = ("auto", "bf16", "fp32")
+SP_STRATEGIES = _LIBRARY_STRATEGIES + ("ds-ulysses",)
+"""``train.sp_strategy``: the library's strategies
+(:data:`dist_sparse_attn.model.SP_STRATEGIES`) or "ds-ulysses", DeepSpeed-Ulysses over dense SDPA, the baseline the benchmarks compare
+with (:func:`dist_sparse_attn.integrations.deepspeed.ulysses_dense_attention`)."""
 DEEPSPEED_GRADIENT_CLIPPING = 1.0
 """The gradient-norm clip DeepSpeed applies when the JSON has no "gradient_clipping"
 (its ``GRADIENT_CLIPPING_DEFAULT``, 1.0 in DeepSpeed 0.19.8); 0 turns clipping off."""

@@ -29,12 +29,12 @@ from .modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAtte
 from .schema import setting, validate_instance
 
 ATTENTIONS = ("dense", "hash", "qk", "none")
-SP_STRATEGIES = ("bucket", "ulysses", "allgather", "ds-ulysses")
-"""Sequence-parallel strategies of the model (:func:`parallelize`): the library's three
-(:func:`dist_sparse_attn.parallel.sequence_parallel_attention`) and "ds-ulysses",
-DeepSpeed-Ulysses' ``DistributedAttention`` over dense SDPA
-(:class:`dist_sparse_attn.integrations.deepspeed.UlyssesDenseAttention`): the baseline
-the benchmarks compare with."""
+SP_STRATEGIES = ("bucket", "ulysses", "allgather")
+"""The library's sequence-parallel strategies (:func:`parallelize`,
+:func:`dist_sparse_attn.parallel.sequence_parallel_attention`). Other sharded attentions
+plug in as a factory: :func:`parallelize` also takes ``attention_for(config, layer_idx,
+group) -> nn.Module``, e.g. DeepSpeed-Ulysses over dense SDPA,
+:func:`dist_sparse_attn.integrations.deepspeed.ulysses_dense_attention`."""
 COMPILE_MODES = ("off", "blocks", "model")
 """``GPTConfig.compile``: "off" (eager), "blocks" (``torch.compile`` of each block's
 work before and after the attention call; see :func:`_block_pre`) or "model" (the
@@ -222,9 +222,6 @@ def core_attention(config: GPTConfig, layer_idx: int = 0, group=None, strategy="
     if group is None:
         sdpa = config.sdpa_backend if config.attention == "dense" else None
         return SparseAttention(config.attention, sdpa_backend=sdpa, **opts)
-    if strategy == "ds-ulysses":        # DeepSpeed imported when it first runs
-        from .integrations.deepspeed import UlyssesDenseAttention
-        return UlyssesDenseAttention(group, sdpa_backend=config.sdpa_backend)
     return SequenceParallelSparseAttention(group, config.attention, strategy=strategy, **opts)
 
 
@@ -499,7 +496,7 @@ def _model_forward(model: GPT, idx, targets, positions):
 # sequence parallelism
 # ---------------------------------------------------------------------------------------------
 
-def parallelize(model: GPT, group, strategy: str = "bucket") -> GPT:
+def parallelize(model: GPT, group, strategy="bucket") -> GPT:
     """Sequence parallelism for ``model``, in place: every layer's attention op becomes
     the same attention sharded over ``group`` (:func:`core_attention`), and
     ``model.forward`` then takes this rank's contiguous shard of the sequence (see
@@ -510,15 +507,18 @@ def parallelize(model: GPT, group, strategy: str = "bucket") -> GPT:
         group: a ``torch.distributed`` process group; None, or a group of one rank,
             leaves the model as it is.
         strategy: "bucket", "ulysses" or "allgather" (the library's, see
-            :func:`dist_sparse_attn.parallel.sequence_parallel_attention`), or
-            "ds-ulysses" (DeepSpeed-Ulysses' ``DistributedAttention`` over SDPA;
-            attention "dense" only; equal shards; the group size divides n_kv_head).
+            :func:`dist_sparse_attn.parallel.sequence_parallel_attention`), or a factory
+            ``attention_for(config, layer_idx, group) -> nn.Module`` of another sharded
+            attention with the interface of
+            :class:`~dist_sparse_attn.modules.SequenceParallelSparseAttention` (e.g.
+            :func:`dist_sparse_attn.integrations.deepspeed.ulysses_dense_attention`).
 
-    Returns ``model``. Raises ValueError for an unknown strategy, "ds-ulysses" with
-    attention other than "dense", or ``compile="model"`` (a single-device graph).
+    Returns ``model``. Raises ValueError for an unknown strategy or ``compile="model"``
+    (a single-device graph); a factory raises its own.
     """
-    if strategy not in SP_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SP_STRATEGIES}, got {strategy!r}")
+    if not callable(strategy) and strategy not in SP_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SP_STRATEGIES} or a factory "
+                         f"(config, layer_idx, group) -> module, got {strategy!r}")
     if group is None:
         return model
     import torch.distributed as dist
@@ -528,16 +528,12 @@ def parallelize(model: GPT, group, strategy: str = "bucket") -> GPT:
     if dist.get_world_size(group) == 1:
         return model
     config = model.config
-    if strategy == "ds-ulysses" and config.attention != "dense":
-        raise ValueError("strategy='ds-ulysses' is the dense baseline: use it with "
-                         "attention='dense' (the library's 'ulysses' strategy runs the "
-                         f"sparse kernels after the same head exchange), got "
-                         f"attention={config.attention!r}")
     if config.compile == "model":
         raise ValueError("compile='model' compiles the single-device forward; use "
                          "compile='blocks' with sequence parallelism")
     for i, block in enumerate(model.transformer.h):
-        block.attn.core_attn = core_attention(config, i, group, strategy)
+        block.attn.core_attn = (strategy(config, i, group) if callable(strategy)
+                                else core_attention(config, i, group, strategy))
     return model
 
 

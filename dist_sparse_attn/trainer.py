@@ -60,6 +60,9 @@ def parallelize(model, group, strategy: str):
     """Sequence parallelism for a model of :func:`build_model`, in place (its family's
     ``parallelize``): its forward then takes this rank's shard. Returns the model."""
     if isinstance(model, GPT):
+        if strategy == "ds-ulysses":
+            from .integrations.deepspeed import ulysses_dense_attention
+            strategy = ulysses_dense_attention
         return _model.parallelize(model, group, strategy)
     from .integrations.transformers import parallelize as parallelize_hf
     return parallelize_hf(model, group, strategy)

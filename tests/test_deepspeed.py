@@ -99,7 +99,8 @@ def _gpt_ds_ulysses_case(rank, seed):
     import torch.distributed as dist
     from helpers import assert_close_rel
 
-    from dist_sparse_attn.integrations.deepspeed import UlyssesDenseAttention
+    from dist_sparse_attn.integrations.deepspeed import (UlyssesDenseAttention,
+                                                         ulysses_dense_attention)
     from dist_sparse_attn.model import GPT, GPTConfig, parallelize
     cfg = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, attention="dense")
     torch.manual_seed(seed)
@@ -113,8 +114,8 @@ def _gpt_ds_ulysses_case(rank, seed):
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="dense baseline"):
         parallelize(GPT(GPTConfig(**{**cfg, "attention": "hash"})), dist.group.WORLD,
-                    "ds-ulysses")
-    parallelize(model, dist.group.WORLD, "ds-ulysses")
+                    ulysses_dense_attention)
+    parallelize(model, dist.group.WORLD, ulysses_dense_attention)
     assert all(isinstance(b.attn.core_attn, UlyssesDenseAttention) for b in model.transformer.h)
     lo, hi = rank * n, (rank + 1) * n
     logits, loss = model(idx[:, lo:hi], tgt[:, lo:hi])     # offset found by the model

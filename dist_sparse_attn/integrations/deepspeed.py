@@ -16,8 +16,9 @@ Two ways to use the library's sparse attention in a DeepSpeed model:
   all-to-all, then attention over the whole sequence with H/P heads per rank).
 
 :class:`UlyssesDenseAttention` is DeepSpeed-Ulysses itself over dense SDPA, the
-baseline the sparse attention is measured against (the GPT's sequence-parallel
-strategy "ds-ulysses", :func:`dist_sparse_attn.model.parallelize`).
+baseline the sparse attention is measured against; :func:`ulysses_dense_attention`
+builds it for a GPT layer (``parallelize(model, group, ulysses_dense_attention)``, the
+training config's ``sp_strategy="ds-ulysses"``).
 
 DeepSpeed's sequence-parallel group (0.19.8): ``deepspeed.initialize`` builds a
 (data_parallel, sequence_parallel) device mesh when its config has both
@@ -459,6 +460,18 @@ class UlyssesDenseAttention(nn.Module):
         return f"sdpa_backend={self.sdpa_backend!r}"
 
 
+def ulysses_dense_attention(config, layer_idx: int, group) -> UlyssesDenseAttention:
+    """DeepSpeed-Ulysses over dense SDPA for layer ``layer_idx`` of a GPT of ``config``
+    (a factory for :func:`dist_sparse_attn.model.parallelize`). Raises ValueError unless
+    ``config.attention`` is "dense": it is the dense baseline."""
+    if config.attention != "dense":
+        raise ValueError("strategy 'ds-ulysses' is the dense baseline: use it with "
+                         "attention='dense' (the library's 'ulysses' strategy runs the "
+                         f"sparse kernels after the same head exchange), got "
+                         f"attention={config.attention!r}")
+    return UlyssesDenseAttention(group, sdpa_backend=config.sdpa_backend)
+
+
 __all__ = ["deepspeed_sequence_parallel_group", "DeepSpeedSparseAttention",
            "UlyssesLocalSparseAttention", "ulysses_sparse_attention", "ulysses_lsh_buckets",
-           "UlyssesDenseAttention"]
+           "UlyssesDenseAttention", "ulysses_dense_attention"]
