@@ -2,8 +2,8 @@
 (:mod:`dist_sparse_attn.testing.check_parallel`: cases, tolerances and report).
 
 One process per GPU (``LOCAL_RANK``, NCCL); with ``--device cpu`` the same check runs
-on gloo at small sizes (CI, ``tests/test_parallel_gpu.py``). Exit code 1 on every rank
-when any case failed.
+on gloo at small sizes (CI, ``tests/parallel/test_check_parallel.py``). Exit code 1 on
+every rank when any case failed.
 
     torchrun --standalone --nproc_per_node 4 benchmarks/check_parallel_gpu.py --out DIR
     torchrun --standalone --nproc_per_node 4 benchmarks/check_parallel_gpu.py --out DIR \\

@@ -169,8 +169,8 @@ class Trainer:
                           if self.sp > 1 else None)
         # DeepSpeed 0.19.8's ZeRO-3 averages the gradients of replicated parameters over the
         # whole dp x sp grid (ZeRO 0-2 sum them and divide by dp): scale the loss given to
-        # backward by sp so every stage makes the single-device update (tests/test_train.py
-        # checks the losses against a one-process run).
+        # backward by sp so every stage makes the single-device update
+        # (tests/train/test_train.py checks the losses against a one-process run).
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.backward_scale = float(self.sp) if zero == 3 and self.sp > 1 else 1.0
         self.ckpt_dir = os.path.join(tcfg.out_dir, "checkpoints")

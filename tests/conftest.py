@@ -1,11 +1,23 @@
 """Test configuration shared by every test module.
 
-Triton reads ``TRITON_INTERPRET`` when its ``@triton.jit`` functions are
-defined, so the variable is set here, before any test module imports
-``dist_sparse_attn`` (and with it any Triton kernel). Importing torch first is
-harmless: only the kernel definitions must come after.
+* Triton reads ``TRITON_INTERPRET`` when its ``@triton.jit`` functions are defined, so
+  the variable is set here, before any test module imports ``dist_sparse_attn`` (and
+  with it any Triton kernel): without CUDA the kernels run on the CPU under Triton's
+  interpreter. Importing torch first is harmless: only the kernel definitions must come
+  after.
+* ``tests/`` is put on ``sys.path``, so the test files of every folder import
+  ``helpers``.
+* Seeds: every test starts from the same seed, :func:`helpers.base_seed` (0 unless
+  ``DSA_TEST_SEED`` says otherwise; the header of the run names it).
+* Devices: a test that makes sense on both devices takes the ``device`` fixture (the
+  PyTorch backend, or anything not tied to Triton) or the ``triton_device`` fixture
+  (the Triton kernels: on the CPU only under the interpreter). Each runs once with
+  "cpu" and once with "cuda"; the "cuda" run is marked ``gpu``. Tests marked ``gpu``
+  (those runs and the GPU-only tests: large sizes, bfloat16 dots, NCCL) are skipped
+  without CUDA.
 """
 import os
+import sys
 
 
 def _has_cuda() -> bool:
@@ -16,19 +28,61 @@ def _has_cuda() -> bool:
 if "TRITON_INTERPRET" not in os.environ and not _has_cuda():
     os.environ["TRITON_INTERPRET"] = "1"
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from helpers import CUDA, base_seed, triton_runs_on  # noqa: E402
+
+
+def pytest_report_header(config):
+    return (f"test seed: {base_seed()} (DSA_TEST_SEED=<int> sets it, DSA_TEST_SEED=random "
+            f"draws one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def seed():
-    """Fresh random inputs in every test; the seed is printed so a failure can be replayed.
-
-    pytest shows a failing test's captured stdout; rerun it with
-    ``DSA_TEST_SEED=<seed>`` to get the same inputs.
-    """
-    value = os.environ.get("DSA_TEST_SEED")
-    value = int(value) if value else int.from_bytes(os.urandom(4), "little")
-    print(f"torch seed: {value} (replay with DSA_TEST_SEED={value})")
+    """Seeds torch, numpy and random with :func:`helpers.base_seed` before every test (so
+    a test's inputs do not depend on which tests ran before it) and returns it, for tests
+    that hand a seed to their own generators or worker processes. The seed is printed,
+    so a failing test's captured output says how to replay it."""
+    value = base_seed()
+    print(f"test seed: {value} (replay with DSA_TEST_SEED={value})")
     torch.manual_seed(value)
+    np.random.seed(value % 2 ** 32)
+    random.seed(value)
     return value
+
+
+_CUDA_PARAM = pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")
+
+
+@pytest.fixture(params=["cpu", _CUDA_PARAM])
+def device(request):
+    """"cpu", and "cuda" (marked ``gpu``: skipped without CUDA)."""
+    return request.param
+
+
+@pytest.fixture(params=["cpu", _CUDA_PARAM])
+def triton_device(request):
+    """The device the Triton kernels run on: "cpu" under the interpreter (machines
+    without CUDA, where conftest.py sets TRITON_INTERPRET=1; skipped elsewhere), and
+    "cuda" (marked ``gpu``). Keep the CPU run small: the interpreter runs one program
+    after another, and its bfloat16 dot is wrong (the kernels upcast bf16 there)."""
+    if not triton_runs_on(request.param):
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1, which "
+                    "conftest.py sets on machines without CUDA")
+    return request.param

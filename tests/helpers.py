@@ -1,11 +1,42 @@
-"""Input builders and comparison helpers shared by the tests."""
+"""Seeds, devices, input builders and comparison helpers shared by the tests
+(``tests/conftest.py`` puts this folder on ``sys.path``: ``from helpers import ...``)."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from dist_sparse_attn.distributed import free_port  # noqa: F401 - the test files import it from here
+
+# the repository root (the test files live one folder below tests/)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA = torch.cuda.is_available()
+
+
+def base_seed() -> int:
+    """The seed every test starts from: 0 by default; ``DSA_TEST_SEED=<int>`` sets it, and
+    ``DSA_TEST_SEED=random`` draws one, which is then put into the environment so that
+    every later call, worker process and subprocess sees the same value."""
+    value = os.environ.get("DSA_TEST_SEED", "").strip()
+    if value.lower() == "random":
+        value = str(int.from_bytes(os.urandom(4), "little"))
+        os.environ["DSA_TEST_SEED"] = value
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise ValueError(f"DSA_TEST_SEED must be a non-negative integer or 'random', "
+                         f"got {value!r}")
+    return int(value)
+
+
+def triton_runs_on(device: str) -> bool:
+    """Whether the Triton kernels run on tensors of ``device``: always on "cuda" (when there
+    is a GPU); on "cpu" only under the interpreter, which conftest.py turns on for
+    machines without CUDA."""
+    if device == "cuda":
+        return CUDA
+    return os.environ.get("TRITON_INTERPRET") == "1" and not CUDA
 
 
 def rand_qkv(B, Nq, Nk, H, Hkv, D, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -105,7 +136,6 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
     ("ok" or an error text). Returns {(name, rank): text}; a missing file becomes a
     message saying whether that rank hung or with which exit code it died."""
     import datetime
-    import os
 
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
@@ -139,11 +169,9 @@ def world_runs(worker, worlds, timeout_s, tmp_path_factory, label):
     """The module fixture of the multi-process test files: ``get(world)`` runs the cases
     ``worlds[world]`` once per world size in ``world`` spawned processes
     (``run_workers(worker, ..., extra_args=(names, seed))``) and caches the results; the
-    seed is ``DSA_TEST_SEED`` or random, printed for replay."""
-    import os
+    seed is :func:`base_seed`, printed for replay."""
     cache = {}
-    value = os.environ.get("DSA_TEST_SEED")
-    seed = int(value) if value else int.from_bytes(os.urandom(3), "little")
+    seed = base_seed()
 
     def get(world):
         if world not in cache:
@@ -173,7 +201,6 @@ def record_cases(cases, check, rank, outdir) -> bool:
     """Worker side of :func:`run_workers`: run ``check(i, name)`` for every case name,
     write "ok" or the traceback to ``outdir/<name>.<rank>``, then barrier and destroy
     the default process group. Raises SystemExit(1) if a case failed on this rank."""
-    import os
     import traceback
 
     import torch.distributed as dist
@@ -195,7 +222,7 @@ def record_cases(cases, check, rank, outdir) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# sequence-parallel cases (tests/test_parallel.py, tests/test_parallel_overlap.py)
+# sequence-parallel cases (tests/parallel/test_sequence_parallel.py, test_bucket_overlap.py)
 # ---------------------------------------------------------------------------------------------
 
 def sp_buckets(kind, nb, q, k, gen):

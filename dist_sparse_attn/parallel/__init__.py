@@ -40,9 +40,9 @@ detected by the process group:
   timeout instead. Set them in the environment before the group is created
   (in the launcher's environment for torchrun, deepspeed or mpirun).
 
-``tests/test_parallel.py::test_failed_rank_raises_within_timeout`` makes one of
-three gloo ranks exit (or stall) before a collective and checks that the others
-raise (at once, or after the 10 s timeout) instead of hanging.
+``tests/parallel/test_sequence_parallel.py::test_failed_rank_raises_within_timeout``
+makes one of three gloo ranks exit (or stall) before a collective and checks that the
+others raise (at once, or after the 10 s timeout) instead of hanging.
 """
 from __future__ import annotations
 

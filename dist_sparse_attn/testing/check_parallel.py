@@ -2,7 +2,7 @@
 
 Run by ``benchmarks/check_parallel_gpu.py`` (the command line: it starts one process
 per GPU, ``LOCAL_RANK`` and NCCL, and calls :func:`run`); with ``--device cpu`` the
-same logic runs on gloo at small sizes (CI, ``tests/test_parallel_gpu.py``).
+same logic runs on gloo at small sizes (CI, ``tests/parallel/test_check_parallel.py``).
 
 For every case, every rank builds the same full inputs q (B, N, H, D), k, v
 (B, N, Hkv, D) and the upstream gradient g (B, N, H, D) from a seeded device

@@ -1,6 +1,6 @@
 """benchmarks/bench_train.py: config names -> training overrides, and one real CPU run of
 the speed1 suite (two tiny configs, 3 steps each, ~40 s) whose JSON, table and the
-entry point's own config.json must agree with what was asked for."""
+entry point's own config.json must agree with the command line."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import bench_train as BT  # noqa: E402

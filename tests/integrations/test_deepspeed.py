@@ -25,7 +25,7 @@ first use in an environment, ~35 s; cached afterwards):
   DeepSpeed 0.19.8 reduces them over the size-1 "data_parallel" mesh dimension
   only, so under ZeRO 0-2 each rank keeps 2x its own contribution and the ranks'
   parameters drift apart after a step; ZeRO-3 steps with the mean of the two
-  ranks' contributions. Measured while writing this test.)
+  ranks' contributions, as measured with DeepSpeed 0.19.8.)
 * "ulysses_auto_after_initialize": "auto" then resolves to DeepSpeed's group.
 
 The other tests run in the pytest process without torch.distributed.
@@ -40,7 +40,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_ranks_ok, record_cases, run_workers
+from helpers import REPO, assert_ranks_ok, base_seed, record_cases, run_workers
 
 pytest.importorskip("deepspeed")
 
@@ -248,7 +248,7 @@ def _check(name, rank, seed):
         with pytest.raises(ValueError, match="divisible" if rank == 1 else "rank"):
             attn(q[:, :, :3] if rank == 1 else q, kv, kv, 0)
         # settings that differ between ranks: every rank raises, naming the setting
-        # (before: each rank hashed or scaled its heads its own way, a wrong result)
+        # (unchecked, each rank would hash or scale its heads its own way: a wrong result)
         for name, kw in (("seed", dict(seed=rank)), ("n_buckets", dict(n_buckets=4 + 2 * rank)),
                          ("softmax_scale", dict(softmax_scale=0.1 + rank)),
                          ("include_self", dict(include_self=rank == 0))):
@@ -294,11 +294,8 @@ def _worker(rank, world, port, seed, outdir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    value = os.environ.get("DSA_TEST_SEED")
-    seed = int(value) if value else int.from_bytes(os.urandom(3), "little")
-    print(f"deepspeed test seed: {seed} (replay with DSA_TEST_SEED={seed})")
     return run_workers(_worker, WORLD, tmp_path_factory.mktemp("deepspeed"), CASES,
-                       JOIN_TIMEOUT_S, extra_args=(seed,))
+                       JOIN_TIMEOUT_S, extra_args=(base_seed(),))
 
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
@@ -402,8 +399,7 @@ def test_imports_without_deepspeed():
             "q = torch.randn(1, 6, 2, 8)\n"
             "i.DeepSpeedSparseAttention('dense')(q, q, q)\n"
             "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=110)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -7,6 +7,9 @@ explicit positions and rows with no allowed key. Each runs twice: with the
 backend's own tile size, and with 16-row tiles and 5-tile chunks (``small``),
 so that small inputs still span many tiles, partial tiles, skipped tiles and
 online-softmax merges across chunks.
+
+The tests against the oracle take the ``device`` fixture: the backend runs on CPU
+tensors and, when there is a GPU, on CUDA tensors (inputs drawn on the CPU, then moved).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -134,14 +137,20 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-def case_inputs(c: Case, dtype):
+def to(device, *tensors):
+    """The tensors (None stays None) moved to ``device``."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def case_inputs(c: Case, dtype, device="cpu"):
     q, k, v = rand_qkv(c.B, c.Nq, c.nk, c.H, c.Hkv, c.D, dtype)
-    kw = dict(q_positions=make_positions(c.positions, c.B, c.Nq),
-              k_positions=make_positions(c.positions, c.B, c.nk),
+    qpos, kpos = to(device, make_positions(c.positions, c.B, c.Nq),
+                    make_positions(c.positions, c.B, c.nk))
+    kw = dict(q_positions=qpos, k_positions=kpos,
               causal=c.causal, include_self=c.include_self, softmax_scale=c.scale)
     qb = make_buckets(c.buckets, c.B, c.Nq, c.H)
     kb = make_buckets(c.buckets, c.B, c.nk, c.Hkv)
-    return q, k, v, qb, kb, kw
+    return (*to(device, q, k, v, qb, kb), kw)
 
 
 def oracle(q, k, v, qb, kb, do, dlse, **kw):
@@ -159,9 +168,9 @@ def backend(q, k, v, qb, kb, do, dlse, backend="torch", **kw):
 
 
 def upstream(c: Case, dtype, lse_ref):
-    """Random do, and a random dlse that is 0 where lse is -inf."""
-    do = torch.randn(c.B, c.Nq, c.H, c.D).to(dtype)
-    dlse = torch.randn(c.B, c.H, c.Nq).masked_fill(torch.isinf(lse_ref), 0.0)
+    """Random do, and a random dlse that is 0 where lse is -inf (on lse_ref's device)."""
+    do = torch.randn(c.B, c.Nq, c.H, c.D).to(dtype).to(lse_ref.device)
+    dlse = torch.randn(c.B, c.H, c.Nq).to(lse_ref.device).masked_fill(torch.isinf(lse_ref), 0.0)
     return do, dlse
 
 
@@ -169,8 +178,8 @@ def upstream(c: Case, dtype, lse_ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
-def test_matches_reference(c, dtype, tiles):
-    q, k, v, qb, kb, kw = case_inputs(c, dtype)
+def test_matches_reference(device, c, dtype, tiles):
+    q, k, v, qb, kb, kw = case_inputs(c, dtype, device)
     _, lse0 = dsa.reference_attention(q, k, v, qb, kb, return_lse=True, **kw)
     do, dlse = upstream(c, dtype, lse0)
     (o_ref, lse_ref), g_ref = oracle(q, k, v, qb, kb, do, dlse, **kw)
@@ -191,9 +200,9 @@ GRAD_CASES = [c for c in CASES if c.id in ("n63", "gqa-h4-kv2", "dropped", "nose
 
 @pytest.mark.parametrize("which", ["o-only", "lse-only"])
 @pytest.mark.parametrize("c", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
-def test_gradients_of_one_output(c, which, tiles):
+def test_gradients_of_one_output(device, c, which, tiles):
     """Backward when only o (return_lse=False) or only lse receives a gradient."""
-    q, k, v, qb, kb, kw = case_inputs(c, torch.float32)
+    q, k, v, qb, kb, kw = case_inputs(c, torch.float32, device)
     _, lse0 = dsa.reference_attention(q, k, v, qb, kb, return_lse=True, **kw)
     do, dlse = upstream(c, torch.float32, lse0)
     if which == "o-only":
@@ -209,7 +218,7 @@ def test_gradients_of_one_output(c, which, tiles):
         assert_close_rel(a, e, 1e-5, name, atol=1e-5)
 
 
-def test_empty_rows_with_lse_gradient(tiles):
+def test_empty_rows_with_lse_gradient(device, tiles):
     """Rows with no allowed key: o = 0, lse = -inf, zero dq and no NaN anywhere, even
     when the upstream gradient of lse is non-zero on those rows."""
     B, N, H, D = 2, 50, 2, 8
@@ -219,6 +228,7 @@ def test_empty_rows_with_lse_gradient(tiles):
     qb[:, 0] = 0                                  # position 0 without self: always empty
     do = torch.randn(B, N, H, D)
     dlse = torch.randn(B, H, N)                   # non-zero everywhere, empty rows included
+    q, k, v, qb, kb, do, dlse = to(device, q, k, v, qb, kb, do, dlse)
     (o, lse), (dq, dk, dv) = backend(q, k, v, qb, kb, do, dlse, include_self=False)
     _, g_ref = oracle(q, k, v, qb, kb, do, dlse, include_self=False)
     empty = torch.isinf(lse)                      # (B, H, N)
@@ -232,11 +242,12 @@ def test_empty_rows_with_lse_gradient(tiles):
         assert_close_rel(a, e, 1e-5, name, atol=1e-5)
 
 
-def test_everything_dropped(tiles):
+def test_everything_dropped(device, tiles):
     B, N, H, D = 2, 33, 2, 8
-    q, k, v = rand_qkv(B, N, N, H, H, D)
-    b = torch.full((B, N, H), -3)
-    (o, lse), g = backend(q, k, v, b, b, torch.randn(B, N, H, D), torch.randn(B, H, N))
+    q, k, v = to(device, *rand_qkv(B, N, N, H, H, D))
+    b = torch.full((B, N, H), -3, device=device)
+    (o, lse), g = backend(q, k, v, b, b, *to(device, torch.randn(B, N, H, D),
+                                            torch.randn(B, H, N)))
     assert torch.equal(o, torch.zeros_like(o))
     assert torch.isneginf(lse).all()
     for x in g:
@@ -251,11 +262,11 @@ HALF_CASES = [c for c in CASES if c.id in ("n63", "n257", "gqa-h4-kv2", "nq63-nk
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("c", HALF_CASES, ids=[c.id for c in HALF_CASES])
-def test_low_precision(c, dtype):
+def test_low_precision(device, c, dtype):
     """fp16/bf16: the backend's error against the float64 oracle (on the same rounded
     inputs) is at most 2x the error of the same attention computed by PyTorch in that
     dtype, plus a small slack for tensors whose error is at the rounding floor."""
-    q, k, v, qb, kb, kw = case_inputs(c, dtype)
+    q, k, v, qb, kb, kw = case_inputs(c, dtype, device)
     _, lse0 = dsa.reference_attention(q, k, v, qb, kb, return_lse=True, **kw)
     do, dlse = upstream(c, dtype, lse0)
     (o_ref, lse_ref), g_ref = oracle(q, k, v, qb, kb, do, dlse, **kw)
@@ -282,16 +293,15 @@ def test_low_precision(c, dtype):
 # ------------------------------------------------------------------------- QK-sparse and hashing
 
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 1)], ids=["mha", "mqa"])
-def test_qk_sparse_matches_reference(H, Hkv, tiles):
+def test_qk_sparse_matches_reference(device, H, Hkv, tiles):
     B, Nq, Nk, D = 2, 70, 90, 16
-    q, k, v = rand_qkv(B, Nq, Nk, H, Hkv, D)
-    q_keep = torch.rand(B, Nq, H) < 0.6
-    k_keep = torch.rand(B, Nk, Hkv) < 0.4
+    q, k, v = to(device, *rand_qkv(B, Nq, Nk, H, Hkv, D))
+    q_keep, k_keep = to(device, torch.rand(B, Nq, H) < 0.6, torch.rand(B, Nk, Hkv) < 0.4)
     qb, kb = keep_to_buckets(q_keep), keep_to_buckets(k_keep)
     assert torch.equal(qb, torch.where(q_keep, 0, -1))
     _, lse0 = dsa.reference_attention(q, k, v, qb, kb, return_lse=True)
-    do = torch.randn(B, Nq, H, D)
-    dlse = torch.randn(B, H, Nq).masked_fill(torch.isinf(lse0), 0.0)
+    do, dlse = to(device, torch.randn(B, Nq, H, D), torch.randn(B, H, Nq))
+    dlse = dlse.masked_fill(torch.isinf(lse0), 0.0)
     (o, lse), g = grads(lambda q, k, v: dsa.qk_sparse_attention(
         q, k, v, q_keep, k_keep, return_lse=True, backend="torch"), (q, k, v), (do, dlse),
         return_out=True)
@@ -305,19 +315,19 @@ def test_qk_sparse_matches_reference(H, Hkv, tiles):
 
 
 @pytest.mark.parametrize("which", ["all", "queries", "keys"])
-def test_qk_sparse_drop_everything(which, tiles):
+def test_qk_sparse_drop_everything(device, which, tiles):
     """All-False keeps: every output row is 0, lse -inf, gradients exactly 0, no NaN."""
     B, N, H, D = 2, 40, 2, 8
-    q, k, v = rand_qkv(B, N, N, H, H, D)
-    q_keep = torch.ones(B, N, H, dtype=torch.bool)
-    k_keep = torch.ones(B, N, H, dtype=torch.bool)
+    q, k, v = to(device, *rand_qkv(B, N, N, H, H, D))
+    q_keep = torch.ones(B, N, H, dtype=torch.bool, device=device)
+    k_keep = torch.ones(B, N, H, dtype=torch.bool, device=device)
     if which in ("all", "queries"):
         q_keep[:] = False
     if which in ("all", "keys"):
         k_keep[:] = False
     (o, lse), g = grads(lambda q, k, v: dsa.qk_sparse_attention(
         q, k, v, q_keep, k_keep, return_lse=True, backend="torch"),
-        (q, k, v), (torch.randn(B, N, H, D), torch.randn(B, H, N)), return_out=True)
+        (q, k, v), to(device, torch.randn(B, N, H, D), torch.randn(B, H, N)), return_out=True)
     assert torch.equal(o, torch.zeros_like(o))
     assert torch.isneginf(lse).all()
     for name, x in zip(("dq", "dk", "dv"), g):
@@ -327,12 +337,12 @@ def test_qk_sparse_drop_everything(which, tiles):
 @pytest.mark.parametrize("causal,include_self", [(True, True), (True, False), (False, True)],
                          ids=["causal", "causal-noself", "noncausal"])
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-def test_hash_sparse_equals_bucketed(H, Hkv, causal, include_self):
+def test_hash_sparse_equals_bucketed(device, H, Hkv, causal, include_self):
     """hash_sparse_attention is bucketed_attention on lsh_buckets(q, group_size=H//Hkv) and
     lsh_buckets(k): bitwise equal outputs and gradients (same backend, same plan)."""
     B, Nq, Nk, D, n, seed = 2, 63, 80, 16, 4, 1234
-    q, k, v = rand_qkv(B, Nq, Nk, H, Hkv, D)
-    do, dlse = torch.randn(B, Nq, H, D), torch.randn(B, H, Nq)
+    q, k, v = to(device, *rand_qkv(B, Nq, Nk, H, Hkv, D))
+    do, dlse = to(device, torch.randn(B, Nq, H, D), torch.randn(B, H, Nq))
     kw = dict(causal=causal, include_self=include_self, return_lse=True, backend="torch")
     qb = dsa.lsh_buckets(q, n, seed=seed, group_size=H // Hkv)
     kb = dsa.lsh_buckets(k, n, seed=seed)
@@ -354,9 +364,9 @@ def test_hash_sparse_equals_bucketed(H, Hkv, causal, include_self):
     assert not torch.equal(o_other, o_h)
 
 
-def test_hash_sparse_matches_reference():
+def test_hash_sparse_matches_reference(device):
     B, N, H, Hkv, D, n = 2, 100, 4, 2, 16, 8
-    q, k, v = rand_qkv(B, N, N, H, Hkv, D, F64)
+    q, k, v = to(device, *rand_qkv(B, N, N, H, Hkv, D, F64))
     o = dsa.hash_sparse_attention(q, k, v, n, seed=7, backend="torch")
     o_ref = dsa.reference_attention(q, k, v, dsa.lsh_buckets(q, n, seed=7, group_size=2),
                                     dsa.lsh_buckets(k, n, seed=7))
@@ -467,13 +477,13 @@ def test_dropped_tokens_are_compacted():
 
 
 @pytest.mark.parametrize("include_self", [True, False], ids=["self", "noself"])
-def test_int32_positions_at_dtype_limits(include_self):
+def test_int32_positions_at_dtype_limits(device, include_self):
     """int32 position tensors may hold -2**31 and 2**31 - 1; causality must stay exact."""
     B, N, H, D = 1, 6, 2, 8
-    q, k, v = rand_qkv(B, N, N, H, H, D)
-    b = torch.zeros(B, N, H, dtype=torch.int64)
+    q, k, v = to(device, *rand_qkv(B, N, N, H, H, D))
+    b = torch.zeros(B, N, H, dtype=torch.int64, device=device)
     pos = torch.tensor([-2 ** 31, -5, 0, 7, 2 ** 31 - 2, 2 ** 31 - 1], dtype=torch.int32)
-    pos = pos[torch.randperm(N)]
+    pos = pos[torch.randperm(N)].to(device)
     o = dsa.bucketed_attention(q, k, v, b, b, q_positions=pos, k_positions=pos,
                                include_self=include_self, backend="torch")
     o_ref = dsa.reference_attention(q.double(), k.double(), v.double(), b, b, q_positions=pos,

@@ -1,23 +1,23 @@
 """The Triton counting sort of stream keys (kernels/triton_sort.py) against
 torch.sort(stable=True): exact equality of (key, index).
 
-CPU tests run the kernels under TRITON_INTERPRET=1 (set by conftest.py), small
-sizes only; there the chunk sort is a rank sort (tl.sort's bitonic network is
-far too slow in the interpreter), except in one test with small chunks that
-forces the GPU branch (tl.sort). The GPU tests at the bottom (skipped without
-CUDA) check realistic sizes and hash_sparse_attention end to end.
+Tests taking ``triton_device`` run on the CPU under TRITON_INTERPRET=1 (set by
+conftest.py; small sizes only) and on a CUDA GPU. In the interpreter the chunk sort is
+a rank sort (tl.sort's bitonic network is far too slow there); two interpreter-only
+tests force the GPU branch (tl.sort) with small chunks and check the dispatch the
+interpreter takes. The GPU-only tests at the bottom (marked ``gpu``) check realistic
+sizes and hash_sparse_attention end to end.
 """
-import os
-
 import pytest
 import torch
 
 from dist_sparse_attn.kernels import Backend
 from dist_sparse_attn.layout import DROP, bucket_keys
+from helpers import triton_runs_on
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 interp_only = pytest.mark.skipif(
-    not INTERP, reason="interpreter tests run on CPU-only machines with TRITON_INTERPRET=1")
+    not triton_runs_on("cpu"),
+    reason="interpreter tests run on machines without CUDA (TRITON_INTERPRET=1)")
 
 
 def _keys(S, N, nb, p_drop=0.2, device="cpu", positions=None):
@@ -44,45 +44,43 @@ CASES = [
 ]
 
 
-@interp_only
 @pytest.mark.parametrize("S,N,nb,chunk", CASES, ids=str)
-def test_counting_sort_equals_torch_sort(S, N, nb, chunk):
-    _check(_keys(S, N, nb), nb, chunk=chunk)
+def test_counting_sort_equals_torch_sort(triton_device, S, N, nb, chunk):
+    _check(_keys(S, N, nb, device=triton_device), nb, chunk=chunk)
 
 
-@interp_only
 @pytest.mark.parametrize("trial", range(8))
-def test_counting_sort_random_shapes(trial):
+def test_counting_sort_random_shapes(triton_device, trial):
     S, N = int(torch.randint(1, 5, ())), int(torch.randint(1, 700, ()))
     nb = [1, 2, 16, 100][trial % 4]
     chunk = [None, 16, 32, 128][trial // 2 % 4]
-    _check(_keys(S, N, nb, p_drop=float(torch.rand(()))), nb, chunk=chunk)
+    _check(_keys(S, N, nb, p_drop=float(torch.rand(())), device=triton_device), nb,
+           chunk=chunk)
 
 
-@interp_only
-def test_counting_sort_outside_precondition_is_a_permutation():
+def test_counting_sort_outside_precondition_is_a_permutation(triton_device):
     """Descending positions and out-of-range buckets break the precondition: the
     result is then no longer torch.sort's, but still a permutation, ordered by bin."""
     from dist_sparse_attn.kernels.triton_sort import bucket_sort_streams
+    dev = triton_device
     S, N, nb = 2, 300, 8
-    b = torch.randint(0, nb + 3, (S, N))                       # some >= nb: counted as DROP
-    key = (b << 32) | (torch.arange(N).flip(0) + 2 ** 31)
+    b = torch.randint(0, nb + 3, (S, N), device=dev)           # some >= nb: counted as DROP
+    key = (b << 32) | (torch.arange(N, device=dev).flip(0) + 2 ** 31)
     k, i = bucket_sort_streams(key, nb, chunk=64)
-    assert torch.equal(i.sort(-1).values, torch.arange(N).expand(S, N))
+    assert torch.equal(i.sort(-1).values, torch.arange(N, device=dev).expand(S, N))
     assert torch.equal(k, key.gather(1, i))
     binned = torch.where(b < nb, b, nb).gather(1, i)
     assert (binned[:, 1:] >= binned[:, :-1]).all()
 
 
-@interp_only
 @pytest.mark.parametrize("S,N,nb,chunk", [(2, 500, 16, 16), (3, 100, 100, None),
                                           (2, 41, 1, 16)], ids=str)
-def test_counting_sort_cumsum_path(S, N, nb, chunk, monkeypatch):
+def test_counting_sort_cumsum_path(triton_device, S, N, nb, chunk, monkeypatch):
     """The offsets from torch.cumsum over all streams (large histograms) instead
     of the in-kernel prefix."""
     from dist_sparse_attn.kernels import triton_sort
     monkeypatch.setattr(triton_sort, "_FUSE_TILE", 0)
-    _check(_keys(S, N, nb), nb, chunk=chunk)
+    _check(_keys(S, N, nb, device=triton_device), nb, chunk=chunk)
 
 
 @interp_only
@@ -94,19 +92,20 @@ def test_counting_sort_with_tl_sort(monkeypatch):
     _check(_keys(1, 70, 2), 2, chunk=32)
 
 
-@interp_only
 @pytest.mark.parametrize("p_drop", [0.0, 1.0], ids=["no-drop", "all-drop"])
-def test_counting_sort_extremes(p_drop):
-    _check(_keys(3, 300, 16, p_drop=p_drop), 16)
-    _check(torch.zeros(2, 100, dtype=torch.int64) | (torch.arange(100) + 2 ** 31), 4)  # one bucket
+def test_counting_sort_extremes(triton_device, p_drop):
+    dev = triton_device
+    _check(_keys(3, 300, 16, p_drop=p_drop, device=dev), 16)
+    one_bucket = torch.zeros(2, 100, dtype=torch.int64, device=dev) \
+        | (torch.arange(100, device=dev) + 2 ** 31)
+    _check(one_bucket, 4)
 
 
-@interp_only
-def test_counting_sort_ties_and_gaps():
+def test_counting_sort_ties_and_gaps(triton_device):
     """Non-decreasing positions with repeats and gaps (the precondition allows both)."""
     pos = torch.cat([torch.zeros(20, dtype=torch.int64), torch.arange(50) * 3,
-                     torch.full((30,), 1000)])
-    _check(_keys(2, 100, 8, positions=pos), 8, chunk=32)
+                     torch.full((30,), 1000)]).to(triton_device)
+    _check(_keys(2, 100, 8, positions=pos, device=triton_device), 8, chunk=32)
 
 
 @interp_only
@@ -133,18 +132,16 @@ def test_sort_keys_dispatch():
     assert calls == [1]
 
 
-@interp_only
-def test_hash_sparse_path_with_counting_sort():
+def test_hash_sparse_path_with_counting_sort(triton_device):
     """ops.hash_sparse_attention's chain on the fused backend (lsh_sort_keys ->
     Backend.sort_keys(key, n_buckets) -> plan_from_streams -> Triton kernels), replayed
-    on the CPU under the interpreter, equals hash_sparse_attention with the PyTorch
-    backend."""
+    step by step, equals hash_sparse_attention with the PyTorch backend."""
     import dist_sparse_attn as dsa
     from dist_sparse_attn.hashing import lsh_sort_keys
     from dist_sparse_attn.ops import BucketedAttentionFunction
     from dist_sparse_attn.plan import plan_from_streams
     B, N, H, Hkv, D, nb = 2, 90, 4, 2, 16, 4
-    q, k, v = (torch.randn(B, N, h, D) for h in (H, Hkv, Hkv))
+    q, k, v = (torch.randn(B, N, h, D, device=triton_device) for h in (H, Hkv, Hkv))
     be = Backend("triton", fused=True)
     qs = be.sort_keys(lsh_sort_keys(q, nb, seed=7, group_size=H // Hkv), nb)
     ks = be.sort_keys(lsh_sort_keys(k, nb, seed=7), nb)
@@ -168,40 +165,39 @@ def test_counting_sort_applies_limits():
             assert c & (c - 1) == 0 and 16 <= c <= 2048
 
 
-@interp_only
-def test_counting_sort_rejects_bad_input():
+def test_counting_sort_rejects_bad_input(triton_device):
     from dist_sparse_attn.kernels.triton_sort import bucket_sort_streams
+
+    def zeros(*shape, dtype=torch.int64):
+        return torch.zeros(*shape, dtype=dtype, device=triton_device)
     with pytest.raises(ValueError):
-        bucket_sort_streams(torch.zeros(4, dtype=torch.int64), 2)
+        bucket_sort_streams(zeros(4), 2)
     with pytest.raises(ValueError):
-        bucket_sort_streams(torch.zeros(2, 4, dtype=torch.int32), 2)
+        bucket_sort_streams(zeros(2, 4, dtype=torch.int32), 2)
     with pytest.raises(ValueError):
-        bucket_sort_streams(torch.zeros(2, 4, dtype=torch.int64), 0)
+        bucket_sort_streams(zeros(2, 4), 0)
     with pytest.raises(ValueError):
-        bucket_sort_streams(torch.zeros(2, 4, dtype=torch.int64), 2, chunk=48)
-    k, i = bucket_sort_streams(torch.zeros(0, 5, dtype=torch.int64), 2)
+        bucket_sort_streams(zeros(2, 4), 2, chunk=48)
+    k, i = bucket_sort_streams(zeros(0, 5), 2)
     assert k.shape == (0, 5) and i.shape == (0, 5)
 
 
-# ---------------------------------------------------------------- GPU (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+# GPU only: realistic sizes
+# ---------------------------------------------------------------------------------------------
 
-def gpu_only(f):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
-                                              reason="needs a CUDA GPU")(f))
-
-
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("S,N,nb", [(24, 16384, 16), (12, 2 ** 20, 2048), (24, 16384, 4096),
                                     (48, 65536, 64), (3, 1000, 16), (5, 1, 2), (4, 300, 1)],
                          ids=str)
 @pytest.mark.parametrize("p_drop", [0.0, 0.3], ids=["lsh", "drops"])
-def test_gpu_counting_sort_equals_torch_sort(S, N, nb, p_drop):
+def test_counting_sort_large_sizes(S, N, nb, p_drop):
     _check(_keys(S, N, nb, p_drop=p_drop, device="cuda"), nb)
 
 
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [16, 256, 2048])
-def test_gpu_counting_sort_chunks_and_cumsum(chunk, monkeypatch):
+def test_counting_sort_chunks_and_cumsum_large(chunk, monkeypatch):
     from dist_sparse_attn.kernels import triton_sort
     key = _keys(6, 5000, 16, device="cuda")
     _check(key, 16, chunk=chunk)
@@ -209,9 +205,9 @@ def test_gpu_counting_sort_chunks_and_cumsum(chunk, monkeypatch):
     _check(key, 16, chunk=chunk)
 
 
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("nb,D,N", [(16, 64, 4096), (64, 32, 3000)], ids=str)
-def test_gpu_hash_sparse_unchanged(nb, D, N):
+def test_hash_sparse_on_cuda_equals_torch_sort_streams(nb, D, N):
     """hash_sparse_attention on CUDA: the counting sort gives the same streams as
     torch.sort, so output and gradients are bitwise equal to those of
     bucketed_attention on the same LSH buckets (sorted by torch.sort: no promise)."""

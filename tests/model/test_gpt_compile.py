@@ -26,8 +26,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from dist_sparse_attn.model import GPT, GPTConfig
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-4, 1e-6         # fp32; measured differences ~1e-7
 
 

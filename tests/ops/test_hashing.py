@@ -1,5 +1,8 @@
 """Angular LSH bucketing (``lsh_buckets``) and keep-masks as buckets (docs/design.md,
-section 1)."""
+section 1), against the definition computed here in float64 (argmax of the rotated
+vector, mixed radix of the factors' argmaxes), its invariances (positive scaling, sign,
+seed, shared rotations within a head group), the scheme table's factorisations (an
+independent dynamic program) and the ValueErrors of bad arguments."""
 import numpy as np
 import pytest
 import torch
@@ -225,7 +228,7 @@ def test_merge_arithmetic_exact_at_extremes():
 
 @pytest.mark.parametrize("n", [2, 16, 64])
 def test_classic_rotations_unchanged(n):
-    """n_buckets <= 64: the rotation is the raw Gaussian draw, as in earlier versions."""
+    """n_buckets <= 64 (the classic scheme): the rotation is the raw Gaussian draw."""
     R = lsh_rotations(6, 24, n, seed=17, group_size=3)
     assert torch.equal(R, torch.randn(2, 24, n // 2, generator=torch.Generator().manual_seed(17)))
 
@@ -319,8 +322,8 @@ def test_product_scheme_properties(n):
 def test_product_buckets_balanced_on_isotropic_inputs():
     """Gaussian inputs fill the buckets of the product scheme evenly: 256 = 16 * 16
     buckets, ~128 tokens each, D = 64. A fair multinomial stays near 1.2x max/mean; one
-    unnormalised Gaussian rotation (the previous hash of 256 buckets) gave ~3.7x, and
-    blocks orthonormal only within themselves (correlated factors) ~2.8x."""
+    unnormalised Gaussian rotation for all 256 buckets gives ~3.7x, and blocks
+    orthonormal only within themselves (correlated factors) ~2.8x."""
     x = torch.randn(1, 32768, 1, 64)
     b = dsa.lsh_buckets(x, 256, seed=1)
     counts = torch.bincount(b.flatten(), minlength=256).double()

@@ -1,4 +1,6 @@
-"""nn.Module wrappers: SparseAttention equals the functional API it dispatches to."""
+"""nn.Module wrappers: SparseAttention equals the functional API it dispatches to, and
+its bucket rules (block-local heads, bucket cap, keep rate, dense SDPA, "none") equal
+the float64 oracle ``reference_attention`` on buckets built here from the rules."""
 from __future__ import annotations
 
 import pytest

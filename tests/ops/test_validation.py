@@ -227,8 +227,7 @@ def test_module_seed_is_checked():
 
 def test_attention_under_autocast_computes_in_the_input_dtype():
     """An enclosing autocast (bf16 on the CPU here) does not recast the backend's inner
-    matmuls: same output and gradients as without it (the tiled backend used to fail
-    with a dtype mismatch)."""
+    matmuls: same output and gradients as without it, and no dtype-mismatch error."""
     a = base()
     q, k, v = (a[n].requires_grad_() for n in "qkv")
     want = dsa.bucketed_attention(q, k, v, a["q_buckets"], a["k_buckets"], backend="torch")

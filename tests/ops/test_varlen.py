@@ -1,16 +1,11 @@
-"""Packed variable-length input: equal to attending each segment on its own."""
-import os
-
+"""Packed variable-length input (``bucketed_attention_varlen``): equal to the float64
+oracle ``reference_attention`` on each segment on its own, with both backends (Triton:
+on the CPU under the interpreter, and on a CUDA GPU)."""
 import pytest
 import torch
 
 import dist_sparse_attn as dsa
-from helpers import assert_close_rel
-
-BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1"
-                        or torch.cuda.is_available() else [])
-# the Triton path runs on CUDA tensors, or on CPU tensors under the interpreter
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import assert_close_rel, triton_runs_on
 
 
 def _segments(lengths):
@@ -19,18 +14,19 @@ def _segments(lengths):
     return cu
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("lengths", [[5, 40, 1, 77], [63], [0, 30, 0, 20]], ids=str)
-def test_varlen_equals_per_segment(backend, lengths):
+def test_varlen_equals_per_segment(device, backend, lengths):
+    if backend == "triton" and not triton_runs_on(device):
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
     H, Hkv, D, nb = 4, 2, 16, 3
-    dev = DEVICE if backend == "triton" else "cpu"
-    cu = _segments(lengths).to(dev)
+    cu = _segments(lengths).to(device)
     T = int(cu[-1])
-    q = torch.randn(T, H, D, device=dev, requires_grad=True)
-    k = torch.randn(T, Hkv, D, device=dev, requires_grad=True)
-    v = torch.randn(T, Hkv, D, device=dev, requires_grad=True)
-    qb = torch.randint(-1, nb, (T, H), device=dev)
-    kb = torch.randint(-1, nb, (T, Hkv), device=dev)
+    q = torch.randn(T, H, D, device=device, requires_grad=True)
+    k = torch.randn(T, Hkv, D, device=device, requires_grad=True)
+    v = torch.randn(T, Hkv, D, device=device, requires_grad=True)
+    qb = torch.randint(-1, nb, (T, H), device=device)
+    kb = torch.randint(-1, nb, (T, Hkv), device=device)
     o, lse = dsa.bucketed_attention_varlen(q, k, v, qb, kb, cu, cu, return_lse=True,
                                            backend=backend)
     g = torch.randn_like(o)

@@ -1,15 +1,15 @@
 """The bucket strategy's pipelined path (chunks > 1: exchanges overlapped with compute)
 on gloo, 2-4 processes, against the single-process oracle.
 
-As in ``test_parallel.py``: each world size is launched once (spawned processes, a free
-port, a join timeout) and runs its cases in turn; every rank rebuilds the same global
-inputs from a shared seed, takes its (uneven) shard, runs
+As in ``test_sequence_parallel.py``: each world size is launched once (spawned
+processes, a free port, a join timeout) and runs its cases in turn; every rank rebuilds
+the same global inputs from a shared seed, takes its (uneven) shard, runs
 ``sequence_parallel_attention(strategy="bucket")`` with ``overlap_chunks`` set to the
 case's chunk count, and compares its output and q/k/v gradient shards (backward of
 sum(o * g)) with ``reference_attention`` on the full tensors in float64.
 
 Every case also counts the ``all_to_all_single`` calls of the forward and of the backward
-(sync and async): every rank, whatever it owns, must issue the same collectives --
+(sync and async): every rank, whatever it owns, must call the same collectives --
 3 + 2 * chunks sync/async in the forward, 2 * chunks in the backward (1 chunk: 4 and 2).
 """
 from __future__ import annotations
@@ -161,30 +161,6 @@ def world_results(tmp_path_factory):
 @pytest.mark.parametrize("world,case", **world_cases(WORLDS))
 def test_bucket_overlap(world_results, world, case):
     assert_ranks_ok(world_results(world), world, case)
-
-
-def test_chunk_split_balanced_and_deterministic():
-    """Within every owner the chunks split its groups by cost (LPT: each chunk within the
-    owner's largest group of the owner's mean), every routed group gets a chunk, unrouted
-    ones -1, the same answer on every call."""
-    from dist_sparse_attn.parallel.routing import chunk_of as _chunk_of
-    from dist_sparse_attn.parallel.routing import lpt_owners as _lpt_owners
-    g = torch.Generator().manual_seed(11)
-    G, P, K = 400, 3, 3
-    n_q = torch.randint(0, 40, (G,), generator=g)
-    n_k = torch.randint(0, 40, (G,), generator=g)
-    n_q[:5], n_k[:5] = 300, 300             # a few heavy groups
-    owner = _lpt_owners(n_q, n_k, P)
-    chunk = _chunk_of(owner, n_q, n_k, P, K)
-    assert ((chunk >= 0) == (owner >= 0)).all() and chunk.max() < K
-    assert torch.equal(chunk, _chunk_of(owner, n_q, n_k, P, K))
-    cost = (n_q * n_k).double()
-    for r in range(P):
-        mine = owner == r
-        loads = torch.stack([cost[mine & (chunk == c)].sum() for c in range(K)])
-        assert (loads - loads.mean()).abs().max() <= cost[mine].max()
-    assert torch.equal(_chunk_of(torch.full((4,), -1), n_q[:4], n_k[:4], P, K),
-                       torch.full((4,), -1))
 
 
 def test_overlap_chunks_setting():

@@ -1,18 +1,18 @@
-"""benchmarks/check_parallel_gpu.py (the command line of
-``dist_sparse_attn.testing.check_parallel``) launched with torchrun, as users run it,
-and the package helpers behind it (``dist_sparse_attn.testing``).
+"""The sequence-parallel correctness check (``dist_sparse_attn.testing.check_parallel``,
+whose command line is ``benchmarks/check_parallel_gpu.py``) launched with torchrun, as
+users run it, and the package helpers behind it (``dist_sparse_attn.testing``) against
+direct counts.
 
-GPU (skipped with fewer than 2 CUDA devices): every case of the script (hash,
-GQA, skewed, exclude-self, uneven shards, QK-sparse, dense; strategies bucket,
-ulysses, allgather) at N = 32768 in bf16 over NCCL, on 2 GPUs and on all of
-them (at most 4). The script compares every rank's output and q/k/v gradients
-with the single-device run on rank 0 and exits 1 when any case fails.
+The check compares every rank's output and q/k/v gradient shards of each strategy
+(bucket, ulysses, allgather) with the single-device op on rank 0, for every case (hash,
+GQA, skewed, exclude-self, uneven shards, QK-sparse, dense), and exits 1 when one fails.
 
-CPU (always): the same script on gloo with 2 processes at a small size, so its
-logic (sharding, gathering, comparison, report) is covered by CI, and a
-self-test: with ``--perturb`` (the last rank's output scaled by 1.1) it must
-fail, so a checker that only looked at rank 0's shard, or compared nothing,
-would not pass.
+* GPU only (marked ``gpu``; at least 2 CUDA devices): N = 32768 in bf16 over NCCL, on 2
+  GPUs and on all of them (at most 4).
+* CPU: the same check on gloo with 2 processes at a small size, so its logic (sharding,
+  gathering, comparison, report) is covered without GPUs, and a self-test: with
+  ``--perturb`` (the last rank's output scaled by 1.1) it must fail, so a checker that
+  only looked at rank 0's shard, or compared nothing, would not pass.
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
+ROOT = Path(REPO)
 SCRIPT = ROOT / "benchmarks" / "check_parallel_gpu.py"
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 CPU_ARGS = ["--device", "cpu", "--seqlen", "2048", "--heads", "4", "--dim", "16",
@@ -43,7 +45,7 @@ def _launch(nproc, outdir, args, timeout_s):
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(SCRIPT), "--out", str(outdir), *args]
-    # own session: on a timeout the launcher and its workers are killed together
+    # a process group of its own: on a timeout the launcher and its workers die together
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -78,14 +80,14 @@ def _check_report(rc, out, report, nproc):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: NCCL, bf16, N = 32768
+# GPU only: NCCL, bf16, N = 32768
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(N_GPUS < 2, reason="needs at least 2 CUDA GPUs")
 @pytest.mark.parametrize("gpus", ["2", "all"])
-def test_check_parallel_gpu(gpus, tmp_path):
+def test_check_parallel_nccl(gpus, tmp_path):
     nproc = 2 if gpus == "2" else min(N_GPUS, 4)
     if gpus == "all" and nproc == 2:
         pytest.skip("2 GPUs: the 2-GPU run covers it")
@@ -96,11 +98,11 @@ def test_check_parallel_gpu(gpus, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: gloo, small, always
+# CPU: gloo, small
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_check_parallel_cpu(tmp_path):
+def test_check_parallel_gloo(tmp_path):
     rc, out, report = _launch(2, tmp_path, CPU_ARGS, timeout_s=240)
     rows = _check_report(rc, out, report, 2)
     assert all(r["status"] == "pass" for r in rows)          # H=4, Hkv=2, 4: ulysses runs
@@ -111,7 +113,7 @@ def test_check_parallel_cpu(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_check_parallel_cpu_detects_errors(tmp_path):
+def test_check_parallel_gloo_detects_errors(tmp_path):
     """The last rank's output scaled by 1.1: every run must fail, the exit code is 1."""
     args = ["--device", "cpu", "--seqlen", "1024", "--heads", "4", "--dim", "16",
             "--gqa-kv-heads", "2", "--cases", "hash16-uneven", "qk80", "--perturb", "0.1"]
@@ -127,11 +129,11 @@ def test_check_parallel_cpu_detects_errors(tmp_path):
 # the package's helpers behind the checker and the benchmarks
 # ---------------------------------------------------------------------------------------------
 
-def test_bucket_costs_against_a_direct_count():
+def test_bucket_costs_against_a_direct_count(seed):
     """bucket_costs: every routed group's n_q * n_k counted once, on the rank the LPT
     assignment gives it (within the largest group of the mean)."""
     from dist_sparse_attn.testing import bucket_costs
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     B, N, H, Hkv, nb, P = 2, 300, 4, 2, 5, 3
     qb = torch.randint(-1, nb, (B, N, H), generator=g)
     kb = torch.randint(-1, nb, (B, N, Hkv), generator=g)

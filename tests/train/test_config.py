@@ -18,8 +18,8 @@ from dist_sparse_attn import train
 from dist_sparse_attn.config import ConfigError, TrainConfig, load_config
 from dist_sparse_attn.model import GPTConfig
 from dist_sparse_attn.schema import fields_of
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK",
                 "PMIX_RANK")
@@ -167,7 +167,7 @@ def test_every_field_rejects_bad_values_in_toml(sec, name, bad, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-# the cases of the bug report, and more of the same kind, through --set (exact messages)
+# invalid values given through --set, with their exact messages
 SET_ERRORS = {
     "model.n_layer=0": "model.n_layer must be an int >= 1, got 0",
     "model.n_layer=-2": "model.n_layer must be an int >= 1, got -2",

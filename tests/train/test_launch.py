@@ -20,11 +20,10 @@ import sys
 
 import pytest
 
-from helpers import free_port
+from helpers import REPO, free_port
 
 pytest.importorskip("deepspeed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TIMEOUT_S = 240
 

@@ -46,11 +46,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import REPO, free_port
 
 pytest.importorskip("deepspeed")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 SCRIPT = os.path.join(REPO, "launch", "train.py")
 DEEPSPEED = os.path.join(BIN, "deepspeed")
@@ -859,9 +858,15 @@ def _ranks_by_hand(world: int, args) -> list:
 
 @pytest.mark.timeout(600)
 def test_retrieval_evaluated_when_trained(finished):
+    """Trained with the retrieval task, the run ends with a retrieval eval of
+    train.retrieval_samples = 2 sequences: an accuracy of 0, 1/2 or 1, the same in the
+    summary, in metrics.jsonl (at the last step) and on the final line of the log."""
     s = finished.summary()
-    assert 0.0 <= s["retrieval_accuracy"] <= 1.0, s
-    assert "retrieval accuracy" in finished.log, finished.tail()
+    acc = s["retrieval_accuracy"]
+    assert acc in (0.0, 0.5, 1.0), s
+    records = [r for r in finished.metrics() if "retrieval_accuracy" in r]
+    assert records == [{"step": CKPT_STEPS, "retrieval_accuracy": acc}], records
+    assert f"retrieval accuracy {acc:.2f}" in finished.log, finished.tail()
 
 
 @pytest.mark.timeout(600)
@@ -983,7 +988,7 @@ def test_bad_checkpoints_stop_every_rank(work, config, finished):
 
 @pytest.mark.timeout(300)
 def test_bad_config_and_out_dir_without_dry_run(work, config):
-    """Without --dry-run: model.n_layer=0 (trained a block-less model before), an output
+    """Without --dry-run: model.n_layer=0 (otherwise a block-less model would train), an output
     directory that is a file, one that cannot be written. Exit 2, one line on stderr,
     nothing written."""
     file_out = work / "out_is_a_file"
