@@ -39,6 +39,13 @@ import torch  # noqa: E402
 from helpers import CUDA, base_seed, triton_runs_on  # noqa: E402
 
 
+def pytest_configure(config):
+    try:
+        base_seed()         # DSA_TEST_SEED=random: drawn once, before any worker starts
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
 def pytest_report_header(config):
     return (f"test seed: {base_seed()} (DSA_TEST_SEED=<int> sets it, DSA_TEST_SEED=random "
             f"draws one)")

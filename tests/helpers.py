@@ -9,7 +9,7 @@ import torch
 
 from dist_sparse_attn.distributed import free_port  # noqa: F401 - the test files import it from here
 
-# the repository root (the test files live one folder below tests/)
+# the repository root (this file lives in tests/)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
 
