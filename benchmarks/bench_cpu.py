@@ -1,4 +1,4 @@
-"""CPU acceptance benchmark: hash-sparse attention vs dense causal SDPA.
+"""CPU benchmark: hash-sparse attention vs dense causal SDPA.
 
     python benchmarks/bench_cpu.py                                # N=16384, 16 buckets
     python benchmarks/bench_cpu.py --seqlens 4096,8192,16384 --buckets 16,64

@@ -122,7 +122,9 @@ def _bucketed_default_positions(q, k, v, q_buckets, k_buckets, n_buckets, *, cau
     the model's LSH + block-local heads) and promises lie in [0, n_buckets) or are
     negative: no validation, and on the fused backend (CUDA) the stable counting sort
     instead of ``torch.sort`` (see ``kernels.Backend.sort_keys``).
-    ``n_buckets=None``: no such promise (torch.sort; buckets must still be valid)."""
+    ``n_buckets=None``: no such promise (torch.sort; buckets must still be valid).
+    The tensors' shapes, dtypes and devices are checked (no device sync)."""
+    V.check_qkv(q, k, v)
     q_key, k_key = _keys(q_buckets, k_buckets, *_default_positions(q, k))
     return _attention(q, k, v, q_key, k_key, n_buckets=n_buckets, causal=causal,
                       include_self=include_self, softmax_scale=softmax_scale,

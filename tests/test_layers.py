@@ -4,7 +4,7 @@ layers, so data flows one way and there is no import cycle.
 
 Layers, bottom up (a unit is a top-level module or subpackage of ``dist_sparse_attn``):
 
-    0  _validation, schema, reference, layout, data, balance   (no package imports)
+    0  _validation, schema, reference, layout, balance   (no package imports)
     1  plan             the attention plan over sorted streams
     2  kernels          the backend registry and every device step (attention, sort, LSH)
     3  hashing          LSH schemes and rotations; the hashing itself is the backend's
@@ -16,7 +16,10 @@ Layers, bottom up (a unit is a top-level module or subpackage of ``dist_sparse_a
     9  model            the GPT model
     10 integrations     DeepSpeed and Hugging Face integrations
     11 config           training configuration
-    12 train, demo, testing, and any unit not listed here: applications
+    12 data, distributed, metrics   the training corpus and batches, process setup, metrics
+    13 checkpoint       checkpoints with their layout metadata
+    14 trainer          the training loop over a DeepSpeed engine
+    15 train, demo, testing, and any unit not listed here: applications
 
 A unit may import units of lower layers only; applications may also import each
 other, but no unit graph may have a cycle. A new unit lands in the top layer until it
@@ -31,7 +34,7 @@ import sys
 import pytest
 
 LAYERS = [
-    {"_validation", "schema", "reference", "layout", "data", "balance"},
+    {"_validation", "schema", "reference", "layout", "balance"},
     {"plan"},
     {"kernels"},
     {"hashing"},
@@ -43,6 +46,9 @@ LAYERS = [
     {"model"},
     {"integrations"},
     {"config"},
+    {"data", "distributed", "metrics"},
+    {"checkpoint"},
+    {"trainer"},
     {"train", "demo", "testing"},
 ]
 TOP = len(LAYERS) - 1

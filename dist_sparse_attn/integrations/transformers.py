@@ -666,6 +666,12 @@ def _attention_outside_autocast(opts, name, module, query, key, value, attention
     dev = query.device.type
     if not torch.is_autocast_enabled(dev):
         return _attention(opts, name, module, query, key, value, attention_mask, **kwargs)
+    # Under autocast the projections give bf16 but RoPE with the float32 cos/sin of a
+    # float32 model promotes q and k back to float32 while v stays bf16. SDPA casts all
+    # three to the autocast dtype; so does this (the kernels take one dtype).
+    dtype = torch.get_autocast_dtype(dev)
+    query, key, value = (t.to(dtype) if t.is_floating_point() else t
+                         for t in (query, key, value))
     with torch.autocast(dev, enabled=False):
         return _attention(opts, name, module, query, key, value, attention_mask, **kwargs)
 

@@ -135,6 +135,27 @@ def test_under_autocast_like_sdpa(names):
 
 
 @pytest.mark.timeout(120)
+def test_autocast_gives_the_attention_one_dtype(names, monkeypatch):
+    """A float32 model under bf16 autocast: RoPE's float32 cos/sin promote q and k to
+    float32 while v stays bf16 from its projection. The attention gets all three in the
+    autocast dtype, as SDPA does (the Triton kernels take one dtype: mixed inputs failed
+    to compile on a GPU)."""
+    seen = []
+    inner = dsa_hf._attention
+
+    def spy(opts, name, module, query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return inner(opts, name, module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(dsa_hf, "_attention", spy)
+    idx = torch.randint(0, 61, (1, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = _llama(names["hash_local"], n_layer=1)(idx, idx)
+    loss.backward()
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["hash_local", "qk"])
 def test_padding_equals_unpadded_rows(names, kind):
     """Left and right padding whose positions continue the row (so only the mask tells

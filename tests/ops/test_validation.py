@@ -238,3 +238,17 @@ def test_attention_under_autocast_computes_in_the_input_dtype():
     torch.testing.assert_close(got, want)
     for x, y in zip(gg, gw):
         torch.testing.assert_close(x, y)
+
+
+def test_mixed_dtypes_refused_on_every_path():
+    """q, k, v of different dtypes raise a ValueError on every path, including the
+    internal one the modules' block-local heads and the HF integration take (buckets
+    made by the caller): the Triton kernels take one dtype."""
+    from dist_sparse_attn.ops import _bucketed_default_positions
+    a = base()
+    q, k, v = a["q"], a["k"], a["v"].bfloat16()
+    with pytest.raises(ValueError, match="dtype"):
+        _bucketed_default_positions(q, k, v, a["q_buckets"], a["k_buckets"], 2,
+                                    backend="torch")
+    with pytest.raises(ValueError, match="dtype"):
+        dsa.SparseAttention("hash", 4, local_heads=1, local_window=2, backend="torch")(q, k, v)
