@@ -345,7 +345,9 @@ def data_sets(seq_len: int, out: str, default_bytes: int = 4_000_000):
 
 def suite_sets(suite: str, steps: int, args) -> list[str]:
     spec = SUITES[suite]
-    common = [f"train.steps={steps}", "train.save_checkpoint=false", "train.timeout_min=5",
+    # a benchmark run replaces its config's earlier run (train.overwrite)
+    common = [f"train.steps={steps}", "train.save_checkpoint=false", "train.overwrite=true",
+              "train.timeout_min=5",
               f"train.warmup_steps_excluded={spec['warmup_excluded']}"]
     if suite == "quality1":
         return common + [f"train.eval_interval={args.eval_every}", "train.eval_iters=4",

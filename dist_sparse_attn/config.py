@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -107,6 +108,10 @@ class TrainConfig:
     save_checkpoint: bool = setting(True)
     seed: int = setting(1337, ge=0)
     out_dir: str = setting("runs/default", nonempty=True)
+    overwrite: bool = setting(False)
+    """A fresh run (no ``--resume``) into an out_dir that holds an earlier run's
+    checkpoints or metrics.jsonl: False refuses it (exit 2, nothing touched); True
+    deletes them first."""
     timeout_min: float = setting(10.0, gt=0.0)
     """Collective timeout of every process group (minutes): a rank that dies or stalls
     makes the others fail after this."""
@@ -572,6 +577,35 @@ def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1):
                           f"sequence parallelism (sp={sp}) use model.compile='blocks'")
 
 
+def earlier_run(path: str) -> list[str]:
+    """The outputs of an earlier run in out_dir ``path`` that a fresh run would replace
+    or mix with: its checkpoints directory (when not empty) and its metrics.jsonl."""
+    found = []
+    ckpt = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt) and os.listdir(ckpt):
+        found.append(ckpt)
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        found.append(os.path.join(path, "metrics.jsonl"))
+    return found
+
+
+def check_fresh_out_dir(tcfg, resume: bool, remove: bool):
+    """A fresh run (``resume`` False) may start in ``tcfg.out_dir`` only if it holds no
+    earlier run (:func:`earlier_run`) or ``train.overwrite`` is set; ``remove``: delete
+    what ``overwrite`` allows (else only check). Raises :class:`ConfigError`."""
+    found = [] if resume else earlier_run(tcfg.out_dir)
+    if not found:
+        return
+    if not tcfg.overwrite:
+        raise ConfigError(f"train.out_dir {tcfg.out_dir!r} holds an earlier run "
+                          f"({', '.join(os.path.basename(f) for f in found)}): continue it with "
+                          f"--resume latest, choose another train.out_dir, or set "
+                          f"train.overwrite=true to delete it")
+    if remove:
+        for f in found:
+            shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
+
+
 def check_out_dir(path: str, create: bool):
     """The output directory can be written. ``create``: made (with its parents) and
     probed with a file. Else (a dry run, which creates nothing that stays): a file is
@@ -603,5 +637,6 @@ def check_out_dir(path: str, create: bool):
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_preset", "check_config",
            "check_model_and_train", "read_deepspeed_json", "sequence_parallel_from_json",
            "deepspeed_config", "check_deepspeed_json", "check_compile", "check_out_dir",
+           "check_fresh_out_dir", "earlier_run",
            "find_file", "PRESETS", "PRECISIONS", "DEEPSPEED_GRADIENT_CLIPPING", "ATTENTIONS",
            "SP_STRATEGIES"]

@@ -268,9 +268,12 @@ def _check_lsh_args(x, n_buckets, seed, group_size):
                          f"{getattr(x, 'shape', type(x).__name__)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have at least one head and a head dim >= 1, got shape "
+                         f"{tuple(x.shape)}")
     check_n_buckets(n_buckets)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
-            or x.shape[2] % group_size:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) \
+            or group_size < 1 or x.shape[2] % group_size:
         raise ValueError(f"group_size must be a positive divisor of heads={x.shape[2]}, "
                          f"got {group_size!r}")
     return check_seed(seed)
@@ -282,6 +285,7 @@ def lsh_sort_keys(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     of :func:`lsh_buckets` at positions ``arange(N)``: on the fused backend one kernel
     writes them directly."""
     seed = _check_lsh_args(x, n_buckets, seed, group_size)
+    group_size = int(group_size)
     return _hash(x, _rotations_on(x.device, x.shape[2], x.shape[3], int(n_buckets), seed,
                                   group_size), int(n_buckets), group_size, keys=True)
 
@@ -310,6 +314,7 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, *, seed: int = 0,
     invariant to positive scaling of x.
     """
     seed = _check_lsh_args(x, n_buckets, seed, group_size)
+    group_size = int(group_size)
     B, N, Hx, D = x.shape
     rot = _rotations_on(x.device, Hx, D, int(n_buckets), seed, group_size)  # (Hx/g, D, C)
     return _hash(x, rot, int(n_buckets), group_size)
@@ -321,6 +326,7 @@ def buckets_from_rotations(x: torch.Tensor, rotations: torch.Tensor, n_buckets: 
     x's device, e.g. rows of :func:`lsh_rotations` for a subset of the heads.
     Returns (B, N, heads) int64 in ``[0, n_buckets)``."""
     _check_lsh_args(x, n_buckets, 0, group_size)
+    group_size = int(group_size)
     B, N, Hx, D = x.shape
     want = (Hx // group_size, D, lsh_scheme(n_buckets).n_columns)
     if not isinstance(rotations, torch.Tensor) or tuple(rotations.shape) != want \

@@ -204,6 +204,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)       # (B, N, h, D)
 
 
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:80]
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
@@ -409,12 +415,47 @@ class GPT(nn.Module):
             across ranks (weighted by shard length when shards differ) -- gradients flow
             between ranks through attention.
         """
+        if not torch.compiler.is_compiling():
+            self._check_inputs(idx, targets, positions)
         if self.config.compile == "model" and not torch.compiler.is_compiling():
             for block in self.transformer.h:       # cached before tracing (no graph break)
                 block.attn.draw_rotations(idx.device)
             return _compiled(_model_forward, self.config.compile_backend)(self, idx, targets,
                                                                           positions)
         return self._forward(idx, targets, positions)
+
+    def _check_inputs(self, idx, targets, positions):
+        """ValueErrors for inputs that would otherwise fail deep inside (or, for float
+        positions, be read silently): shapes and integer dtypes; on the CPU also the
+        token ids' range (on a GPU that check would cost a device sync every step, and
+        an id out of range stops at PyTorch's own device-side assert)."""
+        def integer(t):
+            return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or not integer(idx):
+            raise ValueError(f"idx must be a (B, N) integer tensor of token ids, got "
+                             f"{_describe(idx)}")
+        vocab = self.config.vocab_size
+        tensors = {"idx": idx}
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(idx.shape) \
+                    or not integer(targets):
+                raise ValueError(f"targets must be None or an integer tensor of idx's shape "
+                                 f"{tuple(idx.shape)}, got {_describe(targets)}")
+            tensors["targets"] = targets
+        if positions is not None:
+            B, N = idx.shape
+            if not isinstance(positions, torch.Tensor) or not integer(positions) \
+                    or tuple(positions.shape) not in ((N,), (B, N)):
+                raise ValueError(f"positions must be None or an integer tensor of shape (N,) = "
+                                 f"({N},) or (B, N) = {(B, N)}, got {_describe(positions)}")
+        for name, t in tensors.items():
+            if t.device.type == "cpu" and t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                low = -1 if name == "targets" else 0        # -1: an ignored target
+                if lo < low or hi >= vocab:
+                    raise ValueError(f"{name} must hold ids in [{low}, vocab_size={vocab}), got "
+                                     f"values in [{lo}, {hi}]")
 
     def _forward(self, idx, targets, positions):
         B, N = idx.shape

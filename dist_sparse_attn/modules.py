@@ -26,7 +26,8 @@ from .ops import (_bucketed_default_positions, bucketed_attention, hash_sparse_a
                   qk_sparse_attention)
 from .parallel import (STRATEGIES, sequence_parallel_attention, sequence_parallel_hash_attention,
                        sequence_parallel_qk_attention)
-from .parallel._comm import check_overlap_chunks
+from .parallel._comm import (DTYPE_CODES, MODE_CODES, check_group, check_overlap_chunks,
+                             check_same, float_bits, gather_rows)
 
 MODES = ("hash", "qk", "dense", "bucketed", "none")
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -242,6 +243,7 @@ class SparseAttention(nn.Module):
         if mode == "none":
             _check_given("mode='none'", (), q_keep, k_keep, q_buckets, k_buckets)
             V.check_qkv(q, k, v)
+            self._check_same_length(q, k)
             return v.repeat_interleave(q.shape[2] // k.shape[2], dim=2)       # (B, N, H, D)
         if mode == "hash" and (self.local_heads or self.bucket_cap):
             _check_given("mode='hash'", (), q_keep, k_keep, q_buckets, k_buckets)
@@ -267,6 +269,17 @@ class SparseAttention(nn.Module):
 
     # -- the rules that make buckets ---------------------------------------------------------
 
+    def _makes_buckets(self) -> bool:
+        """Whether a forward call makes its buckets from the module's rules (and reads
+        ``positions``): block-local heads, the bucket cap, the keep rule."""
+        return bool(self.local_heads or self.bucket_cap or self.keep_rate is not None)
+
+    def _check_same_length(self, q, k):
+        if k.shape[1] != q.shape[1]:
+            rule = "mode='none'" if self.mode == "none" else "the module's bucket rules"
+            raise ValueError(f"{rule} need q and k/v of the same length (one position per "
+                             f"token), got {q.shape[1]} and {k.shape[1]}")
+
     def _positions(self, q, positions, *, nonnegative=False):
         """positions (N,) / (B, N) / None -> (B, N) int64 global positions of the call
         (given ones checked; ``nonnegative``: also >= 0)."""
@@ -283,6 +296,7 @@ class SparseAttention(nn.Module):
     @torch.no_grad()
     def _keep_masks(self, q, k, positions):
         """The keep rule's masks (B, N, H) for queries and (B, N, Hkv) for keys."""
+        self._check_same_length(q, k)
         pos = self._positions(q, positions)                                    # (B, N)
         return (position_keep(pos, q.shape[0], q.shape[2], self.keep_rate, self.seed, 0),
                 position_keep(pos, q.shape[0], k.shape[2], self.keep_rate, self.seed, 1))
@@ -294,6 +308,7 @@ class SparseAttention(nn.Module):
         H, Hkv = q.shape[2], k.shape[2]
         if self.local_heads > Hkv:
             raise ValueError(f"local_heads={self.local_heads} exceeds the {Hkv} kv heads of k")
+        self._check_same_length(q, k)
         qb = lsh_buckets(q, self.n_buckets, seed=self.seed, group_size=H // Hkv)
         kb = lsh_buckets(k, self.n_buckets, seed=self.seed)
         if self.local_heads:
@@ -306,16 +321,22 @@ class SparseAttention(nn.Module):
         """:func:`~dist_sparse_attn.balance.cap_buckets` at ``bucket_cap`` x the mean bucket
         size of the whole sequence (its length / n_buckets keys)."""
         group = self._cap_group()
-        n = kb.shape[1]
-        if group is not None:
-            n_all = torch.tensor([n], device=kb.device)
-            dist.all_reduce(n_all, group=group)
-            n = int(n_all)
+        n = self._sequence_length(kb.shape[1], kb.device)
         return cap_buckets(qb, kb, max(1, math.ceil(self.bucket_cap * n / self.n_buckets)),
                            group=group)
 
     def _cap_group(self):
         return None         # one device
+
+    def _sequence_length(self, n_local: int, device) -> int:
+        """The whole sequence's length: a shard of n_local tokens (summed over the cap's
+        group by one all_reduce when called outside a sequence-parallel forward)."""
+        group = self._cap_group()
+        if group is None:
+            return n_local
+        n_all = torch.tensor([n_local], device=device)
+        dist.all_reduce(n_all, group=group)
+        return int(n_all)
 
     @torch.no_grad()
     def buckets(self, q, k, positions=None):
@@ -368,6 +389,13 @@ class SparseAttention(nn.Module):
         return s + f", causal={self.causal}, backend={self.backend!r}"
 
 
+# the row each rank gives SequenceParallelSparseAttention's agreement exchange
+_AGREE_NAMES = (None, "B", "H", "Hkv", "D", "dtype", "mode", "n_buckets", "seed",
+                "local_heads", "local_window", "bucket_cap", "keep_rate",
+                "positions given", "strategy", "overlap_chunks", "causal", "include_self",
+                "softmax_scale", "backend", "tensors given (q_keep, k_keep, q_buckets, k_buckets)")
+
+
 class SequenceParallelSparseAttention(SparseAttention):
     """Sparse causal attention over a sequence sharded across the ranks of ``group``.
 
@@ -414,15 +442,83 @@ class SequenceParallelSparseAttention(SparseAttention):
         self.group, self.strategy = group, strategy
         self.overlap_chunks = check_overlap_chunks(overlap_chunks)
 
+    _agreed = None      # (offset, total length) of the forward call in progress
+
     def _call_kwargs(self):
         return dict(super()._call_kwargs(), group=self.group, strategy=self.strategy,
                     overlap_chunks=self.overlap_chunks)
 
+    def forward(self, q, k, v, q_keep=None, k_keep=None, *, q_buckets=None, k_buckets=None,
+                positions=None):
+        self._agreed = self._agree(q, k, v, positions, (q_keep, k_keep, q_buckets, k_buckets))
+        try:
+            return super().forward(q, k, v, q_keep, k_keep, q_buckets=q_buckets,
+                                   k_buckets=k_buckets, positions=positions)
+        finally:
+            self._agreed = None
+
+    def _agree(self, q, k, v, positions, given):
+        """One all_gather before any other collective of the call: every rank's module
+        options and input facts must match (else every rank raises the same ValueError,
+        naming the option), and an invalid input on one rank raises on every rank
+        (instead of leaving the others in a collective that never completes). Returns
+        (this shard's global offset, the whole sequence's length, ``positions`` and the
+        validated (B, n) positions), which the rules use instead of collectives and
+        checks of their own."""
+        check_group(self.group)
+        row, error = None, None
+        try:
+            V.check_qkv(q, k, v)
+            B, n, H, D = q.shape
+            if k.shape[1] != n:
+                raise ValueError(f"q and k/v shards must have the same length, got {n} and "
+                                 f"{k.shape[1]}")
+            if self.local_heads > k.shape[2]:
+                raise ValueError(f"local_heads={self.local_heads} exceeds the {k.shape[2]} "
+                                 f"kv heads of k")
+            pos = None
+            if positions is not None and self._makes_buckets():
+                pos = SparseAttention._positions(self, q, positions,
+                                                 nonnegative=bool(self.local_heads))
+            row = torch.tensor(
+                [n, B, H, k.shape[2], D, DTYPE_CODES.get(q.dtype, 0), MODE_CODES[self.mode],
+                 -1 if self.n_buckets is None else self.n_buckets, self.seed,
+                 self.local_heads, self.local_window, float_bits(self.bucket_cap),
+                 float_bits(-1.0 if self.keep_rate is None else self.keep_rate),
+                 int(positions is not None and self._makes_buckets()),
+                 list(STRATEGIES).index(self.strategy), self.overlap_chunks,
+                 int(self.causal), int(self.include_self),
+                 float_bits(-1.0 if self.softmax_scale is None else self.softmax_scale),
+                 ("auto", "torch", "triton").index(self.backend),
+                 sum(1 << i for i, t in enumerate(given) if t is not None)], dtype=torch.int64)
+        except Exception as e:      # noqa: BLE001 -- raised after the gather, on every rank
+            error = e
+        what = "SequenceParallelSparseAttention"
+        rows = gather_rows(row, len(_AGREE_NAMES), self.group, what=what, local_error=error)
+        check_same(rows, _AGREE_NAMES, what=what,
+                   floats=("bucket_cap", "keep_rate", "softmax_scale"))
+        lengths = rows[:, 0].tolist()
+        return sum(lengths[:dist.get_rank(self.group)]), sum(lengths), positions, pos
+
+    def _positions(self, q, positions, *, nonnegative=False):
+        agreed = self._agreed
+        if agreed is not None and positions is not None and positions is agreed[2]:
+            return agreed[3]        # validated by the agreement step of this call
+        return super()._positions(q, positions, nonnegative=nonnegative)
+
     def shard_positions(self, n: int, device=None) -> torch.Tensor:
         """Global positions (n,) int64 of this rank's contiguous shard of n tokens: its
-        offset (the lower ranks' shard lengths, one all_gather over the group) +
-        ``arange(n)``. Every rank of the group must call it together."""
+        offset (the lower ranks' shard lengths, one all_gather over the group; inside
+        ``forward``, from the call's agreement exchange) + ``arange(n)``. Every rank of
+        the group must call it together."""
+        if self._agreed is not None:
+            return torch.arange(n, device=device) + self._agreed[0]
         return torch.arange(n, device=device) + shard_offset(n, self.group, device)
+
+    def _sequence_length(self, n_local: int, device) -> int:
+        if self._agreed is not None:
+            return self._agreed[1]
+        return super()._sequence_length(n_local, device)
 
     def _cap_group(self):
         return dist.group.WORLD if self.group is None else self.group

@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import checkpoint_layout, resolve_checkpoint
-from .config import (ConfigError, TrainConfig, check_compile, check_config, check_out_dir,
-                     deepspeed_config, find_file, load_config, sequence_parallel_from_json)
+from .config import (ConfigError, TrainConfig, check_compile, check_config,
+                     check_fresh_out_dir, check_out_dir, deepspeed_config, find_file,
+                     load_config, sequence_parallel_from_json)
 from .data import load_data
 from .distributed import agree, init_distributed, launch_rank, launch_world, peer_failure
 from .model import GPTConfig
@@ -144,6 +145,7 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
     check_compile(mcfg, ds, layout["sp"])
     load_data(tcfg)
     check_out_dir(tcfg.out_dir, create=False)
+    check_fresh_out_dir(tcfg, bool(args.resume), remove=False)
     resumed = None
     if args.resume:
         expect = checkpoint_layout(mcfg, layout if known else {"sp": None, "dp": None}, ds)
@@ -172,12 +174,11 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
 
 
 def _prepare_out_dir(mcfg, tcfg, ds, world, resume: bool):
-    """Rank 0: the output directory exists and is writable, a fresh run's old
-    metrics.jsonl is gone, config.json holds the resolved configuration."""
+    """Rank 0: the output directory exists and is writable, holds no earlier run when
+    this one is fresh (or ``train.overwrite`` deleted it), config.json holds the
+    resolved configuration."""
     check_out_dir(tcfg.out_dir, create=True)
-    metrics = os.path.join(tcfg.out_dir, "metrics.jsonl")
-    if not resume and os.path.exists(metrics):
-        os.remove(metrics)
+    check_fresh_out_dir(tcfg, resume, remove=True)
     with open(os.path.join(tcfg.out_dir, "config.json"), "w") as f:
         json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
                    "deepspeed": ds, "world": world}, f, indent=1)

@@ -164,7 +164,7 @@ def all_gather_equal(t: torch.Tensor, group) -> torch.Tensor:
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 DEVICE_CODES = {"cpu": 0, "cuda": 1}
 BACKEND_CODES = {"torch": 0, "triton": 1}
-MODE_CODES = {"bucketed": 0, "hash": 1, "qk": 2, "dense": 3}
+MODE_CODES = {"bucketed": 0, "hash": 1, "qk": 2, "dense": 3, "none": 4}
 
 
 def float_bits(x: float) -> int:

@@ -252,3 +252,43 @@ def test_mixed_dtypes_refused_on_every_path():
                                     backend="torch")
     with pytest.raises(ValueError, match="dtype"):
         dsa.SparseAttention("hash", 4, local_heads=1, local_window=2, backend="torch")(q, k, v)
+
+
+@pytest.mark.parametrize("opts", [dict(mode="none"),
+                                  dict(mode="hash", n_buckets=4, local_heads=1, local_window=2),
+                                  dict(mode="qk", keep_rate=0.5)])
+def test_module_rules_need_one_length(opts):
+    """Modes whose module makes the buckets from positions (or returns v) need q and k/v
+    of the same length: a ValueError, not a traceback or an output of k's length."""
+    q, k = torch.randn(B, 7, H, D), torch.randn(B, 3, HKV, D)
+    with pytest.raises(ValueError, match="same length"):
+        dsa.SparseAttention(backend="torch", **opts)(q, k, k)
+
+
+def test_gpt_forward_checks_its_inputs():
+    """Token ids out of the vocabulary, float ids or positions, mismatched targets: a
+    ValueError naming the input (before: IndexError / RuntimeError deep inside, or
+    float positions read silently)."""
+    from dist_sparse_attn.model import GPT, GPTConfig
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, attention="dense"))
+    idx = torch.randint(0, 32, (2, 9))
+    for call, name in ((lambda: m(idx + 40), "idx"), (lambda: m(idx - 40), "idx"),
+                       (lambda: m(idx.float()), "idx"), (lambda: m(idx[0]), "idx"),
+                       (lambda: m(idx, idx + 40), "targets"), (lambda: m(idx, idx[:, :3]), "targets"),
+                       (lambda: m(idx, positions=torch.arange(5)), "positions"),
+                       (lambda: m(idx, positions=torch.arange(9.0)), "positions")):
+        with pytest.raises(ValueError, match=name):
+            call()
+    logits, loss = m(idx, torch.where(idx > 3, idx, -1))    # -1: ignored targets
+    assert logits.shape == (2, 9, 32) and torch.isfinite(loss)
+
+
+def test_lsh_buckets_numpy_group_size_and_empty_head_dim():
+    """group_size may be a numpy integer like n_buckets and seed (the same buckets); a
+    head dim of 0 has no direction to hash: ValueError."""
+    import numpy as np
+    x = torch.randn(2, 5, 4, 8)
+    assert torch.equal(dsa.lsh_buckets(x, 4, group_size=np.int64(2)),
+                       dsa.lsh_buckets(x, 4, group_size=2))
+    with pytest.raises(ValueError, match="head dim"):
+        dsa.lsh_buckets(torch.randn(2, 5, 4, 0), 4)

@@ -885,6 +885,28 @@ def test_resume_finished_run_is_nothing_to_do(work, config, finished):
     assert "NaN" not in (out / "summary.json").read_text()
 
 
+@pytest.mark.timeout(600)
+def test_fresh_run_does_not_overwrite_an_earlier_run(work, config, finished):
+    """A fresh run (no --resume) into an out_dir holding an earlier run's checkpoints and
+    metrics exits 2 with one line naming train.out_dir, and touches nothing (before: it
+    replaced step0000001, kept the old step0000002 beside it and pointed 'latest' at
+    the new run). train.overwrite=true deletes the earlier run, then trains."""
+    out = _copy(finished, work, "earlier_run")
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    job = run_job("python", out, config, "--set", "train.steps=1", nproc=1)
+    assert job.rc == 2, job.tail()
+    errors = [l for l in job.log.splitlines() if "configuration error" in l]
+    assert len(errors) == 1 and "train.out_dir" in errors[0] and "earlier run" in errors[0], \
+        job.tail()
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before, "the earlier run's files changed"
+    run_job("python", out, config, "--set", "train.steps=1", "--set", "train.overwrite=true",
+            "--set", "train.checkpoint_interval=1", nproc=1).check()
+    assert not (out / "checkpoints" / "step0000002").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step0000001"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
 def _dry_resume(capsys, monkeypatch, config, out, world, *extra):
     from dist_sparse_attn import train
     for k in _LAUNCH_VARS:
