@@ -267,8 +267,8 @@ def test_module_rules_need_one_length(opts):
 
 def test_gpt_forward_checks_its_inputs():
     """Token ids out of the vocabulary, float ids or positions, mismatched targets: a
-    ValueError naming the input (before: IndexError / RuntimeError deep inside, or
-    float positions read silently)."""
+    ValueError naming the input (not an IndexError / RuntimeError deep inside, nor float
+    positions read silently)."""
     from dist_sparse_attn.model import GPT, GPTConfig
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, attention="dense"))
     idx = torch.randint(0, 32, (2, 9))

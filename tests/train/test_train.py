@@ -888,8 +888,8 @@ def test_resume_finished_run_is_nothing_to_do(work, config, finished):
 @pytest.mark.timeout(600)
 def test_fresh_run_does_not_overwrite_an_earlier_run(work, config, finished):
     """A fresh run (no --resume) into an out_dir holding an earlier run's checkpoints and
-    metrics exits 2 with one line naming train.out_dir, and touches nothing (before: it
-    replaced step0000001, kept the old step0000002 beside it and pointed 'latest' at
+    metrics exits 2 with one line naming train.out_dir, and touches nothing (otherwise it
+    would replace step0000001, keep the old step0000002 beside it and point 'latest' at
     the new run). train.overwrite=true deletes the earlier run, then trains."""
     out = _copy(finished, work, "earlier_run")
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

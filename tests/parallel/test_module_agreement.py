@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 
-from helpers import assert_ranks_ok, record_cases, run_workers
+from helpers import assert_ranks_ok, base_seed, record_cases, run_workers
 
 WORLD = 2
 N_LOCAL, H, HKV, D = 8, 4, 2, 8
@@ -123,7 +123,7 @@ def _worker(rank, world, port, names, seed, outdir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return run_workers(_worker, WORLD, tmp_path_factory.mktemp("agreement"), list(CASES),
-                       JOIN_TIMEOUT_S, extra_args=(list(CASES), 0))
+                       JOIN_TIMEOUT_S, extra_args=(list(CASES), base_seed()))
 
 
 @pytest.mark.timeout(300)
