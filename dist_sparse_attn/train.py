@@ -231,7 +231,10 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
         first = " ".join(str(e).split())[:300]
         print(f"[train] rank {rank}: {why} (train.timeout_min={tcfg.timeout_min:g}); "
               f"stopping: {first}", file=sys.stderr, flush=True)
-        return 1
+        # exit now: a normal exit tears down the process group and (under mpirun) runs
+        # MPI_Finalize, both of which wait for the rank that stalled -- forever
+        sys.stdout.flush()
+        os._exit(1)
     dist.barrier()
     dist.destroy_process_group()
     return 0

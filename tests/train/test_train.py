@@ -35,6 +35,7 @@ Set ``DSA_KEEP_RUNS=DIR`` to keep every run's output directory and log under DIR
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -760,7 +761,8 @@ def test_eta_excludes_warmup_steps(single):
 # ---------------------------------------------------------------------------------------------
 
 def _rank_processes(launcher_pid: int) -> dict:
-    """{RANK: psutil.Process} of the launcher's workers (read from their environment)."""
+    """{rank: psutil.Process} of the launcher's workers (read from their environment:
+    torchrun's RANK, MPICH's PMI_RANK, Open MPI's OMPI_COMM_WORLD_RANK)."""
     import psutil
     out = {}
     for child in psutil.Process(launcher_pid).children(recursive=True):
@@ -770,21 +772,29 @@ def _rank_processes(launcher_pid: int) -> dict:
             continue
         if "RANK" in env and "LOCAL_RANK" in env:
             out[int(env["RANK"])] = child
+        elif "python" in child.name().lower():
+            for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+                if var in env:
+                    out[int(env[var])] = child
     return out
 
 
 @pytest.mark.timeout(300)
-def test_stalled_rank_makes_the_others_fail(work, config):
-    """torchrun, 2 ranks (sp=2), train.timeout_min=0.25: once training runs, rank 1 is
-    stopped (SIGSTOP). Rank 0 waits for it in the sequence-parallel all-to-all, whose group
-    must have the run's timeout (not torch's 30-minute default): it must exit within
-    15 s + margin, saying why. The test then kills everything it started."""
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_stalled_rank_makes_the_others_fail(work, config, launcher):
+    """2 ranks (sp=2), train.timeout_min=0.25: once training runs, rank 1 is stopped
+    (SIGSTOP). Rank 0 waits for it in the sequence-parallel all-to-all, whose group must
+    have the run's timeout (not torch's 30-minute default): it must print why and exit
+    within 15 s + margin -- under mpirun too, where a normal exit would wait for the
+    stopped rank in MPI_Finalize. The test then kills everything it started."""
     psutil = pytest.importorskip("psutil")
-    out = work / "stalled"
+    if launcher == "mpirun" and (MPIRUN is None or importlib.util.find_spec("mpi4py") is None):
+        pytest.skip("mpirun or mpi4py not installed")
+    out = work / f"stalled_{launcher}"
     args = ["--config", str(config), "--out", str(out), "--set", "train.steps=100000",
             "--set", "train.timeout_min=0.25", "--set", "train.save_checkpoint=false"]
     log = open(str(out) + ".log", "w+")
-    proc = subprocess.Popen(_command("torchrun", 2, args), cwd=REPO, env=_env(), stdout=log,
+    proc = subprocess.Popen(_command(launcher, 2, args), cwd=REPO, env=_env(), stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     ranks, stopped_at, gone_after = {}, None, None
