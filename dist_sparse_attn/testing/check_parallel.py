@@ -477,17 +477,32 @@ def _commit():
         return None
 
 
+def _at_least(lo: int):
+    """argparse type: an integer >= lo (a bad value is a usage error, exit 2, not a
+    traceback with the exit code of a failed check)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for check_parallel_P<P>.json")
-    p.add_argument("--seqlen", type=int, nargs="+", default=[32768],
+    p.add_argument("--seqlen", type=_at_least(8), nargs="+", default=[32768],
                    help="total tokens N (several: every case at each; e.g. 32768 65536)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--gqa-kv-heads", type=int, default=None,
+    p.add_argument("--heads", type=_at_least(1), default=16)
+    p.add_argument("--gqa-kv-heads", type=_at_least(1), default=None,
                    help="Hkv of the GQA case (default H // 4, at least 2: 4 for H=16)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--buckets", type=int, default=16, help="LSH buckets of the hash cases")
+    p.add_argument("--dim", type=_at_least(1), default=64)
+    p.add_argument("--batch", type=_at_least(1), default=1)
+    p.add_argument("--buckets", type=_at_least(2), default=16, help="LSH buckets of the hash cases")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
@@ -495,13 +510,13 @@ def parse_args(argv=None):
     p.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=None,
                    help="a subset of the cases (default: all)")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    p.add_argument("--overlap-chunks", type=int, default=1,
+    p.add_argument("--overlap-chunks", type=_at_least(1), default=1,
                    help="the bucket strategy's pipeline chunks (overlap_chunks; 1: the "
                         "unpipelined path)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--hash-seed", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
-    p.add_argument("--timeout", type=int, default=300, help="process-group timeout, s")
+    p.add_argument("--seed", type=_at_least(0), default=1234)
+    p.add_argument("--hash-seed", type=_at_least(0), default=7)
+    p.add_argument("--threads", type=_at_least(1), default=1, help="torch threads per rank (CPU)")
+    p.add_argument("--timeout", type=_at_least(1), default=300, help="process-group timeout, s")
     p.add_argument("--no-high-precision", action="store_true",
                    help="skip the float32 reference run: the parallel result is then held to "
                         "the dtype's tolerances against the single-device run only (on a "
@@ -514,8 +529,6 @@ def parse_args(argv=None):
         args.gqa_kv_heads = max(args.heads // 4, min(2, args.heads))
     if args.heads % args.gqa_kv_heads:
         p.error("--gqa-kv-heads must divide --heads")
-    if min(args.seqlen) < 8:
-        p.error("--seqlen must be at least 8")
-    if args.overlap_chunks < 1:
-        p.error("--overlap-chunks must be at least 1")
+    if args.buckets % 2:
+        p.error(f"--buckets must be even (angular LSH), got {args.buckets}")
     return args

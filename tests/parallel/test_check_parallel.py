@@ -167,3 +167,18 @@ def test_local_attention_ms_reads_the_profiler_ranges():
         dsa.bucketed_attention(q, k, v, b, b, backend="torch").sum().backward()
     assert local_attention_ms(bare, cuda=False, backward=False) == 0
     assert local_attention_ms(bare, cuda=False) > 0
+
+
+@pytest.mark.parametrize("arg", [["--heads", "0"], ["--heads", "-4"], ["--gqa-kv-heads", "0"],
+                                 ["--threads", "0"], ["--timeout", "0"], ["--batch", "0"],
+                                 ["--dim", "0"], ["--buckets", "3"], ["--seqlen", "4"],
+                                 ["--overlap-chunks", "0"], ["--heads", "x"]])
+def test_checker_refuses_bad_arguments(arg, capsys):
+    """A bad argument is a usage error (exit 2, one line naming it), not a traceback with
+    the exit code of a failed check."""
+    from dist_sparse_attn.testing.check_parallel import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--out", "/tmp/unused", *arg])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert arg[0] in err[-1], err
