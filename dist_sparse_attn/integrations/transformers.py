@@ -157,7 +157,12 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
             head-parallel ranks of DeepSpeed ALST when it wraps this implementation),
             "auto" (DeepSpeed's sequence-parallel group at every call, none: one
             process) or a ``torch.distributed`` ProcessGroup. With a group every rank
-            feeds its contiguous shard with GLOBAL ``position_ids``. A call may
+            feeds its contiguous, non-empty shard with GLOBAL ``position_ids`` and
+            registers ``name`` with the same options: each call checks them, the layer's
+            seed, the strategy and the batch size in its first all_gather and raises the
+            same ValueError on every rank when they differ or a shard is empty
+            (transformers' own layers fail on an empty shard before attention runs;
+            :class:`HFCausalLM` after :func:`parallelize` checks the shard lengths first). A call may
             override it with the keyword ``sp_group=`` (passed through the model's
             forward).
         strategy: with a group: "bucket" (default, any head count), "ulysses" or
