@@ -414,9 +414,15 @@ class GPT(nn.Module):
             Under sequence parallelism this is the LOCAL mean; the caller averages it
             across ranks (weighted by shard length when shards differ) -- gradients flow
             between ranks through attention.
+
+        Raises ValueError for invalid idx, targets or positions; after :func:`parallelize`
+        on every rank (one small all_gather of the checks' outcome), also for an empty
+        shard.
         """
         if not torch.compiler.is_compiling():
-            self._check_inputs(idx, targets, positions)
+            check_inputs_on_every_rank(self, idx, targets, positions,
+                                       getattr(self.transformer.h[0].attn.core_attn, "group",
+                                               None), "GPT.forward")
         if self.config.compile == "model" and not torch.compiler.is_compiling():
             for block in self.transformer.h:       # cached before tracing (no graph break)
                 block.attn.draw_rotations(idx.device)
@@ -536,6 +542,29 @@ def _model_forward(model: GPT, idx, targets, positions):
 # ---------------------------------------------------------------------------------------------
 # sequence parallelism
 # ---------------------------------------------------------------------------------------------
+
+def check_inputs_on_every_rank(model, idx, targets, positions, group, what: str):
+    """``GPT._check_inputs(model, ...)`` (also for a model with the GPT's interface and a
+    ``config.vocab_size``); under a sequence-parallel ``group`` of > 1 ranks its outcome
+    goes through ONE small all_gather, so an invalid input on one rank raises a ValueError
+    on every rank (the others name it) instead of leaving them waiting in the model's
+    first collective. The same exchange refuses an empty shard on any rank."""
+    import torch.distributed as dist
+    if not isinstance(group, dist.ProcessGroup) or dist.get_world_size(group) == 1:
+        GPT._check_inputs(model, idx, targets, positions)
+        return
+    from .parallel import _comm
+    row = error = None
+    try:
+        GPT._check_inputs(model, idx, targets, positions)
+        row = torch.tensor([idx.shape[1]], dtype=torch.int64)
+    except ValueError as e:
+        error = e
+    lengths = _comm.gather_rows(row, 1, group, what=what, local_error=error)[:, 0].tolist()
+    if 0 in lengths:
+        raise ValueError(f"{what}: every rank's shard must hold tokens, got shard lengths "
+                         f"{lengths} (rank order); a shard of length 0 is not supported")
+
 
 def parallelize(model: GPT, group, strategy="bucket") -> GPT:
     """Sequence parallelism for ``model``, in place: every layer's attention op becomes

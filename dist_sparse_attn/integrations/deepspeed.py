@@ -329,6 +329,31 @@ def _check_batch_dim(batch_dim_idx):
                          f"got {batch_dim_idx!r}")
 
 
+def _check_mode_tensors(mode, query, key, P, args, kwargs):
+    """The per-mode tensors of a Ulysses call, before the head exchange: the local module
+    receives them as they are, for the whole sequence (B, n * P) and this rank's heads
+    (H / P query, Hkv / P kv), from shards query (B, n, H, D), key (B, n, Hkv, D)."""
+    names = ("q_keep", "k_keep")
+    if len(args) > len(names):
+        raise ValueError(f"ulysses_sparse_attention takes at most {len(names)} positional "
+                         f"mask arguments (q_keep, k_keep), got {len(args)}")
+    given = dict(zip(names, args))
+    for nm in ("q_keep", "k_keep", "q_buckets", "k_buckets"):
+        if nm in kwargs:
+            if nm in given:
+                raise ValueError(f"{nm} given both by position and by keyword")
+            given[nm] = kwargs[nm]
+    _forward_args(mode, query, key, given.get("q_keep"), given.get("k_keep"),
+                  given.get("q_buckets"), given.get("k_buckets"))    # which are needed
+    B, n = query.shape[:2]
+    heads = {"q": query.shape[2] // P, "k": key.shape[2] // P}
+    for nm, t in given.items():
+        if t is None:
+            continue
+        check = V.check_keep if nm.endswith("keep") else V.check_buckets
+        check(nm, t, B, n * P, heads[nm[0]], query.device)
+
+
 @functools.lru_cache(maxsize=None)
 def _sparse_distributed_attention_class():
     """``DistributedAttention`` with the group resolved at forward time and checked
@@ -371,6 +396,7 @@ def _sparse_distributed_attention_class():
                     raise ValueError(f"num_kv_heads ({self.num_kv_heads}) differs from the key "
                                      f"heads ({key.shape[2]})")
                 row = self.local_attn.agreement_row(query, key, value)
+                _check_mode_tensors(self.local_attn.mode, query, key, P, args, kwargs)
             except Exception as e:      # noqa: BLE001 -- raised on every rank after the gather
                 error = e
             what = "ulysses_sparse_attention"
@@ -417,8 +443,10 @@ class UlyssesDenseAttention(nn.Module):
     """DeepSpeed-Ulysses over dense causal SDPA: ``DistributedAttention`` (heads
     all-to-all) around :func:`dist_sparse_attn.modules.dense_causal_sdpa`, as a user of
     DeepSpeed would run dense attention with sequence parallelism. The dense baseline of
-    the benchmarks (the GPT's strategy "ds-ulysses"); it adds no checks of its own to
-    DeepSpeed's exchange.
+    the benchmarks (the GPT's strategy "ds-ulysses"). Before DeepSpeed's exchange one small
+    all_gather checks that every rank holds the same B, shard length n, H, Hkv, D, dtype
+    and device, and that the group size divides H and Hkv: otherwise every rank raises
+    the same ValueError (DeepSpeed itself would abort a process on uneven shards).
 
     Args:
         group: the ``torch.distributed`` process group the sequence is sharded over.
@@ -427,8 +455,8 @@ class UlyssesDenseAttention(nn.Module):
 
     ``forward(q, k, v, *, positions=None)``: this rank's contiguous shard q (B, n, H, D),
     k/v (B, n, Hkv, D) -> its shard (B, n, H, D) of dense causal attention over the whole
-    sequence. DeepSpeed's rules: every rank holds n tokens (equal shards) and the group
-    size divides H and Hkv. ``positions`` (the interface of
+    sequence. DeepSpeed's rules, checked as above: every rank holds n tokens (equal
+    shards) and the group size divides H and Hkv. ``positions`` (the interface of
     :class:`dist_sparse_attn.SequenceParallelSparseAttention`) are not read: dense
     attention has no rule by position. Needs ``deepspeed.comm`` initialized
     (``deepspeed.init_distributed`` or ``deepspeed.initialize``).
@@ -451,8 +479,35 @@ class UlyssesDenseAttention(nn.Module):
     def _local(self, q, k, v, *args, **kwargs):
         return dense_causal_sdpa(q, k, v, self.sdpa_backend)
 
+    # what every rank must agree on before DeepSpeed's exchange (see forward)
+    AGREEMENT = ("B", "shard length n", "H", "Hkv", "D", "dtype", "device")
+
     def forward(self, q, k, v, *, positions=None):
         from deepspeed.sequence.layer import DistributedAttention   # a cheap wrapper object
+        # DeepSpeed's all-to-all assumes equal shards and an even head split: one small
+        # all_gather checks them first, so a rank that differs raises the same ValueError
+        # on every rank instead of aborting a process or failing an assert on one rank
+        what = "UlyssesDenseAttention"
+        P = dist.get_world_size(self.group)
+        row = error = None
+        try:
+            V.check_qkv(q, k, v)
+            if k.shape[1] != q.shape[1]:
+                raise ValueError(f"{what}: k/v hold {k.shape[1]} tokens, q {q.shape[1]} "
+                                 "(self-attention on one shard)")
+            H, Hkv = q.shape[2], k.shape[2]
+            if H % P or Hkv % P:
+                raise ValueError(f"{what}: the group size ({P}) must divide the query heads "
+                                 f"H={H} and the kv heads Hkv={Hkv} (DeepSpeed's even head "
+                                 "split)")
+            row = torch.tensor([q.shape[0], q.shape[1], H, Hkv, q.shape[3],
+                                _comm.DTYPE_CODES.get(q.dtype, 0),
+                                _comm.DEVICE_CODES.get(q.device.type, 2)], dtype=torch.int64)
+        except ValueError as e:
+            error = e
+        rows = _comm.gather_rows(row, len(self.AGREEMENT), self.group, what=what,
+                                 local_error=error)
+        _comm.check_same(rows, self.AGREEMENT, what=what)
         attn = DistributedAttention(self._local, self.group, scatter_idx=2, gather_idx=1)
         return attn(q, k, v, 0)                                                # batch dim 0
 

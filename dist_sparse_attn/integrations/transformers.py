@@ -73,7 +73,7 @@ from .. import _validation as V
 from ..hashing import local_buckets, lsh_buckets, position_keep
 from ..modules import shard_offset
 from ..ops import _bucketed_default_positions, hash_sparse_attention
-from ..parallel import STRATEGIES, sequence_parallel_attention
+from ..parallel import STRATEGIES, _comm, sequence_parallel_attention
 from .deepspeed import _check_group, _resolve, ulysses_lsh_buckets
 
 MODES = ("hash", "qk")
@@ -125,8 +125,10 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
     with the matching mask function in ``AttentionMaskInterface``; any model that
     dispatches attention through that interface runs it with
     ``attn_implementation=name`` (in ``from_pretrained``, ``from_config`` or the config).
-    Registering a name again replaces its options; the names transformers ships
-    (``"sdpa"``, ``"flash_attention_2"``, ...) cannot be taken.
+    Registering a name again replaces its options; the names transformers reads itself
+    cannot be taken: its implementations (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``,
+    ``"flex_attention"``, ...), ``"paged|..."``, names holding ``"flash"`` and hub
+    kernels (``"org/repo"``).
 
     Args:
         name: the implementation name (a non-empty string).
@@ -155,7 +157,12 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
             head-parallel ranks of DeepSpeed ALST when it wraps this implementation),
             "auto" (DeepSpeed's sequence-parallel group at every call, none: one
             process) or a ``torch.distributed`` ProcessGroup. With a group every rank
-            feeds its contiguous shard with GLOBAL ``position_ids``. A call may
+            feeds its contiguous, non-empty shard with GLOBAL ``position_ids`` and
+            registers ``name`` with the same options: each call checks them, the layer's
+            seed, the strategy and the batch size in its first all_gather and raises the
+            same ValueError on every rank when they differ or a shard is empty
+            (transformers' own layers fail on an empty shard before attention runs;
+            :class:`HFCausalLM` after :func:`parallelize` checks the shard lengths first). A call may
             override it with the keyword ``sp_group=`` (passed through the model's
             forward).
         strategy: with a group: "bucket" (default, any head count), "ulysses" or
@@ -204,9 +211,7 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
                     backend)
 
     AttentionInterface, AttentionMaskInterface = _interfaces()
-    if name in AttentionInterface._global_mapping and name not in _REGISTERED:
-        raise ValueError(f"name {name!r} is an attention implementation transformers already "
-                         "has; choose another name")
+    _check_name(name, AttentionInterface, AttentionMaskInterface)
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if args:
@@ -223,6 +228,21 @@ def register(name: str, *, mode: str = "hash", n_buckets: int | None = None,
     AttentionMaskInterface.register(name, mask)
     _REGISTERED[name] = (opts, attention)
     return name
+
+
+def _check_name(name, AttentionInterface, AttentionMaskInterface):
+    """Refuse the names transformers reads itself: its own implementations (registering
+    one would replace it for every model of the process), "eager" (handled without the
+    interface), "paged|..." (the prefix is stripped or paged), any name holding "flash"
+    (transformers then applies flash-attention rules) and hub kernel names
+    ("org/repo[@rev][:fn]", loaded from the hub)."""
+    shipped = (set(AttentionInterface._global_mapping)
+               | set(AttentionMaskInterface._global_mapping)) - set(_REGISTERED)
+    if (name in shipped or name == "eager" or name.startswith("paged|") or "flash" in name
+            or "/" in name or ":" in name):
+        raise ValueError(f"name {name!r} is an attention implementation name transformers "
+                         "reads itself (its own implementations, 'eager', 'paged|...', names "
+                         "holding 'flash', hub kernels 'org/repo'); choose another name")
 
 
 def _interfaces():
@@ -439,22 +459,35 @@ def _local_tokens(pos, real, cu_q, cu_k, need_len):
     return _Tokens(pos, doc, real, last_doc + 1, doc_len, max_len, max_pos)
 
 
-def _sharded_tokens(pos, real, group, need_len, B, n, local_error=None):
+# what every rank of a sequence-parallel call must agree on (:func:`_agreement_row`)
+_AGREEMENT = ("batch size B", "mode", "n_buckets", "bucket_size", "seed", "local_heads",
+              "local_window", "keep_rate", "strategy", None)
+_STRATEGY_CODES = {s: i for i, s in enumerate(STRATEGIES)}
+
+
+def _agreement_row(opts, seed, strategy, B, n):
+    """This rank's values of :data:`_AGREEMENT` (the registered options, the layer's seed
+    and the call's strategy and batch size) and its shard length, int64."""
+    return torch.tensor([B, MODES.index(opts.mode), opts.n_buckets or -1, opts.bucket_size or -1,
+                         seed, opts.local_heads, opts.local_window,
+                         _comm.float_bits(opts.keep_rate), _STRATEGY_CODES[strategy], n],
+                        dtype=torch.int64)
+
+
+def _sharded_tokens(pos, real, group, need_len, B, n, local_error=None, row=None):
     """_Tokens of this rank's contiguous shard. Documents continue across shards: two small
-    all_gathers (shard sizes and error flags; then :func:`_shard_stats`) give every rank
-    the global document indices and lengths (:func:`_tokens_from_stats`)."""
+    all_gathers (``row`` of :func:`_agreement_row` with this rank's error flag, checked to
+    agree; then :func:`_shard_stats`) give every rank the global document indices and
+    lengths (:func:`_tokens_from_stats`). Every rank raises the same ValueError when a
+    rank met an error, the ranks' options differ or a shard is empty."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    head = torch.tensor([n, B, local_error is not None], dtype=torch.int64, device=pos.device)
-    heads = [torch.empty_like(head) for _ in range(world)]
-    dist.all_gather(heads, head, group=group)
-    bad = [r for r, h in enumerate(heads) if int(h[2])]
-    if bad:         # every rank raises, none waits in a later collective
-        if local_error is not None:
-            raise local_error
-        raise ValueError(f"invalid inputs on sequence-parallel rank(s) {bad} (see their error)")
-    batch = [int(h[1]) for h in heads]
-    if any(b != B for b in batch):
-        raise ValueError(f"batch sizes differ between the sequence-parallel ranks: {batch}")
+    what = "sequence-parallel attention"
+    rows = _comm.gather_rows(row, len(_AGREEMENT), group, what=what, local_error=local_error)
+    _comm.check_same(rows, _AGREEMENT, what=what, floats=("keep_rate",))
+    lengths = rows[:, -1].tolist()
+    if 0 in lengths:
+        raise ValueError(f"{what}: every rank's shard must hold tokens, got shard lengths "
+                         f"{lengths} (rank order); a shard of length 0 is not supported")
     stats = _shard_stats(pos, real)
     everyone = [torch.empty_like(stats) for _ in range(world)]
     dist.all_gather(everyone, stats, group=group)
@@ -624,8 +657,10 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
     if group is not None and (cu_seq_lens_q is not None or cu_seq_lens_k is not None):
         raise ValueError("cu_seq_lens_q/cu_seq_lens_k are not supported with a "
                          "sequence-parallel group; pass packed documents through position_ids")
-    real = pos = local_error = None
+    real = pos = local_error = row = None
     try:        # per-rank data: under a group, an error here is raised on every rank
+        if group is not None:
+            row = _agreement_row(opts, seed, strategy, B, n)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, n):
                 raise ValueError(f"attention_mask must have shape (B, N) = {(B, n)}, got "
@@ -641,7 +676,7 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
         if group is None:
             tok = _local_tokens(pos, real, cu_seq_lens_q, cu_seq_lens_k, need_len)
         else:
-            tok = _sharded_tokens(pos, real, group, need_len, B, n, local_error)
+            tok = _sharded_tokens(pos, real, group, need_len, B, n, local_error, row)
         fast = (group is None and opts.mode == "hash" and not opts.local_heads
                 and not hd.split and tok.n_docs == 1 and real is None)
         if not fast:
@@ -711,8 +746,10 @@ class HFCausalLM(nn.Module):
     :func:`parallelize`: this rank's contiguous shard); positions (N,) or (B, N) global
     positions (default ``arange(N)``, or after :func:`parallelize` this shard's offset +
     arange, found by an all_gather of the shard lengths). Returns logits (B, N, vocab)
-    and the mean cross-entropy over the call's tokens against ``targets`` (ignore_index
-    -1; None without targets).
+    and the mean cross-entropy over the call's tokens against ``targets`` (B, N) (ignore_index
+    -1; None without targets). Invalid inputs raise ValueError naming them (the checks of
+    :meth:`dist_sparse_attn.model.GPT.forward`); after :func:`parallelize` on every rank,
+    through one small all_gather, when one rank's are invalid or a shard is empty.
     """
 
     def __init__(self, model):
@@ -732,6 +769,9 @@ class HFCausalLM(nn.Module):
         return GPT.configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
 
     def forward(self, idx, targets=None, *, positions=None):
+        from ..model import check_inputs_on_every_rank
+        check_inputs_on_every_rank(self, idx, targets, positions, self.sp_group,
+                                   "HFCausalLM.forward")
         B, N = idx.shape
         kwargs = {}
         if self.sp_group is not None:     # to the registered attention function, per call
