@@ -11,6 +11,33 @@ from dist_sparse_attn.distributed import free_port  # noqa: F401 - the test file
 
 # the repository root (this file lives in tests/)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# variables a launcher sets (and the Triton interpreter switch): an outer launcher's
+# values must not leak into the jobs a test starts
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+               "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
+LAUNCH_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MPI_", "HYDRA_")
+
+
+def is_launch_var(name: str) -> bool:
+    return name in LAUNCH_VARS or name.startswith(LAUNCH_PREFIXES)
+
+
+def job_env(**extra) -> dict:
+    """The environment of a job a test starts: this one without launcher variables, the
+    repository first on PYTHONPATH, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not is_launch_var(k)}
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def clear_launch_vars(monkeypatch):
+    """Remove the launcher variables from this process (an in-process dry run must not
+    see an outer launcher's world); the Triton interpreter switch stays."""
+    for k in list(os.environ):
+        if is_launch_var(k) and k != "TRITON_INTERPRET":
+            monkeypatch.delenv(k, raising=False)
 CUDA = torch.cuda.is_available()
 
 

@@ -26,7 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from dist_sparse_attn.model import GPT, GPTConfig
-from helpers import REPO
+from helpers import REPO, clear_launch_vars, job_env
 
 RTOL, ATOL = 1e-4, 1e-6         # fp32; measured differences ~1e-7
 
@@ -163,8 +163,6 @@ save_checkpoint = false
 deepspeed_config = "configs/ds/zero1.json"
 """
 
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "TRITON_INTERPRET")
 
 
 @pytest.fixture
@@ -183,8 +181,7 @@ def _losses(out):
 @pytest.mark.timeout(300)
 def test_train_compile_matches_off(config, tmp_path):
     """Two real 3-step jobs (one process each, run at once): the same losses."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = job_env()
     procs = {}
     for mode in ("off", "blocks"):
         out = tmp_path / mode
@@ -213,8 +210,7 @@ def test_train_compile_matches_off(config, tmp_path):
 
 def _dry_run(config, tmp_path, capsys, monkeypatch, *overrides):
     from dist_sparse_attn import train
-    for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+    clear_launch_vars(monkeypatch)
     argv = ["--config", str(config), "--out", str(tmp_path / "out"), "--dry-run",
             "--device", "cpu"]
     for o in overrides:

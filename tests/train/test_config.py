@@ -18,11 +18,8 @@ from dist_sparse_attn import train
 from dist_sparse_attn.config import ConfigError, TrainConfig, load_config
 from dist_sparse_attn.model import GPTConfig
 from dist_sparse_attn.schema import fields_of
-from helpers import REPO
+from helpers import REPO, clear_launch_vars
 
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK",
-                "PMIX_RANK")
 
 SMALL = """\
 [model]
@@ -44,8 +41,7 @@ deepspeed_config = "configs/ds/zero1.json"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+    clear_launch_vars(monkeypatch)
     return monkeypatch
 
 

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, job_env
 
 pytest.importorskip("deepspeed")
 
@@ -49,16 +49,9 @@ timeout_min = 2.0
 deepspeed_config = "configs/ds/zero1.json"
 """
 
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
-_LAUNCH_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MPI_", "HYDRA_")
-
-
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
-    env.update(PY=sys.executable, NPROC="2", MASTER_PORT=str(free_port()), **extra)
-    return env
+    return job_env(**{"PY": sys.executable, "NPROC": "2", "MASTER_PORT": str(free_port()),
+                      **extra})
 
 
 @pytest.fixture

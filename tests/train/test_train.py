@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port
+from helpers import REPO, clear_launch_vars, free_port, job_env
 
 pytest.importorskip("deepspeed")
 
@@ -86,10 +86,6 @@ timeout_min = 2.0
 deepspeed_config = "configs/ds/zero1.json"
 """
 
-# variables a launcher sets; an outer launcher's values must not leak into our jobs
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
-_LAUNCH_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MPI_", "HYDRA_")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,11 +93,7 @@ _LAUNCH_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MPI_", "HYDRA_")
 # ---------------------------------------------------------------------------------------------
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra)
-    return env
+    return job_env(**extra)
 
 
 def _command(launcher: str, nproc: int, args, port: int | None = None) -> list:
@@ -626,8 +618,7 @@ CONFIG_ERRORS = {
 
 def _dry_run(capsys, monkeypatch, config, world, overrides, out):
     from dist_sparse_attn import train
-    for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+    clear_launch_vars(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     argv = ["--config", str(config), "--out", str(out), "--dry-run", "--device", "cpu"]
     for o in overrides:
@@ -919,8 +910,7 @@ def test_fresh_run_does_not_overwrite_an_earlier_run(work, config, finished):
 
 def _dry_resume(capsys, monkeypatch, config, out, world, *extra):
     from dist_sparse_attn import train
-    for k in _LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+    clear_launch_vars(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", str(world))       # as a launcher sets it
     argv = ["--config", str(config), "--out", str(out), "--dry-run", "--device", "cpu",
             "--set", f"train.steps={CKPT_STEPS}",
