@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
                       dense_causal_sdpa)
+from .parallel._comm import gather_rows, shards_over
 from .schema import setting, validate_instance
 
 ATTENTIONS = ("dense", "hash", "qk", "none")
@@ -549,18 +550,16 @@ def check_inputs_on_every_rank(model, idx, targets, positions, group, what: str)
     goes through ONE small all_gather, so an invalid input on one rank raises a ValueError
     on every rank (the others name it) instead of leaving them waiting in the model's
     first collective. The same exchange refuses an empty shard on any rank."""
-    import torch.distributed as dist
-    if not isinstance(group, dist.ProcessGroup) or dist.get_world_size(group) == 1:
+    if not shards_over(group):
         GPT._check_inputs(model, idx, targets, positions)
         return
-    from .parallel import _comm
     row = error = None
     try:
         GPT._check_inputs(model, idx, targets, positions)
         row = torch.tensor([idx.shape[1]], dtype=torch.int64)
     except ValueError as e:
         error = e
-    lengths = _comm.gather_rows(row, 1, group, what=what, local_error=error)[:, 0].tolist()
+    lengths = gather_rows(row, 1, group, what=what, local_error=error)[:, 0].tolist()
     if 0 in lengths:
         raise ValueError(f"{what}: every rank's shard must hold tokens, got shard lengths "
                          f"{lengths} (rank order); a shard of length 0 is not supported")
@@ -589,13 +588,7 @@ def parallelize(model: GPT, group, strategy="bucket") -> GPT:
     if not callable(strategy) and strategy not in SP_STRATEGIES:
         raise ValueError(f"strategy must be one of {SP_STRATEGIES} or a factory "
                          f"(config, layer_idx, group) -> module, got {strategy!r}")
-    if group is None:
-        return model
-    import torch.distributed as dist
-    if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"group must be None or a torch.distributed ProcessGroup, got "
-                         f"{type(group).__name__}")
-    if dist.get_world_size(group) == 1:
+    if not shards_over(group):
         return model
     config = model.config
     if config.compile == "model":

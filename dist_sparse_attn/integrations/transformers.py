@@ -802,12 +802,7 @@ def parallelize(model: HFCausalLM, group, strategy: str = "bucket") -> HFCausalL
     of one rank, leaves the model as it is. Returns ``model``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
-    if group is None:
-        return model
-    if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"group must be None or a torch.distributed ProcessGroup, got "
-                         f"{type(group).__name__}")
-    if dist.get_world_size(group) == 1:
+    if not _comm.shards_over(group):
         return model
     impl = model.config._attn_implementation
     if impl not in _REGISTERED:

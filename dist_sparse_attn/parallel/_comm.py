@@ -187,6 +187,18 @@ def check_group(group):
                          "(torch.distributed.init_process_group) on every rank")
 
 
+def shards_over(group) -> bool:
+    """Whether ``group`` shards a sequence: False for None or a group of one rank (a
+    ``parallelize`` step then leaves the model as it is), True for a larger process
+    group; a ValueError for anything else."""
+    if group is None:
+        return False
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be None or a torch.distributed ProcessGroup, got "
+                         f"{type(group).__name__}")
+    return dist.get_world_size(group) > 1
+
+
 def gather_rows(row, width: int, group, *, what: str, local_error=None) -> torch.Tensor:
     """All-gather one int64 row of ``width`` values per rank (ONE small collective) and
     return them (P, width) on the CPU.
