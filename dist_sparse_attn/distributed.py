@@ -8,6 +8,7 @@
   group exists (so that only rank 0 reports a configuration error).
 * :func:`agree`: run a check on every rank; an error on any rank stops all of them.
 * :func:`free_port`: a free TCP port for a rendezvous on this host.
+* :func:`release_deepspeed_shm`: nothing of DeepSpeed's CPU all-reduce left in /dev/shm.
 """
 from __future__ import annotations
 
@@ -67,6 +68,38 @@ def init_distributed(cuda: bool, timeout_min: float):
                                timeout=datetime.timedelta(minutes=timeout_min))
     if cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if not cuda:
+        release_deepspeed_shm()
+
+
+# DeepSpeed's CPU all-reduce over shared memory (the `deepspeed_shm_comm` op; used when
+# LOCAL_SIZE equals the world size, as under the deepspeed launcher on one host) gives
+# every rank a 66 MB POSIX segment named after the master address and port, and never
+# removes it: each run would leave its segments in /dev/shm until that memory is full.
+_DS_SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def deepspeed_shm_names(addr: str, port, ranks) -> list[str]:
+    """The /dev/shm names DeepSpeed's CPU all-reduce gives ``ranks`` of the job whose
+    master is ``addr:port`` (owned by this user)."""
+    return [f"{_DS_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{r}" for r in ranks]
+
+
+def release_deepspeed_shm():
+    """Collective, after ``deepspeed.init_distributed``: unlink this rank's shared-memory
+    segment of DeepSpeed's CPU all-reduce. Every rank maps the others' segments while
+    DeepSpeed initializes (and never opens them again), so after a barrier the names are
+    no longer needed; the memory stays mapped until the processes exit, and nothing is
+    left behind in /dev/shm."""
+    if not dist.is_initialized() or not os.path.isdir("/dev/shm"):
+        return
+    dist.barrier()
+    name, = deepspeed_shm_names(os.environ.get("MASTER_ADDR", ""),
+                                os.environ.get("MASTER_PORT", ""), [dist.get_rank()])
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
 
 
 def peer_failure(e: BaseException) -> str | None:
@@ -106,4 +139,4 @@ def agree(fn, *args, error=RuntimeError):
 
 
 __all__ = ["free_port", "launch_rank", "launch_world", "init_distributed", "peer_failure",
-           "raise_if_any", "agree"]
+           "raise_if_any", "agree", "deepspeed_shm_names", "release_deepspeed_shm"]

@@ -122,6 +122,15 @@ else
     pip_install --no-deps -e .
 fi
 
+# 5. without CUDA, DeepSpeed builds a C++ op (deepspeed_shm_comm, needs g++) the first time
+#    it starts torch.distributed: build it now, once, instead of inside the first run.
+if ! has_gpu; then
+    say "building DeepSpeed's CPU communication op (once, about a minute)"
+    if ! "$PY" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1; then
+        say "note: DeepSpeed's CPU communication op did not build here; DeepSpeed will try again at its first start"
+    fi
+fi
+
 "$PY" - <<'PY'
 import torch, triton, dist_sparse_attn
 print(f"[setup] ok: torch {torch.__version__} (cuda {torch.cuda.is_available()}), "

@@ -9,6 +9,11 @@
   ``helpers``.
 * Seeds: every test starts from the same seed, :func:`helpers.base_seed` (0 unless
   ``DSA_TEST_SEED`` says otherwise; the header of the run names it).
+* DeepSpeed on a machine without CUDA builds a C++ op (``deepspeed_shm_comm``) the first
+  time it starts torch.distributed: that build (about a minute on 2 cores) happens once
+  at the start of the session, not inside the first test's time limit (a build killed
+  there leaves a lock file that every later DeepSpeed start would wait on forever).
+  What DeepSpeed's CPU all-reduce leaves in /dev/shm is removed at the end.
 * Devices: a test that makes sense on both devices takes the ``device`` fixture (the
   PyTorch backend, or anything not tied to Triton) or the ``triton_device`` fixture
   (the Triton kernels: on the CPU only under the interpreter). Each runs once with
@@ -44,6 +49,53 @@ def pytest_configure(config):
         base_seed()         # DSA_TEST_SEED=random: drawn once, before any worker starts
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
+
+
+_SHM_DIR = "/dev/shm"
+
+
+def _deepspeed_shm_segments() -> set:
+    if not os.path.isdir(_SHM_DIR):
+        return set()
+    return {n for n in os.listdir(_SHM_DIR) if n.startswith("deepspeed_allreduce_buffer_")}
+
+
+def _build_deepspeed_cpu_op():
+    """Build DeepSpeed's CPU communication op now if DeepSpeed is installed, there is no
+    CUDA and the op is not built yet. A lock file older than 15 minutes is left from a
+    build that was killed: it is removed (DeepSpeed would wait on it forever)."""
+    import importlib.util
+    import time
+
+    if CUDA or importlib.util.find_spec("deepspeed") is None:
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+    build_dir = _get_build_directory("deepspeed_shm_comm", verbose=False)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 15 * 60:
+        print(f"removing {lock}: left by a build that did not finish", file=sys.stderr)
+        os.remove(lock)
+    if os.path.exists(os.path.join(build_dir, "deepspeed_shm_comm.so")):
+        return
+    print("building DeepSpeed's CPU communication op once (about a minute)", file=sys.stderr)
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+
+
+def pytest_sessionstart(session):
+    session.config._dsa_shm_before = _deepspeed_shm_segments()
+    _build_deepspeed_cpu_op()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_dsa_shm_before", None)
+    if before is None:
+        return
+    for name in _deepspeed_shm_segments() - before:
+        try:
+            os.unlink(os.path.join(_SHM_DIR, name))
+        except FileNotFoundError:
+            pass
 
 
 def pytest_report_header(config):

@@ -178,6 +178,7 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
     for r in hung:
         procs[r].kill()
         procs[r].join(10)
+    remove_deepspeed_shm("127.0.0.1", port, world)
     results = {}
     for name in names:
         for r in range(world):
@@ -190,6 +191,18 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
                     f"still running after {timeout_s} s (killed)" if r in hung
                     else f"exited with code {procs[r].exitcode}"))
     return results
+
+
+def remove_deepspeed_shm(addr, port, world):
+    """Remove what DeepSpeed's CPU all-reduce left in /dev/shm for the job at
+    ``addr:port`` (workers that call ``deepspeed.init_distributed`` themselves, or were
+    killed, leave 66 MB per rank)."""
+    from dist_sparse_attn.distributed import deepspeed_shm_names
+    for name in deepspeed_shm_names(addr, port, range(world)):
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except FileNotFoundError:
+            pass
 
 
 def world_runs(worker, worlds, timeout_s, tmp_path_factory, label):

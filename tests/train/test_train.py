@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, clear_launch_vars, free_port, job_env
+from helpers import REPO, clear_launch_vars, free_port, job_env, remove_deepspeed_shm
 
 pytest.importorskip("deepspeed")
 
@@ -352,6 +352,42 @@ def test_mpirun_honours_master_port(work):
     job = run_jobs([([MPIRUN, "-n", "1", sys.executable, "-c", code], str(out),
                      _env(MASTER_PORT=str(port)))], timeout_s=100)[0].check()
     assert f"MASTER_PORT {port}" in job.log, job.tail()
+
+
+@pytest.mark.timeout(300)
+def test_nothing_left_in_dev_shm(work):
+    """Two ranks on one host as the deepspeed launcher starts them (LOCAL_SIZE = world):
+    DeepSpeed's CPU all-reduce over shared memory still sums correctly after
+    init_distributed, and no /dev/shm segment of the job is left, neither while it runs
+    nor after (DeepSpeed leaves 66 MB per rank of every run; CI filled its memory)."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    from dist_sparse_attn.distributed import deepspeed_shm_names
+    port, world = free_port(), 2
+    names = deepspeed_shm_names("127.0.0.1", port, range(world))
+    code = ("import os, sys, torch, torch.distributed as dist, deepspeed.comm as dscomm; "
+            "from dist_sparse_attn.distributed import init_distributed; "
+            "init_distributed(False, 1.0); "
+            "t = torch.full((5,), float(dist.get_rank() + 1)); "
+            "dscomm.inference_all_reduce(t); print('SUM', t.tolist()); dist.barrier(); "
+            "print('LEFT', [n for n in sys.argv[1:] if os.path.exists('/dev/shm/' + n)]); "
+            "dist.destroy_process_group()")
+    specs = []
+    for r in range(world):
+        out = work / f"shm{r}"
+        out.mkdir()
+        specs.append(([sys.executable, "-c", code, *names], str(out),
+                      _env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                           LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port))))
+    try:
+        jobs = [j.check() for j in run_jobs(specs, timeout_s=240)]
+        for j in jobs:
+            assert "SUM [3.0, 3.0, 3.0, 3.0, 3.0]" in j.log, j.tail()
+            assert "LEFT []" in j.log, j.tail()
+        assert not [n for n in names if os.path.exists(os.path.join("/dev/shm", n))]
+    finally:
+        remove_deepspeed_shm("127.0.0.1", port, world)
 
 
 # ---------------------------------------------------------------------------------------------
