@@ -32,6 +32,36 @@ _MAX_STREAMS = 65535        # CUDA grid dimension y
 
 
 @triton.jit
+def _running_first_max(xr, col_ok, c0, best_p, arg_p, best_n, arg_n, SIGNED: tl.constexpr):
+    """Fold the columns c0 .. c0 + BLOCK_C of x R (xr, (BLOCK_N, BLOCK_C)) into the running
+    first maximum of xR (best_p, arg_p) and, SIGNED, of -xR (best_n, arg_n). Tiles come in
+    column order, so a later tile must be strictly larger; within a tile tl.argmax takes
+    the first maximal index."""
+    pos = tl.where(col_ok[None, :], xr, float("-inf"))
+    m = tl.max(pos, 1)
+    take = m > best_p
+    arg_p = tl.where(take, tl.argmax(pos, 1).to(tl.int32) + c0, arg_p)
+    best_p = tl.where(take, m, best_p)
+    if SIGNED:
+        neg = tl.where(col_ok[None, :], -xr, float("-inf"))
+        m = tl.max(neg, 1)
+        take = m > best_n
+        arg_n = tl.where(take, tl.argmax(neg, 1).to(tl.int32) + c0, arg_n)
+        best_n = tl.where(take, m, best_n)
+    return best_p, arg_p, best_n, arg_n
+
+
+@triton.jit
+def _signed_index(best_p, arg_p, best_n, arg_n, NC: tl.constexpr, SIGNED: tl.constexpr):
+    """The sub-bucket: arg_p, or (SIGNED) the index into [xR ; -xR], whose + half holds the
+    lower indexes and so wins a tie."""
+    sub = arg_p
+    if SIGNED:
+        sub = tl.where(best_p >= best_n, arg_p, NC + arg_n)
+    return sub
+
+
+@triton.jit
 def _sub_bucket(x_rows, row_ok, x_tile, R_head, D: tl.constexpr, C: tl.constexpr,
                 COL0: tl.constexpr, NC: tl.constexpr, SIGNED: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -63,23 +93,9 @@ def _sub_bucket(x_rows, row_ok, x_tile, R_head, D: tl.constexpr, C: tl.constexpr
                 r = tl.load(R_head + d[:, None] * C + (COL0 + cols)[None, :],
                             mask=(d[:, None] < D) & col_ok[None, :], other=0.0)
                 xr += tl.dot(x, r, input_precision="ieee")
-        # running first maximum: tiles come in column order, so a later tile must be
-        # strictly larger; within a tile tl.argmax takes the first maximal index
-        pos = tl.where(col_ok[None, :], xr, float("-inf"))
-        m = tl.max(pos, 1)
-        take = m > best_p
-        arg_p = tl.where(take, tl.argmax(pos, 1).to(tl.int32) + c0, arg_p)
-        best_p = tl.where(take, m, best_p)
-        if SIGNED:
-            neg = tl.where(col_ok[None, :], -xr, float("-inf"))
-            m = tl.max(neg, 1)
-            take = m > best_n
-            arg_n = tl.where(take, tl.argmax(neg, 1).to(tl.int32) + c0, arg_n)
-            best_n = tl.where(take, m, best_n)
-    sub = arg_p
-    if SIGNED:    # the + half holds the lower indexes: it wins a tie
-        sub = tl.where(best_p >= best_n, arg_p, NC + arg_n)
-    return sub
+        best_p, arg_p, best_n, arg_n = _running_first_max(xr, col_ok, c0, best_p, arg_p,
+                                                          best_n, arg_n, SIGNED)
+    return _signed_index(best_p, arg_p, best_n, arg_n, NC, SIGNED)
 
 
 @triton.jit
@@ -106,21 +122,9 @@ def _sub_bucket_split(x_tile, R_head, part_stride, D: tl.constexpr, C: tl.conste
         xr = tl.dot(x_tile, tl.load(p_r + 2 * part_stride, mask=m_r, other=0.0))   # lo
         xr = tl.dot(x_tile, tl.load(p_r + part_stride, mask=m_r, other=0.0), xr)   # mid
         xr = tl.dot(x_tile, tl.load(p_r, mask=m_r, other=0.0), xr)                 # hi
-        pos = tl.where(col_ok[None, :], xr, float("-inf"))
-        m = tl.max(pos, 1)
-        take = m > best_p
-        arg_p = tl.where(take, tl.argmax(pos, 1).to(tl.int32) + c0, arg_p)
-        best_p = tl.where(take, m, best_p)
-        if SIGNED:
-            neg = tl.where(col_ok[None, :], -xr, float("-inf"))
-            m = tl.max(neg, 1)
-            take = m > best_n
-            arg_n = tl.where(take, tl.argmax(neg, 1).to(tl.int32) + c0, arg_n)
-            best_n = tl.where(take, m, best_n)
-    sub = arg_p
-    if SIGNED:
-        sub = tl.where(best_p >= best_n, arg_p, NC + arg_n)
-    return sub
+        best_p, arg_p, best_n, arg_n = _running_first_max(xr, col_ok, c0, best_p, arg_p,
+                                                          best_n, arg_n, SIGNED)
+    return _signed_index(best_p, arg_p, best_n, arg_n, NC, SIGNED)
 
 
 @triton.jit
