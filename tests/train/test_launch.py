@@ -151,7 +151,7 @@ case "$1" in
         exit 0
     fi ;;
   -c)
-    case "$2" in *urlopen*) exit "${FAKE_INDEX_RC:-1}" ;; esac
+    case "$2" in *urlopen*) exit "${FAKE_INDEX_RC:-1}" ;; *build_shm_op*) exit 0 ;; esac
     exit 1 ;;
   -) cat >/dev/null; exit 0 ;;
 esac
@@ -188,6 +188,9 @@ def test_setup_installs_the_cpu_wheel(tmp_path):
     out, calls = _setup(tmp_path, FAKE_INDEX_RC="0")
     assert calls == [f"-m pip install -q --index-url {CPU_INDEX} --timeout 60 torch==2.13.0"], calls
     assert "note:" not in out, out
+    # without a GPU, DeepSpeed's CPU op is built during setup, not inside the first run
+    log = (tmp_path / "calls.log").read_text()
+    assert "building DeepSpeed's CPU communication op" in out and "build_shm_op()" in log, out
 
 
 @needs_no_gpu
