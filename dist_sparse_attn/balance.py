@@ -34,7 +34,7 @@ _ID_LIMIT = 2 ** 31 - 1          # bucket ids stay below the DROP sentinel of th
 
 
 def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int, *,
-                group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                group=None, n_bins: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split buckets holding more than ``max_size`` keys (module docstring).
 
     Args:
@@ -44,6 +44,9 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
         max_size: the most keys one (batch, kv head, bucket) keeps, an int >= 1.
         group: None (one device), or the process group the sequence is sharded over
             (this rank's contiguous shard; every rank of the group must call).
+        n_bins: None, or the caller's promise that every bucket id is below ``n_bins``
+            (not checked: that would need a host sync). Without it the largest id is read
+            back (one host synchronisation); the result is the same either way.
 
     Returns (q_buckets, k_buckets) int64 of the same shapes: new ids in
     ``[0, (max bucket + 1) * pieces)``, negative where the input was negative.
@@ -66,6 +69,9 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
             or max_size < 1:
         raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
     max_size = int(max_size)
+    if n_bins is not None and (isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral)
+                               or n_bins < 1):
+        raise ValueError(f"n_bins must be None or an int >= 1, got {n_bins!r}")
     g = H // Hkv
     dev = q_buckets.device
     kb = k_buckets.long().permute(0, 2, 1).reshape(B * Hkv, Nk).contiguous()  # (Sk, Nk)
@@ -73,8 +79,11 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
     q_idx = torch.arange(Nq, device=dev).repeat(g)                          # (g*Nq,)
 
     # ---- the bucket range and the keys of lower ranks (sharded) ---------------------------
-    nbins = int(max(int(kb.max()) if kb.numel() else -1,
-                    int(qb.max()) if qb.numel() else -1)) + 1
+    if n_bins is not None:
+        nbins = int(n_bins)
+    else:
+        nbins = int(max(int(kb.max()) if kb.numel() else -1,
+                        int(qb.max()) if qb.numel() else -1)) + 1
     total_k = Nk
     if group is not None:
         rank = dist.get_rank(group)

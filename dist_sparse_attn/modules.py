@@ -317,13 +317,24 @@ class SparseAttention(nn.Module):
         return qb, kb
 
     @torch.no_grad()
-    def _cap(self, qb, kb):
+    def _cap(self, qb, kb, n_bins=None):
         """:func:`~dist_sparse_attn.balance.cap_buckets` at ``bucket_cap`` x the mean bucket
-        size of the whole sequence (its length / n_buckets keys)."""
+        size of the whole sequence (its length / n_buckets keys); ``n_bins``: a bound on
+        the ids, when known (saves the cap a host sync)."""
         group = self._cap_group()
         n = self._sequence_length(kb.shape[1], kb.device)
         return cap_buckets(qb, kb, max(1, math.ceil(self.bucket_cap * n / self.n_buckets)),
-                           group=group)
+                           group=group, n_bins=n_bins)
+
+    def _id_bound(self, n: int, positions):
+        """A bound on the ids of :meth:`_lsh_buckets` for a call of n tokens on one device,
+        or None where it is unknown without reading the positions back: hashed ids are
+        below n_buckets, block-local ones (default positions ``arange(n)``) below
+        ceil(n / local_window)."""
+        if positions is not None or self._cap_group() is not None:
+            return None
+        return max(self.n_buckets, -(-n // self.local_window)) if self.local_heads \
+            else self.n_buckets
 
     def _cap_group(self):
         return None         # one device
@@ -348,7 +359,9 @@ class SparseAttention(nn.Module):
         V.check_qkv(q, k, k)
         if self.mode == "hash":
             qb, kb = self._lsh_buckets(q, k, positions)
-            return self._cap(qb, kb) if self.bucket_cap else (qb, kb)
+            if not self.bucket_cap:
+                return qb, kb
+            return self._cap(qb, kb, self._id_bound(q.shape[1], positions))
         if self.mode == "qk" and self.keep_rate is not None:
             q_keep, k_keep = self._keep_masks(q, k, positions)
             return keep_to_buckets(q_keep), keep_to_buckets(k_keep)
@@ -364,10 +377,7 @@ class SparseAttention(nn.Module):
         # bucket ids below a bound let the stable counting sort replace torch.sort: true of
         # the default positions only (block-local ids are position // window), never after
         # the cap (its ids reach (max bucket + 1) * pieces)
-        bound = None
-        if positions is None and not self.bucket_cap:
-            bound = max(self.n_buckets, -(-q.shape[1] // self.local_window)) \
-                if self.local_heads else self.n_buckets
+        bound = None if self.bucket_cap else self._id_bound(q.shape[1], positions)
         return _bucketed_default_positions(q, k, v, qb, kb, bound,
                                            include_self=self.include_self,
                                            **self._call_kwargs())

@@ -44,6 +44,10 @@ def test_cap_matches_definition(B, Nq, Nk, H, Hkv, nb, cap):
     got = cap_buckets(qb, kb, cap)
     want = _direct(qb, kb, cap)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a promised bound on the ids (no host read of the largest one) changes nothing
+    for bound in (nb, nb + 7):
+        got = cap_buckets(qb, kb, cap, n_bins=bound)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), bound
 
 
 def test_cap_bounds_every_bucket_and_keeps_small_ones():
@@ -100,6 +104,9 @@ def test_cap_errors():
         cap_buckets(qb, torch.zeros(1, 4, 3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="larger max_size"):
         cap_buckets(torch.full((1, 4, 1), 2 ** 30), torch.full((1, 4, 1), 2 ** 30), 1)
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="n_bins"):
+            cap_buckets(qb, qb, 2, n_bins=bad)
 
 
 # ------------------------------------------------------------------ sharded on 3 ranks
