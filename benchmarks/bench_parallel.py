@@ -206,6 +206,9 @@ def _deepspeed_attention(local_attn, cuda):
         # torch.distributed is already initialized: deepspeed.comm wraps the default group
         dscomm.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                 auto_mpi_discovery=False, verbose=False)
+        if not cuda:    # nothing of DeepSpeed's CPU all-reduce left in /dev/shm
+            from dist_sparse_attn.distributed import release_deepspeed_shm
+            release_deepspeed_shm()
         _DS_READY = deepspeed.__version__
     return DistributedAttention(local_attn, dist.group.WORLD, scatter_idx=2, gather_idx=1)
 
