@@ -91,7 +91,7 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
         every = _all_gather(t, group)                                         # (P, 2)
         nbins, total_k = int(every[:, 0].max()), int(every[:, 1].sum())
     nbins = max(nbins, 1)
-    pieces = max(1, -(-total_k // max_size))
+    pieces = _pieces(total_k, max_size)
     if nbins * pieces >= _ID_LIMIT:
         raise ValueError(f"cap_buckets: {nbins} buckets x {pieces} pieces of <= {max_size} "
                          f"keys need ids beyond 2**31 - 2; use a larger max_size")
@@ -127,6 +127,17 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
     new_k = new_k.view(B, Hkv, Nk).permute(0, 2, 1)                          # (B, Nk, Hkv)
     new_q = new_q.view(B, Hkv, g, Nq).permute(0, 3, 1, 2).reshape(B, Nq, H)   # (B, Nq, H)
     return new_q.contiguous(), new_k.contiguous()
+
+
+def capped_id_bound(n_bins: int, n_keys: int, max_size: int) -> int:
+    """A bound on the ids :func:`cap_buckets` returns for ids below ``n_bins``, with
+    ``n_keys`` keys per stream (the whole sequence's when sharded) and ``max_size``:
+    ``n_bins`` x the most pieces a bucket can have."""
+    return n_bins * _pieces(n_keys, max_size)
+
+
+def _pieces(n_keys: int, max_size: int) -> int:
+    return max(1, -(-n_keys // max_size))
 
 
 def bucket_sizes(buckets: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as V
-from .balance import cap_buckets
+from .balance import cap_buckets, capped_id_bound
 from .hashing import (check_seed, keep_to_buckets, local_buckets, lsh_buckets, lsh_rotations,
                       position_keep)
 from .ops import (_bucketed_default_positions, bucketed_attention, hash_sparse_attention,
@@ -323,8 +323,11 @@ class SparseAttention(nn.Module):
         the ids, when known (saves the cap a host sync)."""
         group = self._cap_group()
         n = self._sequence_length(kb.shape[1], kb.device)
-        return cap_buckets(qb, kb, max(1, math.ceil(self.bucket_cap * n / self.n_buckets)),
-                           group=group, n_bins=n_bins)
+        return cap_buckets(qb, kb, self._cap_size(n), group=group, n_bins=n_bins)
+
+    def _cap_size(self, n: int) -> int:
+        """The most keys a bucket keeps under the cap, for a sequence of n tokens."""
+        return max(1, math.ceil(self.bucket_cap * n / self.n_buckets))
 
     def _id_bound(self, n: int, positions):
         """A bound on the ids of :meth:`_lsh_buckets` for a call of n tokens on one device,
@@ -374,10 +377,13 @@ class SparseAttention(nn.Module):
         """Mode "hash" with block-local heads or a bucket cap."""
         V.check_qkv(q, k, v)
         qb, kb = self.buckets(q, k, positions)
-        # bucket ids below a bound let the stable counting sort replace torch.sort: true of
-        # the default positions only (block-local ids are position // window), never after
-        # the cap (its ids reach (max bucket + 1) * pieces)
-        bound = None if self.bucket_cap else self._id_bound(q.shape[1], positions)
+        # bucket ids below a bound let the stable counting sort replace torch.sort: known
+        # for the default positions only (block-local ids are position // window); the
+        # cap's ids stay below that bound x the most pieces of a bucket
+        n = q.shape[1]
+        bound = self._id_bound(n, positions)
+        if bound is not None and self.bucket_cap:
+            bound = capped_id_bound(bound, n, self._cap_size(n))
         return _bucketed_default_positions(q, k, v, qb, kb, bound,
                                            include_self=self.include_self,
                                            **self._call_kwargs())

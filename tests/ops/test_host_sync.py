@@ -108,9 +108,9 @@ CALLS = {
     "module_hash": (dsa.SparseAttention("hash", 4, seed=1), True, True),
     "module_hash_local": (dsa.SparseAttention("hash", 4, seed=1, local_heads=1,
                                               local_window=16), True, True),
-    "module_hash_cap": (dsa.SparseAttention("hash", 4, seed=1, bucket_cap=1.5), True, False),
+    "module_hash_cap": (dsa.SparseAttention("hash", 4, seed=1, bucket_cap=1.5), True, True),
     "module_hash_local_cap": (dsa.SparseAttention("hash", 4, seed=1, local_heads=1,
-                                                  local_window=16, bucket_cap=1.5), True, False),
+                                                  local_window=16, bucket_cap=1.5), True, True),
     "module_qk_keep_rate": (dsa.SparseAttention("qk", keep_rate=0.5, seed=2), False, False),
 }
 
