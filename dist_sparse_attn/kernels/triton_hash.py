@@ -20,6 +20,10 @@ buckets.
 """
 from __future__ import annotations
 
+import functools
+import types
+from typing import Mapping
+
 import torch
 import triton
 import triton.language as tl
@@ -231,8 +235,10 @@ def _split_bf16(rot: torch.Tensor) -> torch.Tensor:
     return parts
 
 
-def _factor_args(scheme) -> dict:
-    """Constexpr arguments of the scheme's factors (unused slots: factor 1, no columns)."""
+@functools.lru_cache(maxsize=256)
+def _factor_args(scheme) -> Mapping:
+    """Constexpr arguments of the scheme's factors (unused slots: factor 1, no columns);
+    made once per scheme (a call's host time counts)."""
     args = {"K": len(scheme.factors)}
     blocks = list(scheme.blocks)
     if len(blocks) > MAX_FACTORS:
@@ -241,7 +247,7 @@ def _factor_args(scheme) -> dict:
         f, c0, c, _ = blocks[i] if i < len(blocks) else (1, 0, 0, False)
         bc = min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(max(c, 1))))
         args.update({f"F{i + 1}": f, f"O{i + 1}": c0, f"NC{i + 1}": c, f"BC{i + 1}": bc})
-    return args
+    return types.MappingProxyType(args)
 
 
 def lsh_triton(x: torch.Tensor, rot: torch.Tensor, scheme, group_size: int,
