@@ -10,7 +10,10 @@ For every (head dim, N, sparsity) it times, on one GPU in one run:
 forward and forward+backward. Prints a table, writes JSON and PNG plots.
 
 Effective TFLOP/s = dense causal FLOPs / time: 4*B*H*N^2*D/2 forward, x3.5 for
-forward+backward.
+forward+backward. Tile TFLOP/s (this library's kernels) = the FLOPs of the tiles the
+forward kernel computes (live tiles x 4*BLOCK_M*BLOCK_N*D at its own tile shape, x3.5
+for forward+backward) / time: the kernels' throughput on the work they do, comparable
+with the effective TFLOP/s of dense causal SDPA.
 
     python benchmarks/bench_kernels.py [--out runs/bench/kernels]
 """
@@ -28,13 +31,20 @@ from triton.testing import do_bench
 
 import dist_sparse_attn as dsa
 from dist_sparse_attn import kernels
-from dist_sparse_attn.kernels.triton_attn import tile_fraction
+from dist_sparse_attn.kernels.triton_attn import forward_tiles, tile_fraction
 from dist_sparse_attn.ops import BucketedAttentionFunction
 from dist_sparse_attn.plan import make_plan, to_streams
 
 
 def _flops(B, H, N, D, mode):
     f = 4 * B * H * N * N * D / 2
+    return f * 3.5 if mode == "fwd+bwd" else f
+
+
+def tile_flops(live_tiles: int, bm: int, bn: int, D: int, mode: str) -> float:
+    """FLOPs of ``live_tiles`` computed (bm x bn) tiles: QK^T and PV, 2*bm*bn*D each,
+    forward; x3.5 for forward+backward (the backward's five products = 2.5 forwards)."""
+    f = live_tiles * 4 * bm * bn * D
     return f * 3.5 if mode == "fwd+bwd" else f
 
 
@@ -90,18 +100,23 @@ def run(args):
     from torch.nn.attention import SDPBackend
     card = torch.cuda.get_device_name()
     print(f"# {card}, torch {torch.__version__}, B={B} H={H} bf16", flush=True)
-    hdr = f"{'D':>4} {'N':>6} {'method':<28} {'mode':<8} {'ms':>9} {'eff TF/s':>9} {'x flash':>8} {'tiles':>6}"
+    hdr = (f"{'D':>4} {'N':>6} {'method':<28} {'mode':<8} {'ms':>9} {'eff TF/s':>9} "
+           f"{'x flash':>8} {'tiles':>6} {'tile TF/s':>9}")
     print(hdr, flush=True)
 
-    def record(D, N, method, mode, ms, sparsity, frac=None, base=None):
+    def record(D, N, method, mode, ms, sparsity, frac=None, base=None, tiles=None):
+        """tiles: (live tiles, bm, bn) of the forward kernel, for the tile TFLOP/s."""
         eff = _flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12
+        tile_tf = tile_flops(*tiles, D, mode) / (ms * 1e-3) / 1e12 if tiles else None
         r = dict(D=D, N=N, method=method, mode=mode, ms=ms, eff_tflops=eff,
-                 sparsity=sparsity, tile_fraction=frac, card=card,
+                 tile_tflops=tile_tf, sparsity=sparsity, tile_fraction=frac, card=card,
                  speedup_vs_flash=(base / ms) if base else None)
         rows.append(r)
         sp = f"{base / ms:8.2f}" if base else f"{'':>8}"
         fr = f"{frac:6.3f}" if frac is not None else f"{'':>6}"
-        print(f"{D:>4} {N:>6} {method:<28} {mode:<8} {ms:9.3f} {eff:9.1f} {sp} {fr}", flush=True)
+        tt = f"{tile_tf:9.1f}" if tile_tf is not None else f"{'':>9}"
+        print(f"{D:>4} {N:>6} {method:<28} {mode:<8} {ms:9.3f} {eff:9.1f} {sp} {fr} {tt}",
+              flush=True)
 
     for D in args.dims:
         for N in args.seqlens:
@@ -138,13 +153,15 @@ def run(args):
                 pos = torch.arange(N, device=dev).expand(B, N)
                 plan = make_plan(q, k, qb, kb, pos, pos, causal=True, include_self=True,
                                  softmax_scale=None)
-                frac = tile_fraction(plan)["fraction"]
+                bm, bn = forward_tiles(D, q.dtype)
+                tf = tile_fraction(plan, bm, bn)
+                frac, tiles = tf["fraction"], (tf["live_tiles"], bm, bn)
                 be = kernels.select("triton", q.device, q.dtype)
                 for mode in args.modes:
                     ms = _time(lambda: BucketedAttentionFunction.apply(q, k, v, plan, be)[0],
                                mode, inputs)
                     record(D, N, f"ours kernel {label}", mode, ms, sparsity, frac,
-                           base.get(mode))
+                           base.get(mode), tiles)
                     if nb is not None:
                         fn = lambda: dsa.hash_sparse_attention(q, k, v, nb)  # noqa: E731
                     elif sparsity.startswith("qk"):

@@ -660,6 +660,11 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan, *,
     return dq, dk, dv
 
 
+def forward_tiles(D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the forward kernel for head dim D and ``dtype``."""
+    return _config(D, dtype, "fwd")[:2]
+
+
 def tile_fraction(plan: AttentionPlan, bm: int = 128, bn: int = 64):
     """Computed tiles / all tiles, and the full (mask-free) share, at the forward blocks."""
     start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
