@@ -65,12 +65,10 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
     if k_buckets.device != q_buckets.device:
         raise ValueError(f"k_buckets.device {k_buckets.device} differs from "
                          f"q_buckets.device {q_buckets.device}")
-    if isinstance(max_size, bool) or not isinstance(max_size, numbers.Integral) \
-            or max_size < 1:
+    if not _is_count(max_size):
         raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
     max_size = int(max_size)
-    if n_bins is not None and (isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral)
-                               or n_bins < 1):
+    if n_bins is not None and not _is_count(n_bins):
         raise ValueError(f"n_bins must be None or an int >= 1, got {n_bins!r}")
     g = H // Hkv
     dev = q_buckets.device
@@ -127,6 +125,11 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
     new_k = new_k.view(B, Hkv, Nk).permute(0, 2, 1)                          # (B, Nk, Hkv)
     new_q = new_q.view(B, Hkv, g, Nq).permute(0, 3, 1, 2).reshape(B, Nq, H)   # (B, Nq, H)
     return new_q.contiguous(), new_k.contiguous()
+
+
+def _is_count(x) -> bool:
+    """An int >= 1 (a bool is not)."""
+    return not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= 1
 
 
 def capped_id_bound(n_bins: int, n_keys: int, max_size: int) -> int:

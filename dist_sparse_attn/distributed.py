@@ -76,13 +76,31 @@ def init_distributed(cuda: bool, timeout_min: float):
 # LOCAL_SIZE equals the world size, as under the deepspeed launcher on one host) gives
 # every rank a 66 MB POSIX segment named after the master address and port, and never
 # removes it: each run would leave its segments in /dev/shm until that memory is full.
-_DS_SHM_PREFIX = "deepspeed_allreduce_buffer"
+SHM_DIR = "/dev/shm"
+_DS_SHM_PREFIX = "deepspeed_allreduce_buffer_"
 
 
 def deepspeed_shm_names(addr: str, port, ranks) -> list[str]:
     """The /dev/shm names DeepSpeed's CPU all-reduce gives ``ranks`` of the job whose
     master is ``addr:port`` (owned by this user)."""
-    return [f"{_DS_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{r}" for r in ranks]
+    return [f"{_DS_SHM_PREFIX}{os.getuid()}_{addr}_{port}_{r}" for r in ranks]
+
+
+def deepspeed_shm_segments() -> set[str]:
+    """The names of every segment of DeepSpeed's CPU all-reduce in /dev/shm now."""
+    if not os.path.isdir(SHM_DIR):
+        return set()
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(_DS_SHM_PREFIX)}
+
+
+def remove_deepspeed_shm(names) -> None:
+    """Unlink these /dev/shm segments (names of :func:`deepspeed_shm_names` or
+    :func:`deepspeed_shm_segments`); missing ones are skipped."""
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
 
 
 def release_deepspeed_shm():
@@ -91,15 +109,12 @@ def release_deepspeed_shm():
     DeepSpeed initializes (and never opens them again), so after a barrier the names are
     no longer needed; the memory stays mapped until the processes exit, and nothing is
     left behind in /dev/shm."""
-    if not dist.is_initialized() or not os.path.isdir("/dev/shm"):
+    if not dist.is_initialized() or not os.path.isdir(SHM_DIR):
         return
     dist.barrier()
-    name, = deepspeed_shm_names(os.environ.get("MASTER_ADDR", ""),
-                                os.environ.get("MASTER_PORT", ""), [dist.get_rank()])
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:
-        pass
+    remove_deepspeed_shm(deepspeed_shm_names(os.environ.get("MASTER_ADDR", ""),
+                                             os.environ.get("MASTER_PORT", ""),
+                                             [dist.get_rank()]))
 
 
 def peer_failure(e: BaseException) -> str | None:
@@ -139,4 +154,5 @@ def agree(fn, *args, error=RuntimeError):
 
 
 __all__ = ["free_port", "launch_rank", "launch_world", "init_distributed", "peer_failure",
-           "raise_if_any", "agree", "deepspeed_shm_names", "release_deepspeed_shm"]
+           "raise_if_any", "agree", "deepspeed_shm_names", "deepspeed_shm_segments",
+           "remove_deepspeed_shm", "release_deepspeed_shm"]

@@ -43,21 +43,14 @@ import torch  # noqa: E402
 
 from helpers import CUDA, base_seed, triton_runs_on  # noqa: E402
 
+from dist_sparse_attn.distributed import deepspeed_shm_segments, remove_deepspeed_shm  # noqa: E402
+
 
 def pytest_configure(config):
     try:
         base_seed()         # DSA_TEST_SEED=random: drawn once, before any worker starts
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
-
-
-_SHM_DIR = "/dev/shm"
-
-
-def _deepspeed_shm_segments() -> set:
-    if not os.path.isdir(_SHM_DIR):
-        return set()
-    return {n for n in os.listdir(_SHM_DIR) if n.startswith("deepspeed_allreduce_buffer_")}
 
 
 def _build_deepspeed_cpu_op():
@@ -83,19 +76,14 @@ def _build_deepspeed_cpu_op():
 
 
 def pytest_sessionstart(session):
-    session.config._dsa_shm_before = _deepspeed_shm_segments()
+    session.config._dsa_shm_before = deepspeed_shm_segments()
     _build_deepspeed_cpu_op()
 
 
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_dsa_shm_before", None)
-    if before is None:
-        return
-    for name in _deepspeed_shm_segments() - before:
-        try:
-            os.unlink(os.path.join(_SHM_DIR, name))
-        except FileNotFoundError:
-            pass
+    if before is not None:
+        remove_deepspeed_shm(deepspeed_shm_segments() - before)
 
 
 def pytest_report_header(config):

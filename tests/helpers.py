@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from dist_sparse_attn.distributed import deepspeed_shm_names, remove_deepspeed_shm
 from dist_sparse_attn.distributed import free_port  # noqa: F401 - the test files import it from here
 
 # the repository root (this file lives in tests/)
@@ -178,7 +179,9 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
     for r in hung:
         procs[r].kill()
         procs[r].join(10)
-    remove_deepspeed_shm("127.0.0.1", port, world)
+    # what DeepSpeed's CPU all-reduce left (workers that start DeepSpeed themselves, or
+    # were killed, leave 66 MB per rank)
+    remove_deepspeed_shm(deepspeed_shm_names("127.0.0.1", port, range(world)))
     results = {}
     for name in names:
         for r in range(world):
@@ -191,18 +194,6 @@ def run_workers(target, world, outdir, names, timeout_s, extra_args=()):
                     f"still running after {timeout_s} s (killed)" if r in hung
                     else f"exited with code {procs[r].exitcode}"))
     return results
-
-
-def remove_deepspeed_shm(addr, port, world):
-    """Remove what DeepSpeed's CPU all-reduce left in /dev/shm for the job at
-    ``addr:port`` (workers that call ``deepspeed.init_distributed`` themselves, or were
-    killed, leave 66 MB per rank)."""
-    from dist_sparse_attn.distributed import deepspeed_shm_names
-    for name in deepspeed_shm_names(addr, port, range(world)):
-        try:
-            os.unlink(os.path.join("/dev/shm", name))
-        except FileNotFoundError:
-            pass
 
 
 def world_runs(worker, worlds, timeout_s, tmp_path_factory, label):

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, clear_launch_vars, free_port, job_env, remove_deepspeed_shm
+from helpers import REPO, clear_launch_vars, free_port, job_env
 
 pytest.importorskip("deepspeed")
 
@@ -360,10 +360,10 @@ def test_nothing_left_in_dev_shm(work):
     DeepSpeed's CPU all-reduce over shared memory still sums correctly after
     init_distributed, and no /dev/shm segment of the job is left, neither while it runs
     nor after (DeepSpeed leaves 66 MB per rank of every run; CI filled its memory)."""
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
-    from dist_sparse_attn.distributed import deepspeed_shm_names
+    from dist_sparse_attn.distributed import SHM_DIR, deepspeed_shm_names, remove_deepspeed_shm
     port, world = free_port(), 2
+    if not os.path.isdir(SHM_DIR):
+        pytest.skip(f"no {SHM_DIR}")
     names = deepspeed_shm_names("127.0.0.1", port, range(world))
     code = ("import os, sys, torch, torch.distributed as dist, deepspeed.comm as dscomm; "
             "from dist_sparse_attn.distributed import init_distributed; "
@@ -385,9 +385,9 @@ def test_nothing_left_in_dev_shm(work):
         for j in jobs:
             assert "SUM [3.0, 3.0, 3.0, 3.0, 3.0]" in j.log, j.tail()
             assert "LEFT []" in j.log, j.tail()
-        assert not [n for n in names if os.path.exists(os.path.join("/dev/shm", n))]
+        assert not [n for n in names if os.path.exists(os.path.join(SHM_DIR, n))]
     finally:
-        remove_deepspeed_shm("127.0.0.1", port, world)
+        remove_deepspeed_shm(names)
 
 
 # ---------------------------------------------------------------------------------------------
