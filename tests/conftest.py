@@ -19,7 +19,8 @@
   (the Triton kernels: on the CPU only under the interpreter). Each runs once with
   "cpu" and once with "cuda"; the "cuda" run is marked ``gpu``. Tests marked ``gpu``
   (those runs and the GPU-only tests: large sizes, bfloat16 dots, NCCL) are skipped
-  without CUDA.
+  without CUDA. ``fused`` selects the fused backend (fused hashing, counting sort) for
+  the Triton device, also on the CPU under the interpreter.
 """
 import os
 import sys
@@ -133,3 +134,24 @@ def triton_device(request):
         pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1, which "
                     "conftest.py sets on machines without CUDA")
     return request.param
+
+
+@pytest.fixture
+def fused(triton_device, monkeypatch):
+    """(device, ran): the Triton device with the fused backend selected for it (on the CPU
+    under the interpreter: ``Backend(fused=True)``, which ``kernels.select`` gives CUDA
+    tensors only), and a list that records "lsh" / "sort" each time the fused hashing /
+    the counting sort runs."""
+    from dist_sparse_attn import kernels
+    from dist_sparse_attn.kernels import triton_hash, triton_sort
+    ran = []
+    if triton_device == "cpu":
+        monkeypatch.setattr(kernels, "select",
+                            lambda backend, device, dtype=torch.float32:
+                            kernels.Backend("triton", fused=True))
+    lsh, sort = triton_hash.lsh_triton, triton_sort.bucket_sort_streams
+    monkeypatch.setattr(triton_hash, "lsh_triton",
+                        lambda *a, **kw: (ran.append("lsh"), lsh(*a, **kw))[1])
+    monkeypatch.setattr(triton_sort, "bucket_sort_streams",
+                        lambda *a, **kw: (ran.append("sort"), sort(*a, **kw))[1])
+    return triton_device, ran

@@ -10,9 +10,8 @@ bucket cap and the qk keep rule.
 Every host read of a tensor goes through a few ATen ops (``_local_scalar_dense`` behind
 ``.item()``, ``int()``, ``bool()`` and ``.tolist()``; ``nonzero``, ``masked_select`` and
 ``unique``, and indexing by a boolean mask, whose output shapes depend on values): a
-dispatch mode records them. On the
-CPU the fused backend runs under the Triton interpreter (``Backend(fused=True)``, which
-``kernels.select`` gives CUDA tensors only); on a GPU it is the real one.
+dispatch mode records them. The ``fused`` fixture (conftest.py) selects the fused
+backend: on the CPU under the Triton interpreter, on a GPU the real one.
 """
 import traceback
 
@@ -21,9 +20,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_sparse_attn as dsa
-from dist_sparse_attn import kernels
-from dist_sparse_attn.kernels import triton_hash, triton_sort
-
 from helpers import rand_qkv
 
 _SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
@@ -53,23 +49,6 @@ class HostReads(TorchDispatchMode):
         if func in _SYNCING or (func in _INDEXING and _bool_index(args)):
             self.reads.append(f"{func}\n" + "".join(traceback.format_stack(limit=12)[:-1]))
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture
-def fused(triton_device, monkeypatch):
-    """The device, with the fused backend selected for it (on the CPU: under the
-    interpreter), and a log of the fused steps that ran."""
-    ran = []
-    if triton_device == "cpu":
-        monkeypatch.setattr(kernels, "select",
-                            lambda backend, device, dtype=torch.float32:
-                            kernels.Backend("triton", fused=True))
-    lsh, sort = triton_hash.lsh_triton, triton_sort.bucket_sort_streams
-    monkeypatch.setattr(triton_hash, "lsh_triton",
-                        lambda *a, **kw: (ran.append("lsh"), lsh(*a, **kw))[1])
-    monkeypatch.setattr(triton_sort, "bucket_sort_streams",
-                        lambda *a, **kw: (ran.append("sort"), sort(*a, **kw))[1])
-    return triton_device, ran
 
 
 def _step(fn, q, k, v):
