@@ -1,20 +1,29 @@
 """Triton sparse flash attention over the sorted (bucket, position) layout.
 
-Three kernels, forward and a parallel backward:
+Four kernels per call direction:
 
+* ``_gather_kernel``   copies the rows of q and of k, v into sorted order, each
+                       stream contiguous (S, N, D); one launch for both sides. In the
+                       backward it also gathers dO and computes delta = rowsum(dO * O)
 * ``_fwd_kernel``      one program per (query block, query stream)
 * ``_bwd_dkdv_kernel`` one program per (key block, kv stream): dK, dV
 * ``_bwd_dq_kernel``   one program per (query block, query stream): dQ
 
-No tensor is permuted in memory: every program reads the rows of its block
-through the sort index (``QIDX``/``KIDX``, original token numbers) straight
-from the caller's (B, N, heads, D) tensors, and writes outputs and gradients
-back to the same places. A program visits only the key (or query) blocks that
-``layout.kv_ranges`` / ``layout.q_ranges`` found by binary search, in three
-runs: partial blocks, *full* blocks (one shared bucket, wholly in the causal
-past: no element mask at all), partial blocks again.
+Every tile a program reads is then a contiguous block of rows: a plain block load
+or, on Hopper (sm_90+) where it measured faster, a TMA tensor-descriptor load.
+Outputs and gradients are written back through the sort index (``QIDX``/``KIDX``,
+original token numbers) to the caller's (B, N, heads, D) tensors. The sorted copies
+live only inside one launch sequence: the backward gathers again (a copy pass over
+q, k, v, dO) instead of keeping three more activations per layer alive.
+
+A program visits only the key (or query) blocks that ``layout.kv_ranges`` /
+``layout.q_ranges`` find by binary search, in three runs: partial blocks, *full*
+blocks (one shared bucket, wholly in the causal past: no element mask at all),
+partial blocks again.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -22,6 +31,11 @@ import triton.language as tl
 
 from ..plan import AttentionPlan
 from . import interpreting
+
+try:                                    # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:                     # pragma: no cover - older Triton: block loads only
+    TensorDescriptor = None
 
 _INTERPRET = interpreting()
 _LOG2E = 1.4426950408889634     # exp(x) = exp2(x * log2(e))
@@ -59,39 +73,105 @@ def _allowed_t(kkey, lo, hi):
 
 @triton.jit
 def _load_rows(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
-    """[len(idx), BLOCK_D] tile of rows ``idx`` (token numbers)."""
+    """[len(idx), BLOCK_D] tile of rows ``idx`` (token numbers) of a (N, D) slice."""
     ptrs = base + idx.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
     return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _load_rows_t(base, idx, stride_n, offs_d, row_ok, D: tl.constexpr):
-    """[BLOCK_D, len(idx)]: the transposed tile, loaded directly."""
-    ptrs = base + idx.to(tl.int64)[None, :] * stride_n + offs_d[:, None]
-    return tl.load(ptrs, mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+def _tile(XS, desc, stream, N, start, D: tl.constexpr, BLOCK: tl.constexpr,
+          BLOCK_D: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK, BLOCK_D] rows [start, start + BLOCK) of sorted stream ``stream`` of
+    ``XS`` (S, N, D) contiguous; rows past N (and columns past D) read 0. ``TMA``:
+    through the tensor descriptor ``desc`` (block [1, BLOCK, D], zero-filled out of
+    bounds) instead of pointers."""
+    if TMA:
+        x = desc.load([stream, start, 0]).reshape(BLOCK, BLOCK_D)
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        x = tl.load(XS + (stream.to(tl.int64) * N + rows)[:, None] * D + offs_d[None, :],
+                    mask=(rows < N)[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:      # the interpreter multiplies raw bf16 bits: compute in fp32
+        x = x.to(tl.float32)
+    return x
+
+
+# --------------------------------------------------------------------------- #
+# Gather into sorted order (and, backward, delta = rowsum(dO * O) - dlse)
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX,
+                   stride_qb, stride_qn, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_ob, stride_on, stride_oh,
+                   stride_dob, stride_don, stride_doh,
+                   H, HKV, Nq, Nk, S_q,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                   BACKWARD: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """Grid (cdiv(max(Nq, Nk), BLOCK), S_q + S_k): programs of axis 1 below S_q copy
+    query-stream rows (q; backward also dO, and delta from O and dO), the others
+    kv-stream rows (k and v)."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    if s < S_q:
+        b = s // H
+        h = s % H
+        ok = offs < Nq
+        row0 = s.to(tl.int64) * Nq
+        idx = tl.load(QIDX + row0 + offs, mask=ok, other=0)
+        dst = (row0 + offs)[:, None] * D + offs_d[None, :]
+        m = ok[:, None] & (offs_d[None, :] < D)
+        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, idx, stride_qn,
+                       offs_d, ok, D)
+        tl.store(QS + dst, q, mask=m)
+        if BACKWARD:
+            do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, idx,
+                            stride_don, offs_d, ok, D)
+            tl.store(DOS + dst, do, mask=m)
+            o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, idx, stride_on,
+                           offs_d, ok, D)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if HAS_DLSE:    # d lse_i / d s_ij = p_ij: folds into delta
+                delta = delta - tl.load(DLSE + row0 + idx, mask=ok, other=0.0)
+            tl.store(DELTA_S + row0 + offs, delta, mask=ok)
+    else:
+        sk = s - S_q
+        b = sk // HKV
+        hk = sk % HKV
+        ok = offs < Nk
+        row0 = sk.to(tl.int64) * Nk
+        idx = tl.load(KIDX + row0 + offs, mask=ok, other=0)
+        dst = (row0 + offs)[:, None] * D + offs_d[None, :]
+        m = ok[:, None] & (offs_d[None, :] < D)
+        k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, idx, stride_kn,
+                       offs_d, ok, D)
+        tl.store(KS + dst, k, mask=m)
+        v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, idx, stride_vn,
+                       offs_d, ok, D)
+        tl.store(VS + dst, v, mask=m)
 
 
 # --------------------------------------------------------------------------- #
 # Forward
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi,
-               k_base, v_base, KIDX, KKEY, kv_row0, stride_kn, stride_vn,
+def _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
                lo, hi, Nk, qk_scale,
-               offs_n, offs_d,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, SHIFT: tl.constexpr,
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
     for j in range(lo, hi):
-        cols = j * BLOCK_N + offs_n                                   # [BN] sorted slots
-        col_ok = cols < Nk
-        kidx = tl.load(KIDX + kv_row0 + cols, mask=col_ok, other=0)
-        kt = _load_rows_t(k_base, kidx, stride_kn, offs_d, col_ok, D)  # [BD, BN]
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale        # [BM, BN], log2 units
+        start = j * BLOCK_N
+        k = _tile(KS, kd, kvs, Nk, start, D, BLOCK_N, BLOCK_D, TMA, UPCAST)   # [BN, BD]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale      # [BM, BN], log2
         if MASKED:
-            kkey = tl.load(KKEY + kv_row0 + cols, mask=col_ok, other=9223372036854775807)
+            cols = start + offs_n
+            kkey = tl.load(KKEY + kv_row0 + cols, mask=cols < Nk, other=9223372036854775807)
             s = tl.where(_allowed(q_lo, q_hi, kkey), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows with nothing allowed yet keep max -inf: shift by 0 instead
@@ -99,12 +179,10 @@ def _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi,
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        alpha = tl.exp2(m_i - m_use)                                  # [BM]
-        p = tl.exp2(s - m_use[:, None])                               # [BM, BN]
+        alpha = tl.exp2(m_i - m_use)                                         # [BM]
+        p = tl.exp2(s - m_use[:, None])                                      # [BM, BN]
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, kidx, stride_vn, offs_d, col_ok, D)    # [BN, BD]
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = _tile(VS, vd, kvs, Nk, start, D, BLOCK_N, BLOCK_D, TMA, UPCAST)   # [BN, BD]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -112,25 +190,21 @@ def _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
-                QIDX, KIDX, QKEY, KKEY,
+def _fwd_kernel(QS, KS, VS, qd, kd, vd, O, LSE, LSE_S,
+                QIDX, QKEY, KKEY,
                 R_START, R_FLO, R_FHI, R_END,
-                stride_qb, stride_qn, stride_qh,
-                stride_kb, stride_kn, stride_kh,
-                stride_vb, stride_vn, stride_vh,
                 stride_ob, stride_on, stride_oh,
                 H, HKV, Nq, Nk, n_qblocks, qk_scale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
+                TMA: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     s = tl.program_id(1)                                              # query stream b * H + h
     b = s // H
     h = s % H
     kvs = b * HKV + h // (H // HKV)                                   # its kv stream
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Nq
     q_row0 = s.to(tl.int64) * Nq
@@ -138,12 +212,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
     qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
     q_lo, q_hi = _row_bounds(tl.load(QKEY + q_row0 + offs_m, mask=row_ok, other=9223372036854775807),
                              CAUSAL, SHIFT)
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + (h // (H // HKV)) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + (h // (H // HKV)) * stride_vh
-    q = _load_rows(q_base, qidx, stride_qn, offs_d, row_ok, D)        # [BM, BD]
-    if UPCAST:      # the interpreter multiplies raw bf16 bits: compute in fp32
-        q = q.to(tl.float32)
+    q = _tile(QS, qd, s, Nq, pid_m * BLOCK_M, D, BLOCK_M, BLOCK_D, TMA, UPCAST)  # [BM, BD]
 
     r = s * n_qblocks + pid_m
     lo = tl.load(R_START + r)
@@ -154,17 +223,17 @@ def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # stage 1: partial blocks before the full run (bucket edge)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, k_base, v_base, KIDX, KKEY,
-                               kv_row0, stride_kn, stride_vn, lo, f_lo, Nk, qk_scale,
-                               offs_n, offs_d, D, BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs,
+                               kv_row0, lo, f_lo, Nk, qk_scale, D, BLOCK_D, BLOCK_N, True,
+                               CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
     # stage 2: full blocks, no element mask
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, k_base, v_base, KIDX, KKEY,
-                               kv_row0, stride_kn, stride_vn, f_lo, f_hi, Nk, qk_scale,
-                               offs_n, offs_d, D, BLOCK_N, False, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs,
+                               kv_row0, f_lo, f_hi, Nk, qk_scale, D, BLOCK_D, BLOCK_N, False,
+                               CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
     # stage 3: partial blocks after it (causal diagonal, next bucket)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, k_base, v_base, KIDX, KKEY,
-                               kv_row0, stride_kn, stride_vn, f_hi, hi, Nk, qk_scale,
-                               offs_n, offs_d, D, BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs,
+                               kv_row0, f_hi, hi, Nk, qk_scale, D, BLOCK_D, BLOCK_N, True,
+                               CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
 
     has = l_i > 0.0                                                   # rows with an allowed key
     o = acc / tl.where(has, l_i, 1.0)[:, None]                        # empty rows: 0
@@ -180,132 +249,82 @@ def _fwd_kernel(Q, K, V, O, LSE, LSE_S,
 
 
 # --------------------------------------------------------------------------- #
-# Backward preprocess: delta = rowsum(dO * O) - dlse, in sorted order
-# --------------------------------------------------------------------------- #
-@triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA_S, QIDX,
-                    stride_ob, stride_on, stride_oh,
-                    stride_dob, stride_don, stride_doh,
-                    H, Nq, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HAS_DLSE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    s = tl.program_id(1)
-    b = s // H
-    h = s % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Nq
-    q_row0 = s.to(tl.int64) * Nq
-    qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
-    o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, qidx, stride_on, offs_d,
-                   row_ok, D).to(tl.float32)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, qidx, stride_don,
-                    offs_d, row_ok, D).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:    # d lse_i / d s_ij = p_ij: folds into delta
-        delta = delta - tl.load(DLSE + q_row0 + qidx, mask=row_ok, other=0.0)
-    tl.store(DELTA_S + q_row0 + offs_m, delta, mask=row_ok)
-
-
-# --------------------------------------------------------------------------- #
 # Backward: dK, dV (one program per key block)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, kkey,
-                    q_base, do_base, LSE_S, DELTA_S, QIDX, QKEY,
-                    q_row0, stride_qn, stride_don,
+def _bwd_dkdv_inner(dk, dv, k, v, kkey, QS, DOS, qd, dod, LSE_S, DELTA_S, QKEY, s, q_row0,
                     lo, hi, Nq, qk_scale,
-                    offs_m, offs_d,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                    CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    # Everything is computed transposed ([BN, BM]) so that no register tile
-    # needs a layout transpose: S^T = K Q^T, dV += P^T dO, dK += dS^T Q.
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SHIFT: tl.constexpr,
+                    DOT_PREC: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr):
+    # Everything is computed transposed ([BN, BM]): S^T = K Q^T, dV += P^T dO, dK += dS^T Q.
+    offs_m = tl.arange(0, BLOCK_M)
     for i in range(lo, hi):
-        rows = i * BLOCK_M + offs_m                                   # [BM] sorted slots
+        start = i * BLOCK_M
+        rows = start + offs_m                                         # [BM] sorted slots
         row_ok = rows < Nq
-        qidx = tl.load(QIDX + q_row0 + rows, mask=row_ok, other=0)
-        qt = _load_rows_t(q_base, qidx, stride_qn, offs_d, row_ok, D)  # [BD, BM]
-        do = _load_rows(do_base, qidx, stride_don, offs_d, row_ok, D)  # [BM, BD]
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _tile(QS, qd, s, Nq, start, D, BLOCK_M, BLOCK_D, TMA, UPCAST)     # [BM, BD]
+        do = _tile(DOS, dod, s, Nq, start, D, BLOCK_M, BLOCK_D, TMA, UPCAST)  # [BM, BD]
         # lse (log2 units, 0 for empty rows) and delta, stored in sorted order
         lse = tl.load(LSE_S + q_row0 + rows, mask=row_ok, other=0.0)
         di = tl.load(DELTA_S + q_row0 + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale       # [BN, BM]
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale      # [BN, BM]
         pt = tl.exp2(st - lse[None, :])
         if MASKED:
             q_lo, q_hi = _row_bounds(tl.load(QKEY + q_row0 + rows, mask=row_ok, other=9223372036854775807),
                                      CAUSAL, SHIFT)
             pt = tl.where(_allowed_t(kkey, q_lo, q_hi), pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)       # [BN, BM]
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)              # [BN, BM]
         dst = pt * (dpt - di[None, :])
         # softmax scale applied once at the end
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
-                     QIDX, KIDX, QKEY, KKEY,
+def _bwd_dkdv_kernel(QS, KS, VS, DOS, qd, kd, vd, dod, DK, DV, LSE_S, DELTA_S,
+                     KIDX, QKEY, KKEY,
                      R_START, R_FLO, R_FHI, R_END,
-                     stride_qb, stride_qn, stride_qh,
-                     stride_kb, stride_kn, stride_kh,
-                     stride_vb, stride_vn, stride_vh,
-                     stride_dob, stride_don, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh,
                      stride_dvb, stride_dvn, stride_dvh,
                      H, HKV, Nq, Nk, n_kblocks, qk_scale, sm_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     TMA: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     kvs = tl.program_id(1)                                            # kv stream b * HKV + hk
     b = kvs // HKV
     hk = kvs % HKV
     G = H // HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < Nk
     kv_row0 = kvs.to(tl.int64) * Nk
     kidx = tl.load(KIDX + kv_row0 + offs_n, mask=col_ok, other=0)
     kkey = tl.load(KKEY + kv_row0 + offs_n, mask=col_ok, other=9223372036854775807)
-    k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, kidx, stride_kn,
-                   offs_d, col_ok, D)                                 # [BN, BD]
-    v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, kidx, stride_vn,
-                   offs_d, col_ok, D)                                 # [BN, BD]
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _tile(KS, kd, kvs, Nk, pid_n * BLOCK_N, D, BLOCK_N, BLOCK_D, TMA, UPCAST)  # [BN, BD]
+    v = _tile(VS, vd, kvs, Nk, pid_n * BLOCK_N, D, BLOCK_N, BLOCK_D, TMA, UPCAST)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(G):                                                # query heads of this kv head
-        h = hk * G + g
-        s = b * H + h
+        s = b * H + hk * G + g
         q_row0 = s.to(tl.int64) * Nq
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         r = s * n_kblocks + pid_n
         lo = tl.load(R_START + r)
         f_lo = tl.load(R_FLO + r)
         f_hi = tl.load(R_FHI + r)
         hi = tl.load(R_END + r)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, q_base, do_base, LSE_S, DELTA_S, QIDX,
-                                 QKEY, q_row0, stride_qn, stride_don, lo, f_lo, Nq, qk_scale,
-                                 offs_m, offs_d, D, BLOCK_M, True, CAUSAL, SHIFT, DOT_PREC,
-                                 UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, q_base, do_base, LSE_S, DELTA_S, QIDX,
-                                 QKEY, q_row0, stride_qn, stride_don, f_lo, f_hi, Nq, qk_scale,
-                                 offs_m, offs_d, D, BLOCK_M, False, CAUSAL, SHIFT, DOT_PREC,
-                                 UPCAST)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, q_base, do_base, LSE_S, DELTA_S, QIDX,
-                                 QKEY, q_row0, stride_qn, stride_don, f_hi, hi, Nq, qk_scale,
-                                 offs_m, offs_d, D, BLOCK_M, True, CAUSAL, SHIFT, DOT_PREC,
-                                 UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, QS, DOS, qd, dod, LSE_S, DELTA_S, QKEY,
+                                 s, q_row0, lo, f_lo, Nq, qk_scale, D, BLOCK_D, BLOCK_M, True,
+                                 CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, QS, DOS, qd, dod, LSE_S, DELTA_S, QKEY,
+                                 s, q_row0, f_lo, f_hi, Nq, qk_scale, D, BLOCK_D, BLOCK_M, False,
+                                 CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kkey, QS, DOS, qd, dod, LSE_S, DELTA_S, QKEY,
+                                 s, q_row0, f_hi, hi, Nq, qk_scale, D, BLOCK_D, BLOCK_M, True,
+                                 CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
     mask = col_ok[:, None] & (offs_d[None, :] < D)
     rows = kidx.to(tl.int64)[:, None]
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows * stride_dkn
@@ -318,54 +337,44 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE_S, DELTA_S,
 # Backward: dQ (one program per query block)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi,
-                  k_base, v_base, KIDX, KKEY, kv_row0, stride_kn, stride_vn,
-                  lo, hi, Nk, qk_scale, offs_n, offs_d,
-                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
-                  UPCAST: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
+                  lo, hi, Nk, qk_scale,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, SHIFT: tl.constexpr,
+                  DOT_PREC: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
     for j in range(lo, hi):
-        cols = j * BLOCK_N + offs_n
-        col_ok = cols < Nk
-        kidx = tl.load(KIDX + kv_row0 + cols, mask=col_ok, other=0)
-        kt = _load_rows_t(k_base, kidx, stride_kn, offs_d, col_ok, D)  # [BD, BN]
-        vt = _load_rows_t(v_base, kidx, stride_vn, offs_d, col_ok, D)  # [BD, BN]
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale        # [BM, BN]
+        start = j * BLOCK_N
+        k = _tile(KS, kd, kvs, Nk, start, D, BLOCK_N, BLOCK_D, TMA, UPCAST)   # [BN, BD]
+        v = _tile(VS, vd, kvs, Nk, start, D, BLOCK_N, BLOCK_D, TMA, UPCAST)   # [BN, BD]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale      # [BM, BN]
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            kkey = tl.load(KKEY + kv_row0 + cols, mask=col_ok, other=9223372036854775807)
+            cols = start + offs_n
+            kkey = tl.load(KKEY + kv_row0 + cols, mask=cols < Nk, other=9223372036854775807)
             p = tl.where(_allowed(q_lo, q_hi, kkey), p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PREC)                 # [BM, BN]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)               # [BM, BN]
         ds = p * (dp - di[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE_S, DELTA_S,
-                   QIDX, KIDX, QKEY, KKEY,
+def _bwd_dq_kernel(QS, KS, VS, DOS, qd, kd, vd, dod, DQ, LSE_S, DELTA_S,
+                   QIDX, QKEY, KKEY,
                    R_START, R_FLO, R_FHI, R_END,
-                   stride_qb, stride_qn, stride_qh,
-                   stride_kb, stride_kn, stride_kh,
-                   stride_vb, stride_vn, stride_vh,
-                   stride_dob, stride_don, stride_doh,
                    stride_dqb, stride_dqn, stride_dqh,
                    H, HKV, Nq, Nk, n_qblocks, qk_scale, sm_scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   TMA: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
     b = s // H
     h = s % H
-    hk = h // (H // HKV)
-    kvs = b * HKV + hk
+    kvs = b * HKV + h // (H // HKV)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Nq
     q_row0 = s.to(tl.int64) * Nq
@@ -373,32 +382,25 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE_S, DELTA_S,
     qidx = tl.load(QIDX + q_row0 + offs_m, mask=row_ok, other=0)
     q_lo, q_hi = _row_bounds(tl.load(QKEY + q_row0 + offs_m, mask=row_ok, other=9223372036854775807),
                              CAUSAL, SHIFT)
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, qidx, stride_qn,
-                   offs_d, row_ok, D)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, qidx, stride_don,
-                    offs_d, row_ok, D)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _tile(QS, qd, s, Nq, pid_m * BLOCK_M, D, BLOCK_M, BLOCK_D, TMA, UPCAST)
+    do = _tile(DOS, dod, s, Nq, pid_m * BLOCK_M, D, BLOCK_M, BLOCK_D, TMA, UPCAST)
     lse = tl.load(LSE_S + q_row0 + offs_m, mask=row_ok, other=0.0)   # sorted order
     di = tl.load(DELTA_S + q_row0 + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     r = s * n_qblocks + pid_m
     lo = tl.load(R_START + r)
     f_lo = tl.load(R_FLO + r)
     f_hi = tl.load(R_FHI + r)
     hi = tl.load(R_END + r)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, k_base, v_base, KIDX, KKEY, kv_row0,
-                       stride_kn, stride_vn, lo, f_lo, Nk, qk_scale, offs_n, offs_d, D,
-                       BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, k_base, v_base, KIDX, KKEY, kv_row0,
-                       stride_kn, stride_vn, f_lo, f_hi, Nk, qk_scale, offs_n, offs_d, D,
-                       BLOCK_N, False, CAUSAL, SHIFT, DOT_PREC, UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, k_base, v_base, KIDX, KKEY, kv_row0,
-                       stride_kn, stride_vn, f_hi, hi, Nk, qk_scale, offs_n, offs_d, D,
-                       BLOCK_N, True, CAUSAL, SHIFT, DOT_PREC, UPCAST)
+    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
+                       lo, f_lo, Nk, qk_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, SHIFT,
+                       DOT_PREC, TMA, UPCAST)
+    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
+                       f_lo, f_hi, Nk, qk_scale, D, BLOCK_D, BLOCK_N, False, CAUSAL, SHIFT,
+                       DOT_PREC, TMA, UPCAST)
+    dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
+                       f_hi, hi, Nk, qk_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, SHIFT,
+                       DOT_PREC, TMA, UPCAST)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh
              + qidx.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -506,8 +508,9 @@ def _ranges_kernel(SELF_KEY, OTHER_KEY, R_START, R_FLO, R_FHI, R_END,
 # Host side: block sizes, metadata, launches
 # --------------------------------------------------------------------------- #
 def _config(D: int, dtype: torch.dtype, kind: str, tiles=None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tuned on H100 for bf16/fp16.
-    ``tiles``: the caller's choice instead (tuning runs)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for bf16/fp16 measured on an
+    H200 (Triton 3.6, B=2, H=16, N=16k-32k, hash and dense); ``tiles``: the caller's
+    choice instead (tuning runs)."""
     if tiles is not None:
         return _check_tiles(tiles, kind)
     big = dtype == torch.float32 or D > 128
@@ -517,11 +520,43 @@ def _config(D: int, dtype: torch.dtype, kind: str, tiles=None):
         # float32 rows wider than 128 in 64-row tiles spill registers so heavily that
         # compiling the kernel did not finish in 5 minutes (H200, Triton 3.6)
         return 32, 32, 8, 1
-    # measured on H100, bf16, D=64, B=2, H=16, N=16k (benchmarks/tune_kernels.py);
-    # fwd and dq share a tile shape, so they share one set of block ranges
     if kind == "dkdv":
         return (32, 64, 4, 2) if big else (32, 64, 4, 3)
-    return (64, 64, 4, 2) if big else (64, 64, 4, 3)                   # fwd, dq
+    if kind == "dq" and 64 < D <= 128 and not big:
+        return 128, 64, 8, 3        # D=128: 2.0 ms against 2.6 ms with 64 x 64 tiles
+    # fwd (and dq up to D=64) share a tile shape, so they share one set of block ranges
+    return (64, 64, 4, 2) if big else (64, 64, 4, 3)
+
+
+def _tma_default(kind: str, D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a kernel loads its tiles through TMA descriptors: where it measured
+    faster than block loads (H200, Triton 3.6): the forward and dQ at D = 64 in
+    bf16/fp16 (forward 1.07 against 1.23 ms, hash 16 buckets, 32k). The dK/dV kernel
+    and D = 128 were as fast or faster with block loads. Needs sm_90+."""
+    return (TensorDescriptor is not None and not _INTERPRET and kind in ("fwd", "dq")
+            and D == 64 and dtype in (torch.bfloat16, torch.float16)
+            and device.type == "cuda" and _capability(device) >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def _descriptors(tma: bool, *pairs):
+    """One TMA descriptor per (sorted tensor (S, N, D), block rows) pair, or 0s (unused
+    arguments) without TMA."""
+    if not tma:
+        return [0] * len(pairs)
+    return [TensorDescriptor(x, shape=list(x.shape), strides=[x.shape[1] * x.shape[2], x.shape[2], 1],
+                             block_shape=[1, rows, x.shape[2]]) for x, rows in pairs]
+
+
+def _check_tma(tma, D):
+    if tma and (TensorDescriptor is None or D != _block_d(D)):
+        raise ValueError(f"TMA tile loads need Triton's TensorDescriptor and a power-of-two "
+                         f"head dim >= 16, got D={D}")
+    return bool(tma)
 
 
 def _check_tiles(tiles, kind):
@@ -581,54 +616,76 @@ def _check_head_dim(D):
         raise ValueError(f"the Triton backend supports head dims up to 256, got D={D}")
 
 
-def triton_forward(q, k, v, plan: AttentionPlan, *, tiles=None):
+def _gather(plan: AttentionPlan, q, k, v, o=None, do=None, dlse=None):
+    """Sorted contiguous copies (S, N, D) of q, k, v (and with ``do``: of dO, and delta
+    (S_q, Nq) float32 in sorted order), in one launch."""
+    B, Nq, H, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    qs = torch.empty((B * H, Nq, D), device=q.device, dtype=q.dtype)
+    ks = torch.empty((B * Hkv, Nk, D), device=q.device, dtype=k.dtype)
+    vs = torch.empty((B * Hkv, Nk, D), device=q.device, dtype=v.dtype)
+    backward = do is not None
+    if backward:
+        dos = torch.empty((B * H, Nq, D), device=q.device, dtype=do.dtype)
+        delta_s = torch.empty((B * H, Nq), device=q.device, dtype=torch.float32)
+        dlse_c = dlse.float().contiguous() if dlse is not None else delta_s
+    else:
+        o = do = dos = delta_s = dlse_c = qs            # unused arguments
+    block = 32 if _INTERPRET else 128
+    qidx, kidx = _stream_index(plan)
+    _gather_kernel[(triton.cdiv(max(Nq, Nk), block), B * H + B * Hkv)](
+        q, k, v, o, do, dlse_c, qs, ks, vs, dos, delta_s, qidx, kidx,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), H, Hkv, Nq, Nk, B * H,
+        D=D, BLOCK_D=_block_d(D), BLOCK=block, BACKWARD=backward, HAS_DLSE=dlse is not None)
+    return (qs, ks, vs, dos, delta_s) if backward else (qs, ks, vs)
+
+
+def triton_forward(q, k, v, plan: AttentionPlan, *, tiles=None, tma=None):
     """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32, and for the backward
     the lse in sorted order and log2 units (S_q, Nq).
 
     ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel instead
-    of the tuned choice (for ``benchmarks/tune_kernels.py``; None: tuned)."""
+    of the tuned choice (for ``benchmarks/tune_kernels.py``; None: tuned). ``tma``:
+    load tiles through TMA descriptors (True), block loads (False), or the tuned
+    choice (None)."""
     _check_head_dim(plan.D)
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     bm, bn, warps, stages = _config(D, q.dtype, "fwd", tiles)
-    qidx, kidx = _stream_index(plan)
+    tma = _tma_default("fwd", D, q.dtype, q.device) if tma is None else _check_tma(tma, D)
     start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
+    qs, ks, vs = _gather(plan, q, k, v)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     lse_s = torch.empty((B * H, Nq), device=q.device, dtype=torch.float32)
     n_qblocks = triton.cdiv(Nq, bm)
     _fwd_kernel[(n_qblocks, B * H)](
-        q, k, v, o, lse, lse_s, qidx, kidx,
-        plan.q_streams.key, plan.k_streams.key, start, flo, fhi, end,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        qs, ks, vs, *_descriptors(tma, (qs, bm), (ks, bn), (vs, bn)), o, lse, lse_s,
+        plan.q_streams.index, plan.q_streams.key, plan.k_streams.key, start, flo, fhi, end,
+        o.stride(0), o.stride(1), o.stride(2),
         H, Hkv, Nq, Nk, n_qblocks, plan.scale * _LOG2E,
         D=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         CAUSAL=plan.causal, SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        TMA=tma, UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         num_warps=warps, num_stages=stages)
     return o, lse, lse_s
 
 
 def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan, *,
-                    dkdv_tiles=None, dq_tiles=None):
+                    dkdv_tiles=None, dq_tiles=None, tma=None):
     """(dq, dk, dv) of :func:`triton_forward`; ``dlse`` may be None.
 
     ``dkdv_tiles``, ``dq_tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the
-    dK/dV and dQ kernels instead of the tuned choices (tuning runs; None: tuned)."""
+    dK/dV and dQ kernels instead of the tuned choices (tuning runs; None: tuned).
+    ``tma``: TMA descriptor loads in both kernels (True), block loads (False), or
+    the tuned choice per kernel (None)."""
     B, Nq, H, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
-    qidx, kidx = _stream_index(plan)
-    # delta_i = rowsum(dO_i * O_i) - dlse_i, in sorted order (S_q, Nq) float32
-    delta_s = torch.empty((B * H, Nq), device=q.device, dtype=torch.float32)
-    dlse_c = dlse.float().contiguous() if dlse is not None else delta_s
-    bm_pre = 32 if _INTERPRET else 128
-    _bwd_preprocess[(triton.cdiv(Nq, bm_pre), B * H)](
-        o, do, dlse_c, delta_s, qidx, o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), H, Nq, D=D, BLOCK_D=_block_d(D),
-        BLOCK_M=bm_pre, HAS_DLSE=dlse is not None)
+    qs, ks, vs, dos, delta_s = _gather(plan, q, k, v, o, do, dlse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(D=D, BLOCK_D=_block_d(D), CAUSAL=plan.causal,
                   SHIFT=plan.shift, DOT_PREC=_dot_precision(q.dtype),
@@ -637,26 +694,26 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan, *,
     sq = (plan.q_streams.key, plan.k_streams.key)
 
     bm, bn, warps, stages = _config(D, q.dtype, "dkdv", dkdv_tiles)
+    use = _tma_default("dkdv", D, q.dtype, q.device) if tma is None else _check_tma(tma, D)
     r = _ranges(plan, bm, bn, transposed=True)
     n_kblocks = triton.cdiv(Nk, bn)
     _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
-        q, k, v, do, dk, dv, lse_s, delta_s, qidx, kidx, *sq, *r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        qs, ks, vs, dos, *_descriptors(use, (qs, bm), (ks, bn), (vs, bn), (dos, bm)),
+        dk, dv, lse_s, delta_s, plan.k_streams.index, *sq, *r,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, Hkv, Nq, Nk, n_kblocks, qk_scale, plan.scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, TMA=use, num_warps=warps, num_stages=stages, **common)
 
     bm, bn, warps, stages = _config(D, q.dtype, "dq", dq_tiles)
+    use = _tma_default("dq", D, q.dtype, q.device) if tma is None else _check_tma(tma, D)
     r = _ranges(plan, bm, bn, transposed=False)
     n_qblocks = triton.cdiv(Nq, bm)
     _bwd_dq_kernel[(n_qblocks, B * H)](
-        q, k, v, do, dq, lse_s, delta_s, qidx, kidx, *sq, *r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        qs, ks, vs, dos, *_descriptors(use, (qs, bm), (ks, bn), (vs, bn), (dos, bm)),
+        dq, lse_s, delta_s, plan.q_streams.index, *sq, *r,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, Hkv, Nq, Nk, n_qblocks, qk_scale, plan.scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, TMA=use, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
 

@@ -154,6 +154,50 @@ def test_tile_arguments(triton_device):
             ta.triton_forward(q, k, v, plan, tiles=bad)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["block-loads", "tma"])
+def test_tile_loads_match_oracle(triton_device, tma):
+    """The kernels read sorted contiguous copies of q, k, v, dO (one gather launch per
+    direction); both ways of loading their tiles, block loads and TMA tensor
+    descriptors, give the float64 oracle's forward, lse and gradients (upstream on
+    the lse too): GQA, Nq != Nk, dropped tokens, lengths off the block size. A head
+    dim TMA cannot tile is refused."""
+    from dist_sparse_attn.kernels import triton_attn as ta
+    dev = triton_device
+    if tma and (ta.TensorDescriptor is None
+                or (dev == "cuda" and torch.cuda.get_device_capability()[0] < 9)):
+        pytest.skip("TMA descriptors need Triton's TensorDescriptor and sm_90+")
+    B, Nq, Nk, H, Hkv, D = 2, 75, 53, 4, 2, 32
+    q, k, v = (x.detach() for x in _rand(B, Nq, Nk, H, Hkv, D, device=dev))
+    qb = torch.randint(-1, 3, (B, Nq, H), device=dev)
+    kb = torch.randint(-1, 3, (B, Nk, Hkv), device=dev)
+    qpos = torch.arange(Nk - Nq, Nk, device=dev).expand(B, Nq)
+    kpos = torch.arange(Nk, device=dev).expand(B, Nk)
+    do = torch.randn_like(q)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ro, rlse = reference_attention(q64, k64, v64, qb, kb, q_positions=qpos, k_positions=kpos,
+                                   return_lse=True)
+    dlse = torch.where(torch.isinf(rlse), 0.0, torch.randn_like(rlse)).float()
+    want = torch.autograd.grad((ro, rlse), (q64, k64, v64),
+                               (do.double(), dlse.double()), allow_unused=True)
+    plan = make_plan(q, k, qb, kb, qpos, kpos, causal=True, include_self=True,
+                     softmax_scale=None)
+    o, lse, lse_s = ta.triton_forward(q, k, v, plan, tma=tma)
+    got = ta.triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan, tma=tma)
+    assert_close_rel(o, ro.float(), 1e-5, "o", atol=1e-6)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+    assert_close_rel(torch.where(torch.isinf(lse), 0.0, lse),
+                     torch.where(torch.isinf(rlse), 0.0, rlse).float(), 1e-5, "lse")
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close_rel(g, w.float(), 1e-4, name, atol=1e-6)
+    if tma:
+        q3, k3, v3 = (torch.randn(1, 8, 1, 24, device=dev) for _ in range(3))
+        z = torch.zeros(1, 8, 1, dtype=torch.long, device=dev)
+        p3 = make_plan(q3, k3, z, z, kpos[:1, :8], kpos[:1, :8], causal=True,
+                       include_self=True, softmax_scale=None)
+        with pytest.raises(ValueError, match="power-of-two head dim"):
+            ta.triton_forward(q3, k3, v3, p3, tma=True)
+
+
 @pytest.mark.parametrize("trial", range(12))
 def test_range_kernel_matches_pytorch_ranges(triton_device, trial):
     """The fused Triton block-range kernel equals layout.kv_ranges / q_ranges."""
