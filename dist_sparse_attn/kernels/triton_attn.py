@@ -528,14 +528,20 @@ def _config(D: int, dtype: torch.dtype, kind: str, tiles=None):
     return (64, 64, 4, 2) if big else (64, 64, 4, 3)
 
 
-def _tma_default(kind: str, D: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a kernel loads its tiles through TMA descriptors: where it measured
-    faster than block loads (H200, Triton 3.6): the forward and dQ at D = 64 in
-    bf16/fp16 (forward 1.07 against 1.23 ms, hash 16 buckets, 32k). The dK/dV kernel
-    and D = 128 were as fast or faster with block loads. Needs sm_90+."""
-    return (TensorDescriptor is not None and not _INTERPRET and kind in ("fwd", "dq")
-            and D == 64 and dtype in (torch.bfloat16, torch.float16)
-            and device.type == "cuda" and _capability(device) >= 9)
+def _use_tma(tma, kind: str, D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a kernel loads its tiles through TMA descriptors. ``tma`` None: where it
+    measured faster than block loads (H200, Triton 3.6): the forward and dQ at D = 64 in
+    bf16/fp16 (forward 1.07 against 1.23 ms, hash 16 buckets, 32k); the dK/dV kernel
+    and D = 128 were as fast or faster with block loads. Needs sm_90+. True / False:
+    the caller's choice (tests, tuning); True refuses a head dim TMA cannot tile."""
+    if tma is None:
+        return (TensorDescriptor is not None and not _INTERPRET and kind in ("fwd", "dq")
+                and D == 64 and dtype in (torch.bfloat16, torch.float16)
+                and device.type == "cuda" and _capability(device) >= 9)
+    if tma and (TensorDescriptor is None or D != _block_d(D)):
+        raise ValueError(f"TMA tile loads need Triton's TensorDescriptor and a power-of-two "
+                         f"head dim >= 16, got D={D}")
+    return bool(tma)
 
 
 @functools.lru_cache(maxsize=None)
@@ -550,13 +556,6 @@ def _descriptors(tma: bool, *pairs):
         return [0] * len(pairs)
     return [TensorDescriptor(x, shape=list(x.shape), strides=[x.shape[1] * x.shape[2], x.shape[2], 1],
                              block_shape=[1, rows, x.shape[2]]) for x, rows in pairs]
-
-
-def _check_tma(tma, D):
-    if tma and (TensorDescriptor is None or D != _block_d(D)):
-        raise ValueError(f"TMA tile loads need Triton's TensorDescriptor and a power-of-two "
-                         f"head dim >= 16, got D={D}")
-    return bool(tma)
 
 
 def _check_tiles(tiles, kind):
@@ -576,11 +575,6 @@ def _block_d(D):
 def _dot_precision(dtype):
     # fp32 inputs promise ~1e-5 relative error: no tf32
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _stream_index(plan: AttentionPlan):
-    """Sort indices (int64 token numbers) of the query and key streams."""
-    return plan.q_streams.index, plan.k_streams.index
 
 
 def _ranges(plan: AttentionPlan, bm: int, bn: int, transposed: bool):
@@ -632,7 +626,7 @@ def _gather(plan: AttentionPlan, q, k, v, o=None, do=None, dlse=None):
     else:
         o = do = dos = delta_s = dlse_c = qs            # unused arguments
     block = 32 if _INTERPRET else 128
-    qidx, kidx = _stream_index(plan)
+    qidx, kidx = plan.q_streams.index, plan.k_streams.index
     _gather_kernel[(triton.cdiv(max(Nq, Nk), block), B * H + B * Hkv)](
         q, k, v, o, do, dlse_c, qs, ks, vs, dos, delta_s, qidx, kidx,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -655,7 +649,7 @@ def triton_forward(q, k, v, plan: AttentionPlan, *, tiles=None, tma=None):
     Nk, Hkv = k.shape[1], k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     bm, bn, warps, stages = _config(D, q.dtype, "fwd", tiles)
-    tma = _tma_default("fwd", D, q.dtype, q.device) if tma is None else _check_tma(tma, D)
+    tma = _use_tma(tma, "fwd", D, q.dtype, q.device)
     start, flo, fhi, end = _ranges(plan, bm, bn, transposed=False)
     qs, ks, vs = _gather(plan, q, k, v)
     o = torch.empty_like(q)
@@ -694,7 +688,7 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan, *,
     sq = (plan.q_streams.key, plan.k_streams.key)
 
     bm, bn, warps, stages = _config(D, q.dtype, "dkdv", dkdv_tiles)
-    use = _tma_default("dkdv", D, q.dtype, q.device) if tma is None else _check_tma(tma, D)
+    use = _use_tma(tma, "dkdv", D, q.dtype, q.device)
     r = _ranges(plan, bm, bn, transposed=True)
     n_kblocks = triton.cdiv(Nk, bn)
     _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
@@ -705,7 +699,7 @@ def triton_backward(do, dlse, q, k, v, o, lse, lse_s, plan: AttentionPlan, *,
         BLOCK_M=bm, BLOCK_N=bn, TMA=use, num_warps=warps, num_stages=stages, **common)
 
     bm, bn, warps, stages = _config(D, q.dtype, "dq", dq_tiles)
-    use = _tma_default("dq", D, q.dtype, q.device) if tma is None else _check_tma(tma, D)
+    use = _use_tma(tma, "dq", D, q.dtype, q.device)
     r = _ranges(plan, bm, bn, transposed=False)
     n_qblocks = triton.cdiv(Nq, bm)
     _bwd_dq_kernel[(n_qblocks, B * H)](
