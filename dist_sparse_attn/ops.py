@@ -177,7 +177,9 @@ def qk_sparse_attention(q, k, v, q_keep, k_keep, *, causal=True, softmax_scale=N
     V.check_flags(causal=causal, return_lse=return_lse)
     q_key, k_key = _keys(keep_to_buckets(q_keep), keep_to_buckets(k_keep),
                          *_default_positions(q, k))
-    return _attention(q, k, v, q_key, k_key, n_buckets=None, causal=causal,
+    # kept tokens are bucket 0, dropped ones negative, at positions arange(N): the
+    # promise of n_buckets=1, which lets the fused backend sort by counting
+    return _attention(q, k, v, q_key, k_key, n_buckets=1, causal=causal,
                       include_self=True, softmax_scale=softmax_scale, return_lse=return_lse,
                       backend=backend)
 

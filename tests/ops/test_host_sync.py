@@ -83,14 +83,14 @@ CALLS = {
         lambda q, k, v: dsa.qk_sparse_attention(
             q, k, v, torch.arange(N, device=q.device)[None, :, None].expand(B, N, H) % 3 != 0,
             torch.arange(N, device=q.device)[None, :, None].expand(B, N, HKV) % 2 == 0),
-        False, False),
+        False, True),
     "module_hash": (dsa.SparseAttention("hash", 4, seed=1), True, True),
     "module_hash_local": (dsa.SparseAttention("hash", 4, seed=1, local_heads=1,
                                               local_window=16), True, True),
     "module_hash_cap": (dsa.SparseAttention("hash", 4, seed=1, bucket_cap=1.5), True, True),
     "module_hash_local_cap": (dsa.SparseAttention("hash", 4, seed=1, local_heads=1,
                                                   local_window=16, bucket_cap=1.5), True, True),
-    "module_qk_keep_rate": (dsa.SparseAttention("qk", keep_rate=0.5, seed=2), False, False),
+    "module_qk_keep_rate": (dsa.SparseAttention("qk", keep_rate=0.5, seed=2), False, True),
 }
 
 
