@@ -561,13 +561,24 @@ class _OneDataParallelRank:
         return 1
 
 
-def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1):
+def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1, cuda: bool = True):
     """model.compile="blocks" needs ZeRO 0-2: ZeRO-3 gathers each submodule's parameters
     in forward hooks that are ``torch.compiler.disable``d, so every compiled block breaks
     into pieces at each Linear and LayerNorm, and dynamo recompiles DeepSpeed's own hooks
     until it hits its recompile limit (measured on CPU, DeepSpeed 0.19.8): correct but
-    slower than eager, the opposite of the option's purpose."""
+    slower than eager, the opposite of the option's purpose.
+
+    model.cuda_graph needs a CUDA device, one rank per sequence (sp = 1) and ZeRO 0-2:
+    ZeRO-3 gathers and frees the parameters in hooks around every submodule, host work
+    that a graph replay would skip."""
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if mcfg.cuda_graph:
+        why = ("a CUDA device (this run is on the CPU)" if not cuda else
+               f"one rank per sequence (sp={sp} shards it)" if sp > 1 else
+               "ZeRO 0-2 (ZeRO-3's parameter hooks are host work a replay would skip)"
+               if stage == 3 else None)
+        if why:
+            raise ConfigError(f"model.cuda_graph=true needs {why}: set model.cuda_graph=false")
     if mcfg.compile != "off" and stage == 3:
         raise ConfigError(f"model.compile={mcfg.compile!r} does not work with ZeRO-3 (its "
                           "parameter hooks break every compiled region): use ZeRO 0-2 "

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .graphs import GraphedCall, GraphMismatch
 from .modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
                       dense_causal_sdpa)
 from .parallel._comm import gather_rows, shards_over
@@ -138,6 +139,19 @@ class GPTConfig:
     sparse attention inside as the library's ``torch.library`` custom ops
     (:mod:`dist_sparse_attn.compile_ops`): one guard check per call instead of two per
     block. Single device only (:func:`parallelize` refuses it)."""
+    cuda_graph: bool = setting(False)
+    """Replay the training forward and backward from CUDA graphs
+    (:class:`dist_sparse_attn.graphs.GraphedCall`): the first training call of each input
+    shape warms up and captures them, every later one copies the tokens in and launches
+    two graphs, so Python, autograd and thousands of small launches per step leave the
+    host's critical path. Used when the model is in training mode with gradients on, on
+    one CUDA device, without ``positions``; every other call (eval, no_grad, CPU) runs
+    the usual forward. The parameters' gradients reach ``param.grad`` (and DeepSpeed's
+    ZeRO 0-2) as after an eager backward. Single device (:func:`parallelize` refuses
+    it), and no activation checkpointing, ``mlp_chunk`` or ``loss_chunk`` (their
+    checkpoints save and restore the RNG state on the host, which a replay would not
+    redo). Each call's backward must run before the next call; a captured shape holds
+    its step's activations in the graphs' memory pool for the model's lifetime."""
     compile_backend: str = setting("inductor", choices=COMPILE_BACKENDS)
     """The ``torch.compile`` backend of ``compile``: "inductor" (default), or "aot_eager" /
     "eager" to tell a tracing problem from an inductor one, or where no C++ compiler is
@@ -171,10 +185,17 @@ class GPTConfig:
             bad = [f"{name}={getattr(self, name)!r}" for name, off in (
                 ("attention", "none"), ("bucket_cap", 0.0), ("offload_checkpoints", False),
                 ("loss_chunk", 0), ("mlp_chunk", 0), ("compile", "off"), ("dropout", 0.0),
-                ("bias", False)) if (getattr(self, name) == off) == (name == "attention")]
+                ("bias", False), ("cuda_graph", False)) if (getattr(self, name) == off) == (name == "attention")]
             if bad:
                 raise ValueError(f"family='hf' (a transformers Llama) does not support "
                                  f"{', '.join(bad)}")
+        if self.cuda_graph:
+            bad = [f"{name}={getattr(self, name)!r}" for name in (
+                "activation_checkpointing", "mlp_chunk", "loss_chunk") if getattr(self, name)]
+            if bad:
+                raise ValueError(f"cuda_graph=True does not work with {', '.join(bad)} (their "
+                                 f"checkpoints save and restore the RNG state on the host, "
+                                 f"which a graph replay would not redo)")
         if self.mlp_chunk and self.compile != "off":
             raise ValueError(f"mlp_chunk={self.mlp_chunk} needs compile='off' (the chunks' "
                              f"checkpoints are eager), got compile={self.compile!r}")
@@ -376,6 +397,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._graphs: dict = {}     # cuda_graph: input signature -> GraphedCall
         self.transformer.wte.weight = self.lm_head.weight   # weight tying
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():   # GPT-2: scaled init of the residual projections
@@ -424,12 +446,46 @@ class GPT(nn.Module):
             check_inputs_on_every_rank(self, idx, targets, positions,
                                        getattr(self.transformer.h[0].attn.core_attn, "group",
                                                None), "GPT.forward")
+        if self.config.cuda_graph and self.training and torch.is_grad_enabled() \
+                and idx.is_cuda and positions is None and not torch.compiler.is_compiling():
+            return self._graphed_forward(idx, targets)
+        return self._any_forward(idx, targets, positions)
+
+    def _any_forward(self, idx, targets, positions):
+        """The forward, compiled as one graph under ``compile="model"``, else eager."""
         if self.config.compile == "model" and not torch.compiler.is_compiling():
             for block in self.transformer.h:       # cached before tracing (no graph break)
                 block.attn.draw_rotations(idx.device)
             return _compiled(_model_forward, self.config.compile_backend)(self, idx, targets,
                                                                           positions)
         return self._forward(idx, targets, positions)
+
+    def _graphed_forward(self, idx, targets):
+        """``forward`` replayed from CUDA graphs (``GPTConfig.cuda_graph``): one
+        :class:`GraphedCall` per input shape, captured on first use, captured again when
+        the parameters have moved (``.to()``, a new optimizer's flat buffers)."""
+        inputs = (idx,) if targets is None else (idx, targets)
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        graphs = self._graphs
+        call = graphs.get(key)
+        if call is not None:
+            try:
+                call.check(inputs)
+            except GraphMismatch:
+                call = None
+        if call is None:
+            graphs.pop(key, None)           # free the old pool before capturing anew
+            for block in self.transformer.h:
+                block.attn.draw_rotations(idx.device)
+
+            def step(idx, targets=None):
+                logits, loss = self._any_forward(idx, targets, None)
+                return (logits,) if loss is None else (logits, loss)
+
+            params = [p for p in self.parameters() if p.requires_grad]
+            call = graphs[key] = GraphedCall(step, params, inputs)
+        out = call(*inputs)
+        return out[0], (out[1] if len(out) > 1 else None)
 
     def _check_inputs(self, idx, targets, positions):
         """ValueErrors for inputs that would otherwise fail deep inside (or, for float
@@ -582,8 +638,8 @@ def parallelize(model: GPT, group, strategy="bucket") -> GPT:
             :class:`~dist_sparse_attn.modules.SequenceParallelSparseAttention` (e.g.
             :func:`dist_sparse_attn.integrations.deepspeed.ulysses_dense_attention`).
 
-    Returns ``model``. Raises ValueError for an unknown strategy or ``compile="model"``
-    (a single-device graph); a factory raises its own.
+    Returns ``model``. Raises ValueError for an unknown strategy, ``compile="model"`` or
+    ``cuda_graph=True`` (single-device graphs); a factory raises its own.
     """
     if not callable(strategy) and strategy not in SP_STRATEGIES:
         raise ValueError(f"strategy must be one of {SP_STRATEGIES} or a factory "
@@ -591,6 +647,9 @@ def parallelize(model: GPT, group, strategy="bucket") -> GPT:
     if not shards_over(group):
         return model
     config = model.config
+    if config.cuda_graph:
+        raise ValueError("cuda_graph=True captures the single-device step; sequence "
+                         "parallelism needs cuda_graph=False")
     if config.compile == "model":
         raise ValueError("compile='model' compiles the single-device forward; use "
                          "compile='blocks' with sequence parallelism")

@@ -142,7 +142,7 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
         world = tcfg.sequence_parallel or 1
     layout = _layout(mcfg, tcfg, world, sp_json)
     ds = deepspeed_config(tcfg, layout, cuda, world_known=known)
-    check_compile(mcfg, ds, layout["sp"])
+    check_compile(mcfg, ds, layout["sp"], cuda)
     load_data(tcfg)
     check_out_dir(tcfg.out_dir, create=False)
     check_fresh_out_dir(tcfg, bool(args.resume), remove=False)
@@ -197,7 +197,7 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
         # the same inputs on every rank: these fail on all ranks or on none
         layout = _layout(mcfg, tcfg, world, sp_json)
         ds = deepspeed_config(tcfg, layout, cuda)
-        check_compile(mcfg, ds, layout["sp"])
+        check_compile(mcfg, ds, layout["sp"], cuda)
         data = load_data(tcfg)
         # from here on a check may fail on some ranks only: agree makes all of them stop
         tag = None

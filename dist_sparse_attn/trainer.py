@@ -116,6 +116,9 @@ def describe_run(mcfg: GPTConfig, tcfg: TrainConfig, layout: dict, ds: dict, wor
         lines.append(f"torch.compile (backend {mcfg.compile_backend!r}, default mode, static "
                      f"shapes): the whole forward as one graph, attention as the library's "
                      f"custom ops")
+    if mcfg.cuda_graph:
+        lines.append("CUDA graphs: each training forward and backward replayed from two "
+                     "graphs, captured in the first step")
     return "\n".join("[train] " + s for s in lines)
 
 

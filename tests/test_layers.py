@@ -4,7 +4,7 @@ layers, so data flows one way and there is no import cycle.
 
 Layers, bottom up (a unit is a top-level module or subpackage of ``dist_sparse_attn``):
 
-    0  _validation, schema, reference, layout, balance   (no package imports)
+    0  _validation, schema, reference, layout, balance, graphs   (no package imports)
     1  plan             the attention plan over sorted streams
     2  kernels          the backend registry and every device step (attention, sort, LSH)
     3  hashing          LSH schemes and rotations; the hashing itself is the backend's
@@ -34,7 +34,7 @@ import sys
 import pytest
 
 LAYERS = [
-    {"_validation", "schema", "reference", "layout", "balance"},
+    {"_validation", "schema", "reference", "layout", "balance", "graphs"},
     {"plan"},
     {"kernels"},
     {"hashing"},

@@ -40,6 +40,10 @@ def test_parse_and_format_lengths():
     ("hash-b512-cap4-off", 1, ["model.n_buckets=256", "model.bucket_cap=4.0",
                                "model.offload_checkpoints=true"],
      dict(kind="hash", bucket_cap=4.0, offload=True)),
+    ("hash16-loc4-graph", 1, ["model.n_buckets=16", "model.local_heads=4",
+                              "model.cuda_graph=true"], dict(kind="hash", cuda_graph=True)),
+    ("dense-cudnn-graph", 1, ["model.sdpa_backend=cudnn", "model.cuda_graph=true"],
+     dict(kind="dense", baseline=True, cuda_graph=True)),
 ])
 def test_config_sets(name, world, want, info):
     sets, got = BT.config_sets(name, 131072, world, cpu=False)
@@ -47,7 +51,8 @@ def test_config_sets(name, world, want, info):
         assert s in sets, (s, sets)
     for k, v in info.items():
         assert got[k] == v, (k, got)
-    assert "model.local_heads=4" not in sets or name.endswith("-loc4")
+    assert "model.local_heads=4" not in sets or "-loc4" in name
+    assert ("model.cuda_graph=true" in sets) == name.endswith("-graph")
 
 
 def test_config_sets_fixed_bucket_size_and_errors():

@@ -649,6 +649,12 @@ CONFIG_ERRORS = {
     "bad_precision": (1, ["train.precision=fp8"], "train.precision must be"),
     "mlp_chunk_with_compile": (1, ["model.mlp_chunk=4096", "model.compile=blocks"],
                                "mlp_chunk=4096 needs compile='off'"),
+    "cuda_graph_on_cpu": (1, ["model.cuda_graph=true"],
+                          "model.cuda_graph=true needs a CUDA device"),
+    "cuda_graph_with_checkpointing": (1, ["model.cuda_graph=true",
+                                          "model.activation_checkpointing=true"],
+                                      "cuda_graph=True does not work with "
+                                      "activation_checkpointing=True"),
 }
 
 
@@ -1095,3 +1101,22 @@ def test_hf_family_trains_sequence_parallel_equal_to_one_process(work, config):
     assert two.summary()["sp"] == 2 and one.summary()["world"] == 1
     assert os.path.isfile(os.path.join(two.out, "checkpoints", "latest"))
     assert_same_losses(two, one)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_cuda_graph_trains_like_eager(work, config):
+    """model.cuda_graph on one GPU (DeepSpeed ZeRO-1, bf16): the same losses as the
+    eager run, step for step (same kernels, replayed)."""
+    common = ["--device", "cuda", "--set", "train.steps=12", "--set", "train.micro_batch=1",
+              "--set", "train.grad_accum=2", "--set", "model.dropout=0.0"]
+    eager, graphed = run_jobs([
+        (_command("python", 1, ["--config", str(config), "--out", str(work / name), *common,
+                                *extra]), str(work / name), _env())
+        for name, extra in (("eager_gpu", []),
+                            ("graphed_gpu", ["--set", "model.cuda_graph=true"]))])
+    eager.check(), graphed.check()
+    assert "CUDA graphs" in graphed.log
+    assert_same_losses(graphed, eager, rtol=2e-3)
+    losses = graphed.losses()
+    assert losses[max(losses)] < losses[min(losses)] - 0.3, losses
