@@ -47,6 +47,9 @@ def reference_attention(q, k, v, q_buckets, k_buckets, *, q_positions=None,
     g = H // Hkv
     mask = allowed_mask(q_buckets, k_buckets, q_positions, k_positions, causal=causal,
                         include_self=include_self, group_size=g)
+    # dropped tokens' values are never read (0 x NaN would be NaN): zero them first
+    q = q.masked_fill((q_buckets < 0)[..., None], 0)
+    k, v = (x.masked_fill((k_buckets < 0)[..., None], 0) for x in (k, v))
     qc = q.to(compute_dtype).permute(0, 2, 1, 3)                              # (B, H, Nq, D)
     kc = k.to(compute_dtype).permute(0, 2, 1, 3).repeat_interleave(g, 1)      # (B, H, Nk, D)
     vc = v.to(compute_dtype).permute(0, 2, 1, 3).repeat_interleave(g, 1)      # (B, H, Nk, D)

@@ -330,3 +330,28 @@ def sp_check_shard(case, o, grads, lo, hi):
     assert_close_rel(o, case["o_ref"][:, lo:hi], name="o", **tol)
     for nm, gr, ref in zip(("dq", "dk", "dv"), grads, case["ref_grads"]):
         assert_close_rel(gr, ref[:, lo:hi], name=nm, **tol)
+
+
+def assert_dropped_values_unread(dev, backend):
+    """NaN and inf in the q, k, v (and upstream gradient) of dropped tokens (padding
+    garbage, say): every kept output and every gradient equals the run with zeros there.
+    Dropped keys share key tiles with kept ones, where a 0 weight times NaN would be NaN."""
+    from dist_sparse_attn import qk_sparse_attention
+    B, N, H, D = 1, 150, 2, 16
+    q, k, v = rand_qkv(B, N, N, H, H, D, device=dev)
+    keep = torch.rand(B, N, H, device=dev) < 0.5
+    keep[:, 0] = True
+    bad = (~keep)[..., None]
+    outs = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xs = [torch.where(bad, torch.full_like(x, fill), x).detach().requires_grad_()
+              for x in (q, k, v)]
+        o, lse = qk_sparse_attention(*xs, keep, keep, backend=backend, return_lse=True)
+        g = torch.where(bad, torch.full_like(o, fill), torch.ones_like(o))
+        gl = torch.where(keep, 0.5, fill).transpose(1, 2)                  # (B, H, N)
+        torch.autograd.backward((o, lse), (g, gl))
+        outs.append((o.detach(), *[torch.where(bad, 0.0, x.grad) for x in xs]))
+    for got in outs[1:]:
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, outs[0]):
+            assert torch.isfinite(a).all(), name
+            assert torch.equal(a, b), name

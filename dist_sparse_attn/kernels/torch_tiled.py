@@ -87,14 +87,22 @@ class _Tiles:
             yield self.qtile[c:c + step], self.ktile[c:c + step]
 
 
+def _live(x, streams):
+    """Sorted rows ``to_streams(x, streams)`` with dropped and padding rows set to 0:
+    their tiles weigh them by 0, which would turn a NaN or inf there into NaN."""
+    xs = to_streams(x, streams)
+    dead = streams.key >= (DROP << 32)
+    return xs.masked_fill(dead if xs.dim() == dead.dim() else dead[..., None], 0)
+
+
 def tiled_forward(q, k, v, plan: AttentionPlan):
     """o (B, Nq, H, D) in q.dtype, lse (B, H, Nq) float32 and the lse in the compute dtype."""
     cdt = _compute_dtype(q.dtype)
     t = _Tiles(plan)
     bs, D = t.block, plan.D
-    Q = t.pad(to_streams(q, plan.q_streams).to(cdt), t.nqb) * plan.scale    # (TQ, bs, D)
-    K = t.pad(to_streams(k, plan.k_streams).to(cdt), t.nkb)                 # (TK, bs, D)
-    V = t.pad(to_streams(v, plan.k_streams).to(cdt), t.nkb)
+    Q = t.pad(_live(q, plan.q_streams).to(cdt), t.nqb) * plan.scale         # (TQ, bs, D)
+    K = t.pad(_live(k, plan.k_streams).to(cdt), t.nkb)                      # (TK, bs, D)
+    V = t.pad(_live(v, plan.k_streams).to(cdt), t.nkb)
     TQ = Q.shape[0]
     m = torch.full((TQ, bs), float("-inf"), dtype=cdt, device=q.device)     # running max
     l = torch.zeros((TQ, bs), dtype=cdt, device=q.device)                   # running sum
@@ -137,14 +145,15 @@ def _backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
     cdt = _compute_dtype(q.dtype)
     t = _Tiles(plan)
     bs, D = t.block, plan.D
-    Q = t.pad(to_streams(q, plan.q_streams).to(cdt), t.nqb) * plan.scale    # (TQ, bs, D)
-    K = t.pad(to_streams(k, plan.k_streams).to(cdt), t.nkb)                 # (TK, bs, D)
-    V = t.pad(to_streams(v, plan.k_streams).to(cdt), t.nkb)
-    dO_s = to_streams(do, plan.q_streams).to(cdt)                           # (Sq, Nq, D)
-    O_s = to_streams(o, plan.q_streams).to(cdt)
+    Q = t.pad(_live(q, plan.q_streams).to(cdt), t.nqb) * plan.scale         # (TQ, bs, D)
+    K = t.pad(_live(k, plan.k_streams).to(cdt), t.nkb)                      # (TK, bs, D)
+    V = t.pad(_live(v, plan.k_streams).to(cdt), t.nkb)
+    dO_s = _live(do, plan.q_streams).to(cdt)                                # (Sq, Nq, D)
+    O_s = _live(o, plan.q_streams).to(cdt)
     delta = (dO_s * O_s).sum(-1)                                            # (Sq, Nq)
     if dlse is not None:    # d lse_i / d s_ij = p_ij, folded into delta
-        delta = delta - rows_to_streams(dlse.to(cdt), plan.q_streams)
+        dead = plan.q_streams.key >= (DROP << 32)
+        delta = delta - rows_to_streams(dlse.to(cdt), plan.q_streams).masked_fill(dead, 0)
     lse_s = rows_to_streams(lse.to(cdt), plan.q_streams)
     lse_s = torch.where(torch.isinf(lse_s), torch.zeros_like(lse_s), lse_s)
     dO = t.pad(dO_s, t.nqb)

@@ -101,7 +101,7 @@ def _tile(XS, desc, stream, N, start, D: tl.constexpr, BLOCK: tl.constexpr,
 # Gather into sorted order (and, backward, delta = rowsum(dO * O) - dlse)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX,
+def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX, QKEY, KKEY,
                    stride_qb, stride_qn, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
@@ -112,9 +112,12 @@ def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX,
                    BACKWARD: tl.constexpr, HAS_DLSE: tl.constexpr):
     """Grid (cdiv(max(Nq, Nk), BLOCK), S_q + S_k): programs of axis 1 below S_q copy
     query-stream rows (q; backward also dO, and delta from O and dO), the others
-    kv-stream rows (k and v)."""
+    kv-stream rows (k and v). Dropped and padding rows (sort key >= DROP << 32: no
+    allowed pair) are written as zeros without reading their source: a tile that holds
+    them multiplies them by 0, and with query/key dropping they are most of the rows."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
+    DROPKEY: tl.constexpr = 2147483647 << 32
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     if s < S_q:
@@ -123,20 +126,21 @@ def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX,
         ok = offs < Nq
         row0 = s.to(tl.int64) * Nq
         idx = tl.load(QIDX + row0 + offs, mask=ok, other=0)
+        live = tl.load(QKEY + row0 + offs, mask=ok, other=DROPKEY) < DROPKEY
         dst = (row0 + offs)[:, None] * D + offs_d[None, :]
         m = ok[:, None] & (offs_d[None, :] < D)
         q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, idx, stride_qn,
-                       offs_d, ok, D)
+                       offs_d, live, D)
         tl.store(QS + dst, q, mask=m)
         if BACKWARD:
             do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, idx,
-                            stride_don, offs_d, ok, D)
+                            stride_don, offs_d, live, D)
             tl.store(DOS + dst, do, mask=m)
             o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, idx, stride_on,
-                           offs_d, ok, D)
+                           offs_d, live, D)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             if HAS_DLSE:    # d lse_i / d s_ij = p_ij: folds into delta
-                delta = delta - tl.load(DLSE + row0 + idx, mask=ok, other=0.0)
+                delta = delta - tl.load(DLSE + row0 + idx, mask=live, other=0.0)
             tl.store(DELTA_S + row0 + offs, delta, mask=ok)
     else:
         sk = s - S_q
@@ -145,13 +149,14 @@ def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX,
         ok = offs < Nk
         row0 = sk.to(tl.int64) * Nk
         idx = tl.load(KIDX + row0 + offs, mask=ok, other=0)
+        live = tl.load(KKEY + row0 + offs, mask=ok, other=DROPKEY) < DROPKEY
         dst = (row0 + offs)[:, None] * D + offs_d[None, :]
         m = ok[:, None] & (offs_d[None, :] < D)
         k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, idx, stride_kn,
-                       offs_d, ok, D)
+                       offs_d, live, D)
         tl.store(KS + dst, k, mask=m)
         v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, idx, stride_vn,
-                       offs_d, ok, D)
+                       offs_d, live, D)
         tl.store(VS + dst, v, mask=m)
 
 
@@ -629,6 +634,7 @@ def _gather(plan: AttentionPlan, q, k, v, o=None, do=None, dlse=None):
     qidx, kidx = plan.q_streams.index, plan.k_streams.index
     _gather_kernel[(triton.cdiv(max(Nq, Nk), block), B * H + B * Hkv)](
         q, k, v, o, do, dlse_c, qs, ks, vs, dos, delta_s, qidx, kidx,
+        plan.q_streams.key, plan.k_streams.key,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), H, Hkv, Nq, Nk, B * H,

@@ -23,7 +23,7 @@ from dist_sparse_attn.hashing import keep_to_buckets
 from dist_sparse_attn.kernels import torch_tiled
 from dist_sparse_attn.kernels.torch_tiled import tile_stats
 from dist_sparse_attn.plan import make_plan
-from helpers import assert_close_rel, grads, rand_qkv, rel_err
+from helpers import assert_close_rel, assert_dropped_values_unread, grads, rand_qkv, rel_err
 
 F64 = torch.float64
 INT32_MAX = 2 ** 31 - 1
@@ -489,3 +489,7 @@ def test_int32_positions_at_dtype_limits(device, include_self):
     o_ref = dsa.reference_attention(q.double(), k.double(), v.double(), b, b, q_positions=pos,
                                     k_positions=pos, include_self=include_self)
     assert_close_rel(o, o_ref, 1e-5, "o", atol=1e-6)
+
+
+def test_dropped_tokens_values_never_reach_kept_ones(device):
+    assert_dropped_values_unread(device, "torch")

@@ -16,7 +16,7 @@ import dist_sparse_attn as dsa
 from dist_sparse_attn.layout import block_keys, kv_ranges, q_ranges
 from dist_sparse_attn.plan import make_plan
 from dist_sparse_attn.reference import reference_attention
-from helpers import assert_close_rel
+from helpers import assert_close_rel, assert_dropped_values_unread
 
 
 def _run(q, k, v, qb, kb, **kw):
@@ -112,6 +112,10 @@ def test_drop_everything_gives_zeros(triton_device):
     assert torch.equal(o, torch.zeros_like(o)) and torch.isinf(lse).all()
     for x in (q, k, v):
         assert torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+def test_dropped_tokens_values_never_reach_kept_ones(triton_device):
+    assert_dropped_values_unread(triton_device, "triton")
 
 
 def test_hash_sparse_equals_torch_backend(triton_device):
