@@ -483,7 +483,12 @@ class GPT(nn.Module):
                 return (logits,) if loss is None else (logits, loss)
 
             params = [p for p in self.parameters() if p.requires_grad]
-            call = graphs[key] = GraphedCall(step, params, inputs)
+            try:
+                call = graphs[key] = GraphedCall(step, params, inputs)
+            except Exception as e:
+                raise RuntimeError(f"GPTConfig.cuda_graph: capturing the training step "
+                                   f"failed ({type(e).__name__}: {e}); train with "
+                                   f"cuda_graph=False") from e
         out = call(*inputs)
         return out[0], (out[1] if len(out) > 1 else None)
 
