@@ -35,14 +35,15 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedCall", "GraphMismatch"]
+__all__ = ["GraphedCall", "GraphMismatch", "signature"]
 
 
 class GraphMismatch(RuntimeError):
     """A call whose inputs or parameters no longer match what the graphs captured."""
 
 
-def _signature(tensors) -> tuple:
+def signature(tensors) -> tuple:
+    """(shape, dtype, device) of each tensor: what a capture fixes about its inputs."""
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
@@ -83,7 +84,7 @@ class GraphedCall:
                              f"{sorted(map(str, devices))}")
         self.fn, self.params = fn, params
         self.static_inputs = [t.detach().clone() for t in sample_inputs]
-        self.input_signature = _signature(self.static_inputs)
+        self.input_signature = signature(self.static_inputs)
         self.param_signature = _param_signature(params)
         self.replays = 0
         self._capture(warmup)
@@ -130,14 +131,12 @@ class GraphedCall:
         with torch.cuda.graph(self.bwd_graph, pool=pool):
             grads = self._grad(self.static_outputs, self.static_grad_outputs)
         self.static_grads = grads
-        # what backward hands autograd: the grads' copies (AccumulateGrad may keep the
-        # tensor it is given as param.grad, which the next replay would overwrite)
 
     def check(self, inputs) -> None:
         """Raise :class:`GraphMismatch` unless ``inputs`` and the parameters match the
         capture (shapes, dtypes, device; the parameters' storage and requires_grad)."""
-        if _signature(inputs) != self.input_signature:
-            raise GraphMismatch(f"inputs {_signature(inputs)} differ from the captured "
+        if signature(inputs) != self.input_signature:
+            raise GraphMismatch(f"inputs {signature(inputs)} differ from the captured "
                                 f"{self.input_signature}")
         if _param_signature(self.params) != self.param_signature:
             raise GraphMismatch("the parameters were moved, cast, resized or had "
@@ -176,5 +175,7 @@ class _Replay(torch.autograd.Function):
                     static.copy_(g)
         call.bwd_graph.replay()
         n_in = len(call.static_inputs)
+        # copies: AccumulateGrad may keep the tensor it is given as param.grad, which the
+        # next replay would overwrite
         grads = tuple(None if g is None else g.clone() for g in call.static_grads)
         return (None,) + (None,) * n_in + grads

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .graphs import GraphedCall, GraphMismatch
+from .graphs import GraphedCall, GraphMismatch, signature
 from .modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
                       dense_causal_sdpa)
 from .parallel._comm import gather_rows, shards_over
@@ -455,8 +455,7 @@ class GPT(nn.Module):
     def _any_forward(self, idx, targets, positions):
         """The forward, compiled as one graph under ``compile="model"``, else eager."""
         if self.config.compile == "model" and not torch.compiler.is_compiling():
-            for block in self.transformer.h:       # cached before tracing (no graph break)
-                block.attn.draw_rotations(idx.device)
+            self._draw_rotations(idx.device)       # cached before tracing (no graph break)
             return _compiled(_model_forward, self.config.compile_backend)(self, idx, targets,
                                                                           positions)
         return self._forward(idx, targets, positions)
@@ -466,7 +465,7 @@ class GPT(nn.Module):
         :class:`GraphedCall` per input shape, captured on first use, captured again when
         the parameters have moved (``.to()``, a new optimizer's flat buffers)."""
         inputs = (idx,) if targets is None else (idx, targets)
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+        key = signature(inputs)
         graphs = self._graphs
         call = graphs.get(key)
         if call is not None:
@@ -476,8 +475,7 @@ class GPT(nn.Module):
                 call = None
         if call is None:
             graphs.pop(key, None)           # free the old pool before capturing anew
-            for block in self.transformer.h:
-                block.attn.draw_rotations(idx.device)
+            self._draw_rotations(idx.device)    # cached before the capture
 
             def step(idx, targets=None):
                 logits, loss = self._any_forward(idx, targets, None)
@@ -492,6 +490,11 @@ class GPT(nn.Module):
                                    f"cuda_graph=False") from e
         out = call(*inputs)
         return out[0], (out[1] if len(out) > 1 else None)
+
+    def _draw_rotations(self, device):
+        """Every layer's LSH rotations in the hashing cache (before tracing or capture)."""
+        for block in self.transformer.h:
+            block.attn.draw_rotations(device)
 
     def _check_inputs(self, idx, targets, positions):
         """ValueErrors for inputs that would otherwise fail deep inside (or, for float

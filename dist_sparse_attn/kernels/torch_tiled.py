@@ -87,12 +87,15 @@ class _Tiles:
             yield self.qtile[c:c + step], self.ktile[c:c + step]
 
 
+def _dead(streams):
+    """(S, N) bool: the sorted rows that are dropped or padding (no allowed pair)."""
+    return streams.key >= (DROP << 32)
+
+
 def _live(x, streams):
     """Sorted rows ``to_streams(x, streams)`` with dropped and padding rows set to 0:
     their tiles weigh them by 0, which would turn a NaN or inf there into NaN."""
-    xs = to_streams(x, streams)
-    dead = streams.key >= (DROP << 32)
-    return xs.masked_fill(dead if xs.dim() == dead.dim() else dead[..., None], 0)
+    return to_streams(x, streams).masked_fill(_dead(streams)[..., None], 0)
 
 
 def tiled_forward(q, k, v, plan: AttentionPlan):
@@ -152,8 +155,8 @@ def _backward(do, dlse, q, k, v, o, lse, plan: AttentionPlan):
     O_s = _live(o, plan.q_streams).to(cdt)
     delta = (dO_s * O_s).sum(-1)                                            # (Sq, Nq)
     if dlse is not None:    # d lse_i / d s_ij = p_ij, folded into delta
-        dead = plan.q_streams.key >= (DROP << 32)
-        delta = delta - rows_to_streams(dlse.to(cdt), plan.q_streams).masked_fill(dead, 0)
+        delta = delta - rows_to_streams(dlse.to(cdt), plan.q_streams).masked_fill(
+            _dead(plan.q_streams), 0)
     lse_s = rows_to_streams(lse.to(cdt), plan.q_streams)
     lse_s = torch.where(torch.isinf(lse_s), torch.zeros_like(lse_s), lse_s)
     dO = t.pad(dO_s, t.nqb)
