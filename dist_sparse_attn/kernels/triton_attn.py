@@ -204,7 +204,9 @@ def _fwd_kernel(QS, KS, VS, qd, kd, vd, O, LSE, LSE_S,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
                 TMA: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # heavy blocks first: within a bucket (and under a causal diagonal) the last query
+    # blocks see the most key blocks, so launch them first and finish on light ones
+    pid_m = n_qblocks - 1 - tl.program_id(0)
     s = tl.program_id(1)                                              # query stream b * H + h
     b = s // H
     h = s % H
@@ -374,7 +376,7 @@ def _bwd_dq_kernel(QS, KS, VS, DOS, qd, kd, vd, dod, DQ, LSE_S, DELTA_S,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr,
                    TMA: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = n_qblocks - 1 - tl.program_id(0)                          # heavy first (as _fwd_kernel)
     s = tl.program_id(1)
     b = s // H
     h = s % H
