@@ -4,14 +4,21 @@ A CUDA graph records the kernels a piece of work launches once and replays them 
 one host call: Python, autograd and the launches of every op (a GPT step launches
 thousands) then cost nothing per step. :class:`GraphedCall` captures
 ``fn(*inputs)`` -- a function of integer (or otherwise non-differentiable) input
-tensors that returns a tuple of tensors computed from ``params`` -- together with the
-gradient of its outputs with respect to ``params``, in two graphs that share one memory
-pool, and puts the pair into autograd: a call copies the inputs into the graphs' static
+tensors that returns a tuple of tensors computed with a module -- together with the
+gradient of its outputs with respect to the module's parameters, in two graphs that
+share one memory pool, and puts the pair into autograd: a call copies the inputs into the graphs' static
 buffers, replays the forward graph and returns copies of its outputs; ``backward``
 copies the incoming output gradients in, replays the backward graph and hands autograd
 copies of the parameter gradients. Those accumulate into ``param.grad`` through the
 usual ``AccumulateGrad`` nodes, so gradient accumulation and the gradient hooks of
 DeepSpeed's ZeRO stages see an ordinary backward.
+
+The warm-up and the capture differentiate with respect to stand-ins for the parameters:
+new leaf tensors that share the parameters' storage, put into the module for the
+duration. A parameter's own ``AccumulateGrad`` node belongs to the stream it was made
+on (the default stream, when DeepSpeed or DDP made it at start-up and keep it alive for
+their hooks); a captured backward that reached it would make the default stream wait on
+the capture, which CUDA refuses.
 
 What the captured work must satisfy (the capture fails loudly where CUDA detects it,
 the rest is the caller's promise):
@@ -31,6 +38,7 @@ the :class:`GraphedCall` lives, beside whatever eager calls allocate.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -52,13 +60,15 @@ def _param_signature(params) -> tuple:
 
 
 class GraphedCall:
-    """``fn(*inputs)`` and its gradient w.r.t. ``params``, captured in CUDA graphs.
+    """``fn(*inputs)`` and its gradient w.r.t. ``module``'s parameters, captured in
+    CUDA graphs.
 
     Args:
-        fn: ``fn(*inputs) -> tuple of tensors``, computed from ``params`` (and the
-            inputs) on one CUDA device, without host synchronisation.
-        params: the tensors to differentiate with respect to (a model's parameters that
-            require grad; listed once each, e.g. ``list(model.parameters())``).
+        fn: ``fn(*inputs) -> tuple of tensors``, computed with ``module`` (and the
+            inputs) on one CUDA device, without host synchronisation. It must reach the
+            parameters through the module's attributes, as ``module(x)`` and its
+            submodules do, not through references to them taken beforehand.
+        module: the parameters that require grad are those differentiated.
         sample_inputs: tensors of the shapes, dtypes and device every call will pass;
             none may require grad. Their values are used for the warm-up and capture.
         warmup: eager forward + backward runs (on a side stream) before capturing: the
@@ -68,24 +78,26 @@ class GraphedCall:
     Calling the object runs the captured step; see the module docstring.
     """
 
-    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
+    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], module: torch.nn.Module,
                  sample_inputs: Sequence[torch.Tensor], warmup: int = 2):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedCall needs CUDA")
-        params = list(params)
-        if not params or not all(p.requires_grad for p in params):
-            raise ValueError("params must be a non-empty list of tensors that require grad")
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the module has no parameter that requires grad")
         if any(t.requires_grad for t in sample_inputs):
-            raise ValueError("GraphedCall differentiates with respect to params only: no "
-                             "input may require grad")
+            raise ValueError("GraphedCall differentiates with respect to the module's "
+                             "parameters only: no input may require grad")
         devices = {t.device for t in list(sample_inputs) + params}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(f"inputs and params must live on one CUDA device, got "
                              f"{sorted(map(str, devices))}")
-        self.fn, self.params = fn, params
+        self.fn, self.module, self.params = fn, module, params
         self.static_inputs = [t.detach().clone() for t in sample_inputs]
         self.input_signature = signature(self.static_inputs)
-        self.param_signature = _param_signature(params)
+        self.param_signature = _param_signature(module.parameters())
         self.replays = 0
         self._capture(warmup)
 
@@ -99,9 +111,26 @@ class GraphedCall:
                             f"{type(out).__name__}")
         return tuple(out)
 
-    def _grad(self, outputs, grad_outputs):
+    @contextlib.contextmanager
+    def _stand_ins(self):
+        """Every parameter replaced in the module by a new leaf on its storage (tied
+        parameters by one leaf); yields the leaves in ``self.params`` order."""
+        leaves = {id(p): torch.nn.Parameter(p.detach(), requires_grad=True) for p in self.params}
+        swapped = []
+        try:
+            for m in self.module.modules():
+                for name, p in m._parameters.items():
+                    if p is not None and id(p) in leaves:
+                        swapped.append((m, name, p))
+                        m._parameters[name] = leaves[id(p)]
+            yield [leaves[id(p)] for p in self.params]
+        finally:
+            for m, name, p in swapped:
+                m._parameters[name] = p
+
+    def _grad(self, outputs, grad_outputs, leaves):
         diff = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
-        return torch.autograd.grad([o for o, _ in diff], self.params, [g for _, g in diff],
+        return torch.autograd.grad([o for o, _ in diff], leaves, [g for _, g in diff],
                                    allow_unused=True)
 
     def _capture(self, warmup: int):
@@ -114,14 +143,15 @@ class GraphedCall:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), autocast:
             for _ in range(warmup):
-                out = self._run()
-                self._grad(out, [torch.ones_like(o) for o in out])
-                del out
+                with self._stand_ins() as leaves:
+                    out = self._run()
+                self._grad(out, [torch.ones_like(o) for o in out], leaves)
+                del out, leaves
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         self.fwd_graph, self.bwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with autocast:
-            with torch.cuda.graph(self.fwd_graph, pool=pool):
+        with self._stand_ins() as leaves:
+            with autocast, torch.cuda.graph(self.fwd_graph, pool=pool):
                 self.static_outputs = self._run()
         self.differentiable = [o.requires_grad for o in self.static_outputs]
         if not any(self.differentiable):
@@ -129,8 +159,8 @@ class GraphedCall:
         self.static_grad_outputs = [torch.empty_like(o) if d else None
                                     for o, d in zip(self.static_outputs, self.differentiable)]
         with torch.cuda.graph(self.bwd_graph, pool=pool):
-            grads = self._grad(self.static_outputs, self.static_grad_outputs)
-        self.static_grads = grads
+            self.static_grads = self._grad(self.static_outputs, self.static_grad_outputs,
+                                           leaves)
 
     def check(self, inputs) -> None:
         """Raise :class:`GraphMismatch` unless ``inputs`` and the parameters match the
@@ -138,7 +168,7 @@ class GraphedCall:
         if signature(inputs) != self.input_signature:
             raise GraphMismatch(f"inputs {signature(inputs)} differ from the captured "
                                 f"{self.input_signature}")
-        if _param_signature(self.params) != self.param_signature:
+        if _param_signature(self.module.parameters()) != self.param_signature:
             raise GraphMismatch("the parameters were moved, cast, resized or had "
                                 "requires_grad changed since the capture")
 

@@ -481,9 +481,8 @@ class GPT(nn.Module):
                 logits, loss = self._any_forward(idx, targets, None)
                 return (logits,) if loss is None else (logits, loss)
 
-            params = [p for p in self.parameters() if p.requires_grad]
             try:
-                call = graphs[key] = GraphedCall(step, params, inputs)
+                call = graphs[key] = GraphedCall(step, self, inputs)
             except Exception as e:
                 raise RuntimeError(f"GPTConfig.cuda_graph: capturing the training step "
                                    f"failed ({type(e).__name__}: {e}); train with "

@@ -51,16 +51,21 @@ def test_cpu_runs_the_usual_forward(seed):
 
 
 def test_graphed_call_needs_cuda_or_refuses_bad_arguments():
-    w = torch.nn.Parameter(torch.ones(3))
+    lin = torch.nn.Linear(3, 3)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs CUDA"):
-            GraphedCall(lambda x: (x * w,), [w], [torch.ones(3)])
+            GraphedCall(lin, lin, [torch.ones(3)])
         return
-    w = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    lin.cuda()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        GraphedCall(lin, list(lin.parameters()), [torch.ones(3, device="cuda")])
     with pytest.raises(ValueError, match="no input may require grad"):
-        GraphedCall(lambda x: (x * w,), [w], [torch.ones(3, device="cuda", requires_grad=True)])
+        GraphedCall(lin, lin, [torch.ones(3, device="cuda", requires_grad=True)])
     with pytest.raises(ValueError, match="one CUDA device"):
-        GraphedCall(lambda x: (x * w,), [w], [torch.ones(3)])
+        GraphedCall(lin, lin, [torch.ones(3)])
+    frozen = torch.nn.Linear(3, 3, device="cuda").requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        GraphedCall(frozen, frozen, [torch.ones(3, device="cuda")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +83,7 @@ def test_graphed_call_matches_autograd(seed):
         return y, ((y - t) ** 2).mean()
 
     x0, t0 = torch.randn(4, 16, device=dev), torch.randn(4, 8, device=dev)
-    call = GraphedCall(fn, params, [x0, t0])
+    call = GraphedCall(fn, lin, [x0, t0])
     for step in range(3):
         x, t = torch.randn(4, 16, device=dev), torch.randn(4, 8, device=dev)
         lin.zero_grad()
@@ -104,6 +109,36 @@ def test_graphed_call_matches_autograd(seed):
     lin.weight.data = lin.weight.data.clone()        # moved
     with pytest.raises(GraphMismatch, match="parameters"):
         call(x0, t0)
+
+
+@pytest.mark.gpu
+def test_graphed_call_leaves_held_accumulate_nodes_alone(seed):
+    """DeepSpeed's ZeRO stages (and DDP) keep every parameter's AccumulateGrad node,
+    made on the default stream, alive for their gradient hooks. The capture must not
+    reach those nodes (CUDA refuses to make the default stream wait on a capture), and
+    their hooks fire once per real backward, never for the warm-up or the capture."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(),
+                              torch.nn.Linear(16, 16)).cuda()
+    mlp[2].weight = mlp[0].weight                   # tied: one stand-in for both
+    fired, nodes = [], []
+    for p in mlp.parameters():
+        node = p.expand_as(p).grad_fn.next_functions[0][0]
+        node.register_hook(lambda *_, p=p: fired.append(p))
+        nodes.append(node)
+    x0 = torch.randn(8, 16, device="cuda")
+    call = GraphedCall(lambda x: (mlp(x).square().mean(),), mlp, [x0])
+    assert fired == []
+    x = torch.randn(8, 16, device="cuda")
+    call(x)[0].backward()
+    assert len(fired) == len(nodes) == 3
+    got = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad()
+    mlp(x).square().mean().backward()
+    for g, p in zip(got, mlp.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    assert all(isinstance(p, torch.nn.Parameter) and p.is_leaf for p in mlp.parameters())
+    assert [id(p) for p in mlp.parameters()] == [id(p) for p in call.params]
 
 
 def _models(attention, **kw):
