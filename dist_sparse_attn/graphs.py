@@ -6,10 +6,10 @@ thousands) then cost nothing per step. :class:`GraphedCall` captures
 ``fn(*inputs)`` -- a function of integer (or otherwise non-differentiable) input
 tensors that returns a tuple of tensors computed with a module -- together with the
 gradient of its outputs with respect to the module's parameters, in two graphs that
-share one memory pool, and puts the pair into autograd: a call copies the inputs into the graphs' static
-buffers, replays the forward graph and returns copies of its outputs; ``backward``
-copies the incoming output gradients in, replays the backward graph and hands autograd
-copies of the parameter gradients. Those accumulate into ``param.grad`` through the
+share one memory pool, and puts the pair into autograd: a call copies the inputs into
+the graphs' static buffers, replays the forward graph and returns copies of its
+outputs; ``backward`` copies the incoming output gradients in, replays the backward
+graph and hands autograd copies of the parameter gradients. Those accumulate into ``param.grad`` through the
 usual ``AccumulateGrad`` nodes, so gradient accumulation and the gradient hooks of
 DeepSpeed's ZeRO stages see an ordinary backward.
 
@@ -92,8 +92,8 @@ class GraphedCall:
                              "parameters only: no input may require grad")
         devices = {t.device for t in list(sample_inputs) + params}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
-            raise ValueError(f"inputs and params must live on one CUDA device, got "
-                             f"{sorted(map(str, devices))}")
+            raise ValueError(f"inputs and the module's parameters must live on one CUDA "
+                             f"device, got {sorted(map(str, devices))}")
         self.fn, self.module, self.params = fn, module, params
         self.static_inputs = [t.detach().clone() for t in sample_inputs]
         self.input_signature = signature(self.static_inputs)
