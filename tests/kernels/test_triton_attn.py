@@ -98,6 +98,27 @@ def test_skewed_and_empty_buckets(triton_device):
         assert_close_rel(a, b, 1e-5, name, atol=1e-6)
 
 
+@pytest.mark.parametrize("step", [0.02, 0.3, 1.0], ids=lambda a: f"step{a}")
+def test_growing_scores_match_oracle(triton_device, step):
+    """Scores that rise along the keys, by a small, medium or large step per key: the
+    forward's running max then grows within and across key blocks, by less than or more
+    than its rescale threshold, and its stale-max sums must still give the exact
+    softmax (output, lse and gradients)."""
+    dev = triton_device
+    B, N, H, D = 1, 150, 2, 16
+    q, k, v = _rand(B, N, N, H, H, D, device=dev)
+    with torch.no_grad():
+        q[..., 0] = 4.0 + q[..., 0].abs()
+        k[..., 0] = step * torch.arange(N, device=dev)[None, :, None] * torch.tensor(
+            [1.0, -1.0], device=dev)                  # head 1: falling scores
+    qb = torch.zeros(B, N, H, dtype=torch.long, device=dev)
+    o, lse, ro, rlse, got, want = _run(q, k, v, qb, qb)
+    assert_close_rel(o, ro, 1e-5, "o", atol=1e-6)
+    assert_close_rel(lse, rlse, 1e-5, "lse", atol=1e-6)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close_rel(a, b, 1e-5, name, atol=1e-6)
+
+
 def test_drop_everything_gives_zeros(triton_device):
     """Every query and key dropped: o = 0, lse = -inf and zero gradients, no NaN. On the
     GPU in bfloat16 at a longer length, on the CPU (interpreter) in float32."""
