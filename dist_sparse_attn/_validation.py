@@ -6,6 +6,8 @@ import numbers
 import numpy as np
 import torch
 
+from ._index import arange
+
 BACKENDS = ("auto", "torch", "triton")
 _INT32_MAX = 2 ** 31 - 1
 _WIDE_INTS = (torch.int32, torch.int64, torch.uint32, torch.uint64)
@@ -104,7 +106,7 @@ def check_keep(name, keep, B, N, heads, device):
 def normalize_positions(name, pos, B, N, device):
     """None -> arange(N); (N,) or (B, N) integer -> (B, N) int64 on ``device``."""
     if pos is None:
-        return torch.arange(N, device=device, dtype=torch.int64).expand(B, N)
+        return arange(N, device).expand(B, N)
     if not isinstance(pos, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor or None, got {_desc(pos)}")
     if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from ._index import arange
 from ._validation import check_n_buckets
 
 CLASSIC_MAX_BUCKETS = 64    # n_buckets up to this hash with the classic scheme
@@ -370,7 +371,7 @@ def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: fl
     """
     pos = positions.long()
     pos = (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)             # (B, n)
-    head = torch.arange(heads, device=pos.device)                              # (heads,)
+    head = arange(heads, pos.device)                                           # (heads,)
     mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
              + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
     return (mixed.double() / 2 ** 32 < keep_rate) | (pos == 0)[..., None]
@@ -399,11 +400,11 @@ def local_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, positions: t
     h = q_buckets.shape[2]
     dev = k_buckets.device
     if kv_index is None:
-        kv_index = torch.arange(hkv, device=dev)
+        kv_index = arange(hkv, dev)
     n_kv_heads = hkv if n_kv_heads is None else n_kv_heads
     pos = positions.long()
     win = ((pos[None] if pos.dim() == 1 else pos).expand(B, -1) // window)[..., None]  # (B, n, 1)
     kv_local = kv_index >= n_kv_heads - local_heads                            # (hkv,)
-    q_local = kv_local[torch.arange(h, device=dev) // (h // hkv)]              # (h,)
+    q_local = kv_local[arange(h, dev) // (h // hkv)]                           # (h,)
     return (torch.where(q_local, win, q_buckets.long()),
             torch.where(kv_local, win, k_buckets.long()))

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._index import arange
 from .graphs import GraphedCall, GraphMismatch, signature
 from .modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
                       dense_causal_sdpa)
@@ -211,7 +212,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
     pos = positions.float()
     if pos.dim() == 1:
         pos = pos[None]                                                        # (1, N)
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32)
+                        / head_dim)
     ang = pos[..., None] * inv_freq                                            # (B, N, D/2)
     return ang.cos()[:, :, None], ang.sin()[:, :, None]                        # (B, N, 1, D/2)
 
@@ -534,7 +536,7 @@ class GPT(nn.Module):
             positions = self.transformer.h[0].attn.core_attn.shard_positions(N, idx.device)
         # (on one device positions stay None unless given: attention then knows they are
         # arange(N), which lets the block-local heads sort by counting)
-        rope_positions = torch.arange(N, device=idx.device) if positions is None else positions
+        rope_positions = arange(N, idx.device) if positions is None else positions
         cos, sin = rope_cos_sin(rope_positions, self.config.n_embd // self.config.n_head,
                                 self.config.rope_base)                        # (B|1, N, 1, D/2)
         x = self.transformer.drop(self.transformer.wte(idx))                   # (B, N, C)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as V
+from ._index import arange
 from .balance import cap_buckets, capped_id_bound
 from .hashing import (check_seed, keep_to_buckets, local_buckets, lsh_buckets, lsh_rotations,
                       position_keep)
@@ -286,7 +287,7 @@ class SparseAttention(nn.Module):
         B, n = q.shape[:2]
         if positions is None:       # made here: valid by construction
             pos = self.shard_positions(n, q.device)
-            return (torch.arange(n, device=q.device) if pos is None else pos).expand(B, n)
+            return (arange(n, q.device) if pos is None else pos).expand(B, n)
         pos = V.normalize_positions("positions", positions, B, n, q.device)
         if nonnegative:
             V._check_range("positions", pos, 0, 2 ** 31 - 1,
@@ -528,8 +529,8 @@ class SequenceParallelSparseAttention(SparseAttention):
         ``forward``, from the call's agreement exchange) + ``arange(n)``. Every rank of
         the group must call it together."""
         if self._agreed is not None:
-            return torch.arange(n, device=device) + self._agreed[0]
-        return torch.arange(n, device=device) + shard_offset(n, self.group, device)
+            return arange(n, device) + self._agreed[0]
+        return arange(n, device) + shard_offset(n, self.group, device)
 
     def _sequence_length(self, n_local: int, device) -> int:
         if self._agreed is not None:

@@ -4,22 +4,23 @@ layers, so data flows one way and there is no import cycle.
 
 Layers, bottom up (a unit is a top-level module or subpackage of ``dist_sparse_attn``):
 
-    0  _validation, schema, reference, layout, balance, graphs   (no package imports)
-    1  plan             the attention plan over sorted streams
-    2  kernels          the backend registry and every device step (attention, sort, LSH)
-    3  hashing          LSH schemes and rotations; the hashing itself is the backend's
-    4  compile_ops      the custom ops for torch.compile
-    5  ops              the functional API: validation -> keys -> plan -> autograd -> backend
-    6  parallel         sequence parallelism (routing, exchanges, collectives)
-    7  modules          nn.Modules over ops and parallel
-    8  <root>           the package facade (dist_sparse_attn/__init__.py)
-    9  model            the GPT model
-    10 integrations     DeepSpeed and Hugging Face integrations
-    11 config           training configuration
-    12 data, distributed, metrics   the training corpus and batches, process setup, metrics
-    13 checkpoint       checkpoints with their layout metadata
-    14 trainer          the training loop over a DeepSpeed engine
-    15 train, demo, testing, and any unit not listed here: applications
+    0  _index           int64 positions that stay int64 under torch.compile
+    1  _validation, schema, reference, layout, balance, graphs
+    2  plan             the attention plan over sorted streams
+    3  kernels          the backend registry and every device step (attention, sort, LSH)
+    4  hashing          LSH schemes and rotations; the hashing itself is the backend's
+    5  compile_ops      the custom ops for torch.compile
+    6  ops              the functional API: validation -> keys -> plan -> autograd -> backend
+    7  parallel         sequence parallelism (routing, exchanges, collectives)
+    8  modules          nn.Modules over ops and parallel
+    9  <root>           the package facade (dist_sparse_attn/__init__.py)
+    10 model            the GPT model
+    11 integrations     DeepSpeed and Hugging Face integrations
+    12 config           training configuration
+    13 data, distributed, metrics   the training corpus and batches, process setup, metrics
+    14 checkpoint       checkpoints with their layout metadata
+    15 trainer          the training loop over a DeepSpeed engine
+    16 train, demo, testing, and any unit not listed here: applications
 
 A unit may import units of lower layers only; applications may also import each
 other, but no unit graph may have a cycle. A new unit lands in the top layer until it
@@ -34,6 +35,7 @@ import sys
 import pytest
 
 LAYERS = [
+    {"_index"},
     {"_validation", "schema", "reference", "layout", "balance", "graphs"},
     {"plan"},
     {"kernels"},

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._index import arange
 from ..layout import SortedStreams, bucket_keys, sort_keys as _torch_sort_keys
 
 BACKENDS = ("auto", "torch", "triton")
@@ -156,4 +157,4 @@ class Backend:
         if not keys:
             return buckets
         B, N = x.shape[:2]
-        return bucket_keys(buckets, torch.arange(N, device=x.device).expand(B, N))
+        return bucket_keys(buckets, arange(N, x.device).expand(B, N))

@@ -39,9 +39,6 @@ except ImportError:                     # pragma: no cover - older Triton: block
 
 _INTERPRET = interpreting()
 _LOG2E = 1.4426950408889634     # exp(x) = exp2(x * log2(e))
-# the forward rescales its running sums only when a row's max grew by more than this
-# (log2 units): probabilities stay below 2**8, exact either way
-_RESCALE_AT = tl.constexpr(8.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -181,23 +178,19 @@ def _fwd_inner(acc, m_i, l_i, q, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
             cols = start + offs_n
             kkey = tl.load(KKEY + kv_row0 + cols, mask=cols < Nk, other=9223372036854775807)
             s = tl.where(_allowed(q_lo, q_hi, kkey), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Lazy rescale: acc and l_i are kept relative to a running max m_i that may be
-        # stale by up to _RESCALE_AT (log2 units), which only bounds p by 2**_RESCALE_AT.
-        # The result is exact either way; the tile pays the rescale only when some row's
-        # max grew by more (always on a row's first allowed key: -inf to finite).
-        grow = tl.where(m_new > m_i, m_new - m_i, 0.0)
-        if tl.max(grow, 0) > _RESCALE_AT:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows with nothing allowed yet keep max -inf: shift by 0 instead
-            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))  # [BM]
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)                                         # [BM]
         p = tl.exp2(s - m_use[:, None])                                      # [BM, BN]
-        l_i = l_i + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = _tile(VS, vd, kvs, Nk, start, D, BLOCK_N, BLOCK_D, TMA, UPCAST)   # [BN, BD]
+        acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
     return acc, m_i, l_i
 
 

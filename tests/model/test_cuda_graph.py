@@ -141,22 +141,27 @@ def test_graphed_call_leaves_held_accumulate_nodes_alone(seed):
     assert [id(p) for p in mlp.parameters()] == [id(p) for p in call.params]
 
 
-def _models(attention, **kw):
+def _models(attention, compile="off", **kw):
+    """An eager model and a deep copy of it with cuda_graph (and ``compile``) on."""
     cfg = dict(TINY, attention=attention, **kw)
     ref = GPT(GPTConfig(**cfg)).cuda()
     model = copy.deepcopy(ref)
-    model.config = GPTConfig(**cfg, cuda_graph=True)
+    model.config = GPTConfig(**cfg, cuda_graph=True, compile=compile)
     return ref, model
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention, kw", [
     ("dense", {}), ("hash", {}), ("hash", dict(local_heads=1, local_window=32)),
-    ("hash", dict(bucket_cap=1.5)), ("qk", dict(qk_keep_rate=0.5)), ("none", {})],
-    ids=["dense", "hash", "hash-local", "hash-cap", "qk", "none"])
+    ("hash", dict(bucket_cap=1.5)), ("qk", dict(qk_keep_rate=0.5)), ("none", {}),
+    ("hash", dict(local_heads=1, local_window=32, compile="model")),
+    ("qk", dict(qk_keep_rate=0.5, compile="model"))],
+    ids=["dense", "hash", "hash-local", "hash-cap", "qk", "none", "hash-local-compiled",
+         "qk-compiled"])
 def test_gpt_graphed_training_equals_eager(attention, kw, seed):
     """Three AdamW steps, each over two accumulated micro-batches: every loss, the
-    logits and every gradient equal the eager model's."""
+    logits and every gradient equal the eager model's (also with the captured step
+    compiled, ``compile="model"``)."""
     ref, model = _models(attention, **kw)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, model)]
     gen = torch.Generator(device="cuda").manual_seed(seed)

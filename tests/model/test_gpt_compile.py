@@ -112,15 +112,17 @@ def test_eval_and_new_length_recompile_once_each():
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("attention,local", [("dense", 0), ("hash", 0), ("hash", 2), ("qk", 0)])
-def test_compiled_model_matches_eager(attention, local):
+def test_compiled_model_matches_eager(attention, local, device):
     """compile="model": the whole forward is ONE graph (attention inside as the library's
-    custom ops, no graph break); losses, logits and gradients equal eager."""
+    custom ops, no graph break); losses, logits and gradients equal eager. On CUDA
+    inductor writes Triton kernels, whose integer arithmetic on positions (stream keys,
+    the keep rule) must stay int64."""
     kw = dict(attention=attention, local_heads=local, local_window=32)
-    eager = GPT(_tiny(**kw))
-    compiled = GPT(_tiny(compile="model", **kw))
+    eager = GPT(_tiny(**kw)).to(device)
+    compiled = GPT(_tiny(compile="model", **kw)).to(device)
     compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
-    idx = torch.randint(0, 256, (2, 128))
-    tgt = torch.randint(0, 256, (2, 128))
+    idx = torch.randint(0, 256, (2, 128), device=device)
+    tgt = torch.randint(0, 256, (2, 128), device=device)
     want, (want_logits, want_grads) = _steps(eager, idx, tgt)
     got, (got_logits, got_grads) = _steps(compiled, idx, tgt)
     _assert_same(got, got_logits, got_grads, want, want_logits, want_grads)

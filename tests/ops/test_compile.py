@@ -281,3 +281,51 @@ def test_opcheck(device, backend, dtype, strided):
         torch.library.opcheck(compile_ops.attn_bwd,
                               (do, dlse, q.detach(), k.detach(), v.detach(), o, lse, aux, *meta),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def _integer_aranges(fn, *args):
+    """dtypes of the integer ``torch.arange`` calls in the graph dynamo traces of
+    ``fn(*args)`` (one graph, no break)."""
+    found = []
+
+    def record(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is torch.arange:
+                dt = n.meta["example_value"].dtype
+                if not dt.is_floating_point:
+                    found.append(dt)
+        return gm
+
+    fn(*args)           # eager first: the LSH rotations are drawn outside the trace
+    torch.compile(fn, backend=record, fullgraph=True)(*args)
+    return found
+
+
+@pytest.mark.parametrize("case", ["hash", "qk", "module-hash-local", "module-qk-rule",
+                                  "gpt-hash-local", "gpt-qk"])
+def test_no_integer_arange_in_traced_graphs(case):
+    """Inductor computes ``torch.arange`` in its kernels' int32 index type whatever the
+    dtype asked for, so integer arithmetic on default positions (the stream keys
+    ``bucket << 32 | (pos + 2**31)``, the keep rule's hash) fails to compile or wraps
+    on a GPU. Every integer position range in a traced graph must come from the opaque
+    ``dist_sparse_attn::arange`` instead (the CPU's C++ inductor computes in int64, so
+    only the graph shows the difference here)."""
+    from dist_sparse_attn.model import GPT, GPTConfig
+    q, k, v, qb, kb = _inputs(2, 40, 40, 4, 2, 8)
+    if case == "hash":
+        args = (lambda q, k, v: dsa.hash_sparse_attention(q, k, v, 4, backend="torch"),
+                q, k, v)
+    elif case == "qk":
+        args = (lambda q, k, v, a, b: dsa.qk_sparse_attention(q, k, v, a, b, backend="torch"),
+                q, k, v, qb >= 1, kb >= 1)
+    elif case.startswith("module"):
+        m = dsa.SparseAttention("hash", 4, local_heads=1, local_window=8, backend="torch") \
+            if case == "module-hash-local" else \
+            dsa.SparseAttention("qk", keep_rate=0.5, backend="torch")
+        args = (m, q, k, v)
+    else:
+        attention, local = ("hash", 2) if case == "gpt-hash-local" else ("qk", 0)
+        model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=32, seq_len=64, n_buckets=4,
+                              attention=attention, local_heads=local, local_window=16))
+        args = (lambda idx: model._forward(idx, None, None), torch.randint(0, 256, (2, 64)))
+    assert _integer_aranges(*args) == []
