@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _validation as V
+from .._index import arange
 from ..hashing import buckets_from_rotations, check_seed, lsh_rotations
 from ..kernels import resolve as _resolve_backend
 from ..modules import (SDPA_BACKENDS, SequenceParallelSparseAttention, SparseAttention,
@@ -474,7 +475,7 @@ class UlyssesDenseAttention(nn.Module):
 
     def shard_positions(self, n: int, device=None) -> torch.Tensor:
         """Global positions (n,) of this rank's shard (one all_gather of the lengths)."""
-        return torch.arange(n, device=device) + shard_offset(n, self.group, device)
+        return arange(n, device) + shard_offset(n, self.group, device)
 
     def _local(self, q, k, v, *args, **kwargs):
         return dense_causal_sdpa(q, k, v, self.sdpa_backend)

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
+from .._index import arange
 from ..hashing import local_buckets, lsh_buckets, position_keep
 from ..modules import shard_offset
 from ..ops import _bucketed_default_positions, hash_sparse_attention
@@ -376,7 +377,7 @@ def _heads(name, module, h, hkv, device):
     Hkv = getattr(cfg, "num_key_value_heads", None) or H
     group = _alst_group(name)
     if H is None or h == H:
-        return _Heads(h, hkv, torch.arange(h, device=device), torch.arange(hkv, device=device))
+        return _Heads(h, hkv, arange(h, device), arange(hkv, device))
     if group is None:
         raise ValueError(f"attention implementation {name!r} got {h} of the model's {H} query "
                          "heads outside DeepSpeed ALST: head-parallel callers other than "
@@ -385,7 +386,7 @@ def _heads(name, module, h, hkv, device):
     if H % P or h * P != H:
         raise ValueError(f"ALST rank holds {h} query heads, expected num_attention_heads / "
                          f"sequence-parallel size = {H} / {P}")
-    q_index = torch.arange(r * h, (r + 1) * h, device=device)
+    q_index = arange(h, device) + r * h
     if P > Hkv:        # ALST replicates kv heads: rank r holds kv head r // (P / Hkv)
         rep = P // Hkv
         if hkv != 1:
@@ -394,7 +395,7 @@ def _heads(name, module, h, hkv, device):
     if hkv * P != Hkv:
         raise ValueError(f"ALST rank holds {hkv} kv heads, expected num_key_value_heads / "
                          f"sequence-parallel size = {Hkv} / {P}")
-    return _Heads(H, Hkv, q_index, torch.arange(r * hkv, (r + 1) * hkv, device=device), r, P)
+    return _Heads(H, Hkv, q_index, arange(hkv, device) + r * hkv, r, P)
 
 
 @dataclass
@@ -418,7 +419,7 @@ def _starts(pos):
 
 def _positions(position_ids, B, n, device):
     if position_ids is None:
-        return torch.arange(n, device=device).expand(B, n)
+        return arange(n, device).expand(B, n)
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 \
             and position_ids.shape[0] == 1:
         position_ids = position_ids[0]          # one row for the whole batch
@@ -777,7 +778,7 @@ class HFCausalLM(nn.Module):
         if self.sp_group is not None:     # to the registered attention function, per call
             kwargs.update(sp_group=self.sp_group, sp_strategy=self.sp_strategy)
         if positions is None:
-            positions = torch.arange(N, device=idx.device)
+            positions = arange(N, idx.device)
             if self.sp_group is not None:
                 positions = positions + shard_offset(N, self.sp_group, idx.device)
         pos = positions.long()
