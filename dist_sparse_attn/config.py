@@ -570,8 +570,12 @@ def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1, cuda: bool = True):
 
     model.cuda_graph needs a CUDA device, one rank per sequence (sp = 1) and ZeRO 0-2:
     ZeRO-3 gathers and frees the parameters in hooks around every submodule, host work
-    that a graph replay would skip."""
+    that a graph replay would skip. model.sdpa_backend "cudnn" and "efficient" need a
+    CUDA device (PyTorch has no CPU kernel for them)."""
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not cuda and mcfg.attention == "dense" and mcfg.sdpa_backend in ("cudnn", "efficient"):
+        raise ConfigError(f"model.sdpa_backend={mcfg.sdpa_backend!r} needs a CUDA device (this "
+                          "run is on the CPU): use 'auto', 'flash' or 'math'")
     if mcfg.cuda_graph:
         why = ("a CUDA device (this run is on the CPU)" if not cuda else
                f"one rank per sequence (sp={sp} shards it)" if sp > 1 else

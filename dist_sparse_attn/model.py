@@ -80,7 +80,7 @@ class GPTConfig:
     or "none": every token attends only itself (the output is its own value vector),
     the attention-free floor of a benchmark: the same model and step with no token
     mixing, no attention kernel and no communication."""
-    n_buckets: int = setting(8, ge=1)
+    n_buckets: int = setting(8, ge=2)
     """LSH buckets per head for attention="hash" (even, >= 2)."""
     hash_seed: int = setting(0, ge=0)
     """Layer l hashes with seed ``hash_seed + l``: layers get different rotations,

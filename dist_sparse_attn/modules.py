@@ -49,8 +49,15 @@ def dense_causal_sdpa(q, k, v, backend: str = "auto", *, softmax_scale=None):
         y = F.scaled_dot_product_attention(*args, is_causal=True, **kw)
     else:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(getattr(SDPBackend, name)):
-            y = F.scaled_dot_product_attention(*args, is_causal=True, **kw)
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                y = F.scaled_dot_product_attention(*args, is_causal=True, **kw)
+        except RuntimeError as e:
+            if "No viable backend" not in str(e):
+                raise
+            raise ValueError(f"SDPA backend {backend!r} cannot run these inputs ({q.device.type}, "
+                             f"{q.dtype}, head dim {q.shape[-1]}); on the CPU only 'auto', "
+                             f"'flash' and 'math' run") from None
     return y.transpose(1, 2)                                                   # (B, N, H, D)
 
 

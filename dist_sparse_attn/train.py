@@ -99,9 +99,11 @@ def configure(args) -> tuple[GPTConfig, TrainConfig, str | None]:
         if not args.out.strip():
             raise ConfigError("--out must name a directory, got an empty string")
         tcfg.out_dir = args.out
-    if args.world_size is not None and (not args.dry_run or args.world_size < 1):
-        raise ConfigError("--world-size N (N >= 1) goes with --dry-run; a launched run "
-                          "takes its world size from the launcher")
+    if args.world_size is not None and not args.dry_run:
+        raise ConfigError("--world-size N goes with --dry-run; a launched run takes its "
+                          "world size from the launcher")
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
     given = [(f"{flag} {path}", path) for flag, path in (
         ("--deepspeed_config", args.deepspeed_config),
         ("--deepscale_config", args.deepscale_config)) if path is not None]

@@ -399,7 +399,8 @@ class Trainer:
             plot_history(os.path.join(t.out_dir, "metrics.jsonl"),
                          os.path.join(t.out_dir, "loss.png"))
             ret = "" if retrieval is None else f", retrieval accuracy {retrieval:.2f}"
-            print(f"[train] done: {self.step} steps in {fmt_time(wall)}, train loss {last_loss:.4f}, "
+            print(f"[train] done: {self.step} steps in {fmt_time(wall)}, "
+                  f"last step's loss {last_loss:.4f}, "
                   f"eval loss {eval_loss:.4f}{ret}"
                   + (f", {fmt_rate(tps)} tok/s, median step {summary['median_step_ms']:.1f} ms"
                      if tps else "")

@@ -154,6 +154,10 @@ def test_dense_sdpa_and_none():
         sdpa = dsa.SparseAttention("dense", sdpa_backend=backend, softmax_scale=0.3)
         torch.testing.assert_close(sdpa(q, k, v), _ref(q, k, v, zq, zk, softmax_scale=0.3),
                                    rtol=1e-10, atol=1e-12)
+    if not q.is_cuda:       # PyTorch has no CPU kernel for these: a ValueError naming them
+        for backend in ("cudnn", "efficient"):
+            with pytest.raises(ValueError, match=f"SDPA backend '{backend}' cannot run"):
+                dsa.SparseAttention("dense", sdpa_backend=backend)(q, k, v)
     o = dsa.SparseAttention("none")(q, k, v, positions=torch.arange(N) + 4)
     torch.testing.assert_close(o, v.repeat_interleave(2, dim=2), rtol=0, atol=0)
     assert torch.equal(o[:, :, 1], v[:, :, 0]) and torch.equal(o[:, :, 2], v[:, :, 1])

@@ -371,6 +371,8 @@ def test_world_size_option(config, tmp_path, capsys, clean_env):
                       sets=["train.sequence_parallel=2"])
     assert rc == 0, cap.err
     assert "world 4 = dp 2 x sp 2" in cap.out and "NOT checked" not in cap.out, cap.out
+    rc, cap = dry_run(capsys, config, "--world-size", "0", out=tmp_path / "o")
+    assert_one_line_error(rc, cap, "--world-size must be >= 1, got 0")
 
 
 def test_dry_run_says_when_world_size_is_unknown(tmp_path, capsys, clean_env):

@@ -651,6 +651,9 @@ CONFIG_ERRORS = {
                                "mlp_chunk=4096 needs compile='off'"),
     "cuda_graph_on_cpu": (1, ["model.cuda_graph=true"],
                           "model.cuda_graph=true needs a CUDA device"),
+    "cudnn_on_cpu": (1, ["model.attention=dense", "model.sdpa_backend=cudnn"],
+                     "model.sdpa_backend='cudnn' needs a CUDA device"),
+    "odd_buckets_zero": (1, ["model.n_buckets=0"], "model.n_buckets must be an int >= 2"),
     "cuda_graph_with_checkpointing": (1, ["model.cuda_graph=true",
                                           "model.activation_checkpointing=true"],
                                       "cuda_graph=True does not work with "
