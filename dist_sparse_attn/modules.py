@@ -55,9 +55,10 @@ def dense_causal_sdpa(q, k, v, backend: str = "auto", *, softmax_scale=None):
         except RuntimeError as e:
             if "No viable backend" not in str(e):
                 raise
+            hint = ("on the CPU only 'auto', 'flash' and 'math' run" if q.device.type == "cpu"
+                    else "'auto' lets PyTorch choose one that can")
             raise ValueError(f"SDPA backend {backend!r} cannot run these inputs ({q.device.type}, "
-                             f"{q.dtype}, head dim {q.shape[-1]}); on the CPU only 'auto', "
-                             f"'flash' and 'math' run") from None
+                             f"{q.dtype}, head dim {q.shape[-1]}): {hint}") from None
     return y.transpose(1, 2)                                                   # (B, N, H, D)
 
 
