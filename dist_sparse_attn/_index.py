@@ -26,9 +26,8 @@ def _arange_fake(n, device):
 
 
 def arange(n: int, device=None) -> torch.Tensor:
-    """``torch.arange(n, dtype=int64)``; under ``torch.compile`` tracing through an
-    opaque op, so that compiled kernels read the values as int64."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    """``torch.arange(n, device=device, dtype=int64)``; under ``torch.compile`` tracing
+    through an opaque op, so that compiled kernels read the values as int64."""
     if torch.compiler.is_compiling():
-        return _arange_op(n, device)
+        return _arange_op(n, torch.device("cpu" if device is None else device))
     return torch.arange(n, device=device, dtype=torch.int64)

@@ -9,9 +9,9 @@ gradient of its outputs with respect to the module's parameters, in two graphs t
 share one memory pool, and puts the pair into autograd: a call copies the inputs into
 the graphs' static buffers, replays the forward graph and returns copies of its
 outputs; ``backward`` copies the incoming output gradients in, replays the backward
-graph and hands autograd copies of the parameter gradients. Those accumulate into ``param.grad`` through the
-usual ``AccumulateGrad`` nodes, so gradient accumulation and the gradient hooks of
-DeepSpeed's ZeRO stages see an ordinary backward.
+graph and hands autograd copies of the parameter gradients. Those accumulate into
+``param.grad`` through the usual ``AccumulateGrad`` nodes, so gradient accumulation and
+the gradient hooks of DeepSpeed's ZeRO stages see an ordinary backward.
 
 The warm-up and the capture differentiate with respect to stand-ins for the parameters:
 new leaf tensors that share the parameters' storage, put into the module for the
