@@ -84,10 +84,17 @@ def _check_range(name, t, lo, hi, what):
     the graph."""
     if t.numel() == 0:
         return
+    unsigned = t.dtype in (torch.uint32, torch.uint64)
+    if unsigned:
+        # torch has no comparisons (nor min/max) of these on the CPU: check them as int64,
+        # where a uint64 value past 2**63 - 1 wraps to a negative number (caught as such)
+        t, lo = t.to(torch.int64), max(lo, 0)
     if t.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(((t >= lo) & (t <= hi)).all(), f"{name} values must be {what}")
         return
     tmin, tmax = int(t.min()), int(t.max())
+    if unsigned and tmin < 0:
+        raise ValueError(f"{name} values must be {what}, got a value of 2**63 or more")
     if tmin < lo or tmax > hi:
         raise ValueError(f"{name} values must be {what}, got range [{tmin}, {tmax}]")
 

@@ -372,8 +372,10 @@ def position_keep(positions: torch.Tensor, batch: int, heads: int, keep_rate: fl
     pos = positions.long()
     pos = (pos[None] if pos.dim() == 1 else pos).expand(batch, -1)             # (B, n)
     head = arange(heads, pos.device)                                           # (heads,)
+    # the seed's term taken mod 2**32 (the hash keeps the low 32 bits): any seed < 2**63
+    salted = ((seed * 2 + salt) * 668265261) & 0xFFFFFFFF
     mixed = (pos[..., None] * 2654435761 + (head + 1) * 1540483477
-             + (seed * 2 + salt) * 668265261) & 0xFFFFFFFF                    # (B, n, heads)
+             + salted) & 0xFFFFFFFF                                           # (B, n, heads)
     return (mixed.double() / 2 ** 32 < keep_rate) | (pos == 0)[..., None]
 
 

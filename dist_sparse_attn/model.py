@@ -82,9 +82,9 @@ class GPTConfig:
     mixing, no attention kernel and no communication."""
     n_buckets: int = setting(8, ge=2)
     """LSH buckets per head for attention="hash" (even, >= 2)."""
-    hash_seed: int = setting(0, ge=0)
+    hash_seed: int = setting(0, ge=0, lt=2 ** 62)
     """Layer l hashes with seed ``hash_seed + l``: layers get different rotations,
-    every rank and device the same ones."""
+    every rank and device the same ones (below 2**62, so every layer's seed is valid)."""
     local_heads: int = setting(0, ge=0)
     """attention="hash": the last ``local_heads`` kv heads (and the query heads that read
     them) take block-local buckets ``position // local_window`` instead of LSH buckets:

@@ -121,22 +121,22 @@ def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX, Q
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     if s < S_q:
-        b = s // H
-        h = s % H
+        b = (s // H).to(tl.int64)           # int64 offsets: h * stride_qh may pass 2**31
+        h = (s % H).to(tl.int64)
         ok = offs < Nq
         row0 = s.to(tl.int64) * Nq
         idx = tl.load(QIDX + row0 + offs, mask=ok, other=0)
         live = tl.load(QKEY + row0 + offs, mask=ok, other=DROPKEY) < DROPKEY
         dst = (row0 + offs)[:, None] * D + offs_d[None, :]
         m = ok[:, None] & (offs_d[None, :] < D)
-        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h * stride_qh, idx, stride_qn,
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, idx, stride_qn,
                        offs_d, live, D)
         tl.store(QS + dst, q, mask=m)
         if BACKWARD:
-            do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, idx,
+            do = _load_rows(DO + b * stride_dob + h * stride_doh, idx,
                             stride_don, offs_d, live, D)
             tl.store(DOS + dst, do, mask=m)
-            o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, idx, stride_on,
+            o = _load_rows(O + b * stride_ob + h * stride_oh, idx, stride_on,
                            offs_d, live, D)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             if HAS_DLSE:    # d lse_i / d s_ij = p_ij: folds into delta
@@ -144,18 +144,18 @@ def _gather_kernel(Q, K, V, O, DO, DLSE, QS, KS, VS, DOS, DELTA_S, QIDX, KIDX, Q
             tl.store(DELTA_S + row0 + offs, delta, mask=ok)
     else:
         sk = s - S_q
-        b = sk // HKV
-        hk = sk % HKV
+        b = (sk // HKV).to(tl.int64)
+        hk = (sk % HKV).to(tl.int64)
         ok = offs < Nk
         row0 = sk.to(tl.int64) * Nk
         idx = tl.load(KIDX + row0 + offs, mask=ok, other=0)
         live = tl.load(KKEY + row0 + offs, mask=ok, other=DROPKEY) < DROPKEY
         dst = (row0 + offs)[:, None] * D + offs_d[None, :]
         m = ok[:, None] & (offs_d[None, :] < D)
-        k = _load_rows(K + b.to(tl.int64) * stride_kb + hk * stride_kh, idx, stride_kn,
+        k = _load_rows(K + b * stride_kb + hk * stride_kh, idx, stride_kn,
                        offs_d, live, D)
         tl.store(KS + dst, k, mask=m)
-        v = _load_rows(V + b.to(tl.int64) * stride_vb + hk * stride_vh, idx, stride_vn,
+        v = _load_rows(V + b * stride_vb + hk * stride_vh, idx, stride_vn,
                        offs_d, live, D)
         tl.store(VS + dst, v, mask=m)
 
@@ -246,7 +246,7 @@ def _fwd_kernel(QS, KS, VS, qd, kd, vd, O, LSE, LSE_S,
     o = acc / tl.where(has, l_i, 1.0)[:, None]                        # empty rows: 0
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))                                     # natural log units
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh \
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
         + qidx.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(LSE + q_row0 + qidx, lse, mask=row_ok)                   # (B, H, Nq) layout
@@ -334,9 +334,9 @@ def _bwd_dkdv_kernel(QS, KS, VS, DOS, qd, kd, vd, dod, DK, DV, LSE_S, DELTA_S,
                                  CAUSAL, SHIFT, DOT_PREC, TMA, UPCAST)
     mask = col_ok[:, None] & (offs_d[None, :] < D)
     rows = kidx.to(tl.int64)[:, None]
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows * stride_dkn
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + rows * stride_dkn
              + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + rows * stride_dvn
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + rows * stride_dvn
              + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
 
 
@@ -408,7 +408,7 @@ def _bwd_dq_kernel(QS, KS, VS, DOS, qd, kd, vd, dod, DQ, LSE_S, DELTA_S,
     dq = _bwd_dq_inner(dq, q, do, lse, di, q_lo, q_hi, KS, VS, kd, vd, KKEY, kvs, kv_row0,
                        f_hi, hi, Nk, qk_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, SHIFT,
                        DOT_PREC, TMA, UPCAST)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + qidx.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))

@@ -223,6 +223,25 @@ def test_tile_loads_match_oracle(triton_device, tma):
             ta.triton_forward(q3, k3, v3, p3, tma=True)
 
 
+def test_head_offsets_past_int32(triton_device):
+    """q, k, v whose head stride times the head index passes 2**31 elements (the SDPA
+    layout (B, H, N, D) transposed, at H = 32, N = 1M, D = 64, say) are read at the right
+    place: every head's output equals the contiguous copy's. The storage here is mostly
+    never touched (a large virtual allocation)."""
+    dev = triton_device
+    B, N, H, D = 1, 8, 3, 16
+    head_stride, offset = 3 * 2 ** 29, 2 ** 30     # 2 * head_stride passes 2**31 - 1
+    big = torch.empty(offset + 2 * head_stride + N * D, dtype=torch.float16, device=dev)
+    q = big.as_strided((B, N, H, D), (0, D, head_stride, 1), storage_offset=offset)
+    q.copy_(torch.randn(B, N, H, D, dtype=torch.float16, device=dev))
+    k, v = (torch.randn(B, N, 1, D, dtype=torch.float16, device=dev) for _ in range(2))
+    zeros = torch.zeros(B, N, H, dtype=torch.long, device=dev)
+    o = dsa.bucketed_attention(q, k, v, zeros, zeros[..., :1], backend="triton")
+    want = dsa.bucketed_attention(q.contiguous(), k, v, zeros, zeros[..., :1],
+                                  backend="triton")
+    assert torch.equal(o, want)
+
+
 @pytest.mark.parametrize("trial", range(12))
 def test_range_kernel_matches_pytorch_ranges(triton_device, trial):
     """The fused Triton block-range kernel equals layout.kv_ranges / q_ranges."""

@@ -292,3 +292,42 @@ def test_lsh_buckets_numpy_group_size_and_empty_head_dim():
                        dsa.lsh_buckets(x, 4, group_size=2))
     with pytest.raises(ValueError, match="head dim"):
         dsa.lsh_buckets(torch.randn(2, 5, 4, 0), 4)
+
+
+def test_unsigned_buckets_and_positions():
+    """uint32 / uint64 buckets and positions (torch has no comparisons of them on the
+    CPU) are checked as int64: values in range give the int64 result, values out of range
+    (a uint64 past 2**63 - 1 included, which would wrap to a negative, dropped bucket)
+    raise a ValueError naming the argument."""
+    a = base()
+    qb, kb = a["q_buckets"].clamp(min=0), a["k_buckets"].clamp(min=0)
+    want = dsa.bucketed_attention(a["q"], a["k"], a["v"], qb, kb, backend="torch")
+    N = a["q"].shape[1]
+    for dt in (torch.uint32, torch.uint64):
+        got = dsa.bucketed_attention(a["q"], a["k"], a["v"], qb.to(dt), kb.to(dt),
+                                     q_positions=torch.arange(N).to(dt), backend="torch")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="q_buckets"):
+            call_bucketed(q_buckets=torch.full_like(qb, 2 ** 31).to(dt))
+    with pytest.raises(ValueError, match="q_buckets.*2\\*\\*63"):
+        call_bucketed(q_buckets=torch.full(qb.shape, 2 ** 63 + 5, dtype=torch.uint64))
+    with pytest.raises(ValueError, match="q_positions"):
+        call_bucketed(q_positions=torch.full((N,), 2 ** 63 + 1, dtype=torch.uint64))
+
+
+def test_qk_keep_rule_takes_every_seed():
+    """Every seed the modules accept, up to 2**63 - 1, works with the position keep rule
+    (its 32-bit hash uses the seed mod 2**31), in the module and in the GPT, whose
+    ``hash_seed`` stays below 2**62 (layer l uses ``hash_seed + l``)."""
+    from dist_sparse_attn.hashing import position_keep
+    q = k = v = torch.randn(1, 16, 2, 8)
+    for seed in (2 ** 40, 2 ** 63 - 1):
+        dsa.SparseAttention("qk", keep_rate=0.5, seed=seed)(q, k, v)
+        assert torch.equal(position_keep(torch.arange(64), 1, 2, 0.5, seed, 1),
+                           position_keep(torch.arange(64), 1, 2, 0.5, seed % 2 ** 31, 1))
+    from dist_sparse_attn.model import GPT, GPTConfig
+    model = GPT(GPTConfig(attention="qk", hash_seed=2 ** 62 - 1, n_layer=2, n_head=2,
+                          n_embd=16, seq_len=32, vocab_size=32))
+    model(torch.randint(0, 32, (1, 16)))
+    with pytest.raises(ValueError, match="hash_seed"):
+        GPTConfig(hash_seed=2 ** 62)
