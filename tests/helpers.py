@@ -67,6 +67,49 @@ def triton_runs_on(device: str) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and not CUDA
 
 
+SM90_COMPILE = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "cuobjdump")
+if not os.path.exists(CUOBJDUMP):
+    sys.exit(77)
+
+
+def compile_sm90(fn, sig, cons, attrs=None, **options):
+    # compile a @triton.jit function for sm_90 -> (stack bytes, ptxas resource line)
+    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in cons.items()},
+                    attrs or {})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name],
+                           capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    return int(re.search(r"STACK:(\d+)", usage).group(1)), usage.strip().splitlines()[-1]
+"""
+
+
+def run_sm90_check(script: str, tmp_path) -> None:
+    """Run ``script`` (after :data:`SM90_COMPILE`, which defines ``compile_sm90``) in a
+    process without the Triton interpreter, so that it compiles kernels for sm_90 with
+    Triton's bundled ptxas (no GPU needed); skips the test where this Triton has no
+    cuobjdump (exit 77) and fails with the script's output otherwise."""
+    import subprocess
+    import sys
+
+    import pytest
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", SM90_COMPILE + script], env=env,
+                       capture_output=True, text=True, timeout=280)
+    if r.returncode == 77:
+        pytest.skip("this Triton cannot compile for sm_90 here (no cuobjdump or no "
+                    "TensorDescriptor)")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def rand_qkv(B, Nq, Nk, H, Hkv, D, dtype=torch.float32, device="cpu", requires_grad=False):
     """Random q (B, Nq, H, D), k and v (B, Nk, Hkv, D) from randn (never zeros).
 

@@ -16,7 +16,7 @@ import dist_sparse_attn as dsa
 from dist_sparse_attn.layout import block_keys, kv_ranges, q_ranges
 from dist_sparse_attn.plan import make_plan
 from dist_sparse_attn.reference import reference_attention
-from helpers import assert_close_rel, assert_dropped_values_unread
+from helpers import assert_close_rel, assert_dropped_values_unread, run_sm90_check
 
 
 def _run(q, k, v, qb, kb, **kw):
@@ -382,14 +382,9 @@ def test_dense_special_case_matches_sdpa():
 # ---------------------------------------------------------------------------------------------
 
 _SM90_ATTN_CHECK = r"""
-import os, re, subprocess, sys, tempfile
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from dist_sparse_attn.kernels import triton_attn as ta
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if not os.path.exists(tool) or ta.TensorDescriptor is None:
+if ta.TensorDescriptor is None:
     sys.exit(77)
 INTS = {"H", "HKV", "Nq", "Nk", "S_q", "N_self", "N_other", "BS_self", "BS_other", "nb_self",
         "nb_other", "n_iter", "n_iter_self", "n_qblocks", "n_kblocks"}
@@ -424,16 +419,7 @@ def compile_kernel(fn, cons, dt, warps, stages, bm=0, bn=0, D=0):
     # and head counts benchmarked, integers divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or sig[n] == "i32"}
-    k = triton.compile(ASTSource(fn, sig, {(fn.arg_names.index(n),): v
-                                           for n, v in cons.items()}, attrs),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps, "num_stages": stages})
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                           text=True, check=True).stdout
-    os.unlink(f.name)
-    return int(re.search(r"STACK:(\d+)", usage).group(1)), usage.strip().splitlines()[-1]
+    return compile_sm90(fn, sig, cons, attrs, num_warps=warps, num_stages=stages)
 
 
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -480,12 +466,4 @@ def test_attention_kernels_compile_for_sm90_without_spills(tmp_path):
     registers in bf16 at D = 64 and 128 and fp16 at D = 64 (fp32 at D = 64: compiles). The
     interpreter runs the same kernels on the CPU, but not their GPU code generation (TMA
     included)."""
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", _SM90_ATTN_CHECK], env=env, capture_output=True,
-                       text=True, timeout=280)
-    if r.returncode == 77:
-        pytest.skip("this Triton has no cuobjdump for sm_90 or no TensorDescriptor")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_sm90_check(_SM90_ATTN_CHECK, tmp_path)

@@ -8,12 +8,11 @@ the sort keys of those buckets. The GPU-only test (marked ``gpu``) hashes bfloat
 (the tensor-core path) at N = 4096 and checks the ``hash_sparse_attention`` contract. The
 sm_90 compile check needs no GPU, only the ``cuobjdump`` shipped with Triton.
 """
-import os
-
 import pytest
 import torch
 
 import dist_sparse_attn as dsa
+from helpers import run_sm90_check
 
 
 def _hash_input(B, N, heads, D, dtype, layout, device):
@@ -121,15 +120,8 @@ def test_fused_hashing_matches_cpu_and_contract(nb, D):
 
 
 _SM90_CHECK = r"""
-import os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from dist_sparse_attn.hashing import lsh_scheme
 from dist_sparse_attn.kernels import triton_hash as th
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if not os.path.exists(tool):
-    sys.exit(77)
 cases = [(nb, D, False) for nb, D in [(64, 128), (2048, 64), (6000, 256), (65536, 64),
                                         (2 ** 30 - 2, 16)]]
 cases += [(nb, D, True) for nb, D in [(16, 64), (2048, 64), (8192, 64), (2048, 128),
@@ -145,18 +137,10 @@ for nb, D, split in cases:
     names = th._lsh_kernel.arg_names
     types = dict(X="*bf16", R="*bf16" if split else "*fp32", OUT="*i64")
     sig = {n: "constexpr" if n in cons else types.get(n, "i32") for n in names}
-    k = triton.compile(ASTSource(th._lsh_kernel, sig, {(names.index(n),): v
-                                                       for n, v in cons.items()}),
-                       target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4 if len(s.factors) <= 2 else 8})
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                           text=True, check=True).stdout
-    os.unlink(f.name)
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    print(nb, D, split, usage.strip().splitlines()[-1])
-    assert stack == 0, (nb, D, split, usage)
+    stack, line = compile_sm90(th._lsh_kernel, sig, cons,
+                               num_warps=4 if len(s.factors) <= 2 else 8)
+    print(nb, D, split, line)
+    assert stack == 0, (nb, D, split, line)
 """
 
 
@@ -167,11 +151,4 @@ def test_fused_lsh_kernel_compiles_for_sm90_without_spills(tmp_path):
     dot spilled and ran ~20x slower than PyTorch), 2 and 3 factors up to D = 256,
     and the 6-factor merged scheme; and the tensor-core path for bfloat16 rows (split
     rotations) up to D = 128."""
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", _SM90_CHECK], env=env, capture_output=True,
-                       text=True, timeout=280)
-    if r.returncode == 77:
-        pytest.skip("this Triton has no cuobjdump for sm_90")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_sm90_check(_SM90_CHECK, tmp_path)
