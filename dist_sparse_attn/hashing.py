@@ -404,6 +404,10 @@ def local_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, positions: t
     if kv_index is None:
         kv_index = arange(hkv, dev)
     n_kv_heads = hkv if n_kv_heads is None else n_kv_heads
+    if not 0 <= local_heads <= n_kv_heads:
+        # more would silently make every head local (no head hashes)
+        raise ValueError(f"local_heads={local_heads} must be in [0, {n_kv_heads}], the "
+                         f"model's kv heads")
     pos = positions.long()
     win = ((pos[None] if pos.dim() == 1 else pos).expand(B, -1) // window)[..., None]  # (B, n, 1)
     kv_local = kv_index >= n_kv_heads - local_heads                            # (hkv,)

@@ -386,6 +386,12 @@ def test_register_validates_options():
             dsa_hf.register(name, mode="qk")
     with pytest.raises(ValueError, match="n_kv_head"):
         dsa_hf.build_llama(n_head=4, n_kv_head=3)
+    # more local heads than the model has kv heads would make every head local: an error
+    # at the first forward, as in SparseAttention and the trainer
+    name = dsa_hf.register("test_too_local", mode="hash", bucket_size=8, local_heads=3,
+                           backend="torch")
+    with pytest.raises(ValueError, match="local_heads=3 must be in \\[0, 2\\]"):
+        _llama(name, n_kv_head=2)(torch.randint(0, 61, (1, 12)))
 
 
 # ---------------------------------------------------------------------------------------------
