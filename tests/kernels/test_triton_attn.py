@@ -422,6 +422,7 @@ def compile_kernel(fn, cons, dt, warps, stages, bm=0, bn=0, D=0):
     return compile_sm90(fn, sig, cons, attrs, num_warps=warps, num_stages=stages)
 
 
+ta._capability = lambda device: 9          # the library's choices for an sm_90 device
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 KERNELS = {"fwd": ta._fwd_kernel, "dkdv": ta._bwd_dkdv_kernel, "dq": ta._bwd_dq_kernel}
 for dtype, D in [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 64),
@@ -429,9 +430,9 @@ for dtype, D in [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 64
     dt = DT[dtype]
     for kind, fn in KERNELS.items():
         bm, bn, warps, stages = ta._config(D, dtype, kind)
-        # the library's choice on sm_90 (ta._use_tma): TMA for the forward and dQ at
-        # D = 64 in 16-bit types; the other way compiles too (tma=True / False asked for)
-        chosen = kind in ("fwd", "dq") and D == 64 and dt != "fp32"
+        # the library's choice (held to no spills); the other way compiles too (asked for
+        # with tma=True / False)
+        chosen = ta._use_tma(None, kind, D, dtype, torch.device("cuda"))
         for tma in (False, True):
             cons = dict(D=D, BLOCK_D=ta._block_d(D), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True,
                         SHIFT=0, DOT_PREC=ta._dot_precision(dtype), TMA=tma, UPCAST=False)
@@ -445,8 +446,6 @@ for dtype, D in [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 64
     for backward in (False, True):
         cons = dict(D=D, BLOCK_D=ta._block_d(D), BLOCK=128, BACKWARD=backward,
                     HAS_DLSE=backward)
-        cons.update({n: v for n, v in dict(TILE_ROWS=256, GATHER_QKV=True).items()
-                     if n in ta._gather_kernel.arg_names})
         stack, line = compile_kernel(ta._gather_kernel, cons, dt, 4, 1)
         print("gather", dt, D, backward, line, flush=True)
         assert stack == 0, ("gather", dt, D, line)
