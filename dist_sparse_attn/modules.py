@@ -132,7 +132,9 @@ def _check_given(what, needs, q_keep, k_keep, q_buckets, k_buckets):
     given = {"q_keep": q_keep, "k_keep": k_keep, "q_buckets": q_buckets, "k_buckets": k_buckets}
     for name, value in given.items():
         if name in needs and value is None:
-            raise ValueError(f"{what} needs {name}")
+            hint = (" (or build the module with keep_rate=, which draws the masks itself)"
+                    if name.endswith("_keep") else "")
+            raise ValueError(f"{what} needs {name}{hint}")
         if name not in needs and value is not None:
             raise ValueError(f"{what} takes no {name}")
 

@@ -63,8 +63,10 @@ def test_module_argument_errors():
         dsa.SequenceParallelSparseAttention(None, "qk", strategy="ring")
     assert dsa.SequenceParallelSparseAttention(None, "hash", 4).strategy == "bucket"
     q, k, v = rand_qkv(1, 5, 5, 2, 2, 8)
-    with pytest.raises(ValueError, match="q_keep"):
+    with pytest.raises(ValueError, match="needs q_keep .*keep_rate"):
         dsa.SparseAttention("qk")(q, k, v)
+    with pytest.raises(ValueError, match="needs q_buckets$"):
+        dsa.SparseAttention("bucketed")(q, k, v)
     with pytest.raises(ValueError, match="takes no q_keep"):
         dsa.SparseAttention("hash", 4)(q, k, v, torch.ones(1, 5, 2, dtype=torch.bool))
 
