@@ -25,8 +25,11 @@ What the attention function does with transformers' arguments:
 * Packing: documents come from ``position_ids``: a document starts wherever a position
   is not the previous one + 1 (a reset to 0 starts a new document). Tokens of different
   documents never attend each other; within a document attention is causal by token
-  order. ``cu_seq_lens_q``/``cu_seq_lens_k`` (padding-free collators), when given,
-  define the documents instead.
+  order. For models that do not pass ``position_ids`` to the attention function
+  (GPTBigCode, Persimmon, ...) the registered mask function hands over the documents of
+  transformers' packed-sequence mask instead (a token's position is then its index in
+  its document). ``cu_seq_lens_q``/``cu_seq_lens_k`` (padding-free collators), when
+  given, define the documents instead.
 * Under autocast the attention runs in the dtype of q/k/v (bf16 from autocast
   projections), with float32 accumulation; the LSH projections in float32.
 * Refused with ValueError, never ignored: attention dropout > 0, ``softcap``,
@@ -269,22 +272,29 @@ def _closure(fn) -> dict:
         return {}
 
 
-def _causal_or_packed(fn) -> bool:
-    """Whether transformers' mask function is plain causal, or its packed-sequence form
-    ``and_masks(remap_positions_for_packed_sequence(causal), packed_sequence_mask_function)``
-    (documents then come from ``position_ids`` in the attention function). Anything
-    else (sliding or chunked windows, bidirectional blocks, custom overlays) is not."""
+def _packed_documents(fn):
+    """The (B, N) document indices of transformers' packed-sequence mask function
+    ``and_masks(remap_positions_for_packed_sequence(causal), packed_sequence_mask_function)``,
+    else None."""
     from transformers import masking_utils as mu
-    if fn is None or fn is mu.causal_mask_function:
-        return True
     parts = _closure(fn).get("mask_functions") \
         if getattr(fn, "__qualname__", "") == "and_masks.<locals>.and_mask" else None
     if not parts or len(parts) != 2:
-        return False
+        return None
     remap, packed = parts
-    return (getattr(remap, "__qualname__", "").startswith("remap_positions_for_packed_sequence.")
+    if (getattr(remap, "__qualname__", "").startswith("remap_positions_for_packed_sequence.")
             and _closure(remap).get("mask_function") is mu.causal_mask_function
-            and getattr(packed, "__qualname__", "").startswith("packed_sequence_mask_function."))
+            and getattr(packed, "__qualname__", "").startswith("packed_sequence_mask_function.")):
+        return _closure(packed).get("packed_sequence_mask")
+    return None
+
+
+def _causal_or_packed(fn) -> bool:
+    """Whether transformers' mask function is plain causal, or its packed-sequence form
+    (:func:`_packed_documents`). Anything else (sliding or chunked windows,
+    bidirectional blocks, custom overlays) is not."""
+    from transformers import masking_utils as mu
+    return fn is None or fn is mu.causal_mask_function or _packed_documents(fn) is not None
 
 
 def _alst_group(name):
@@ -305,7 +315,10 @@ def _padding_mask(name, batch_size=None, q_length=None, kv_length=None, q_offset
                   kv_offset=0, mask_function=None, attention_mask=None, local_size=None,
                   **kwargs):
     """The registered mask function: the 2-D padding mask (B, kv_length) bool (True =
-    real token) when some token is padding, else None. Never an N x N mask."""
+    real token) when some token is padding; for packed sequences (transformers packs
+    only without padding) the documents, (B, kv_length) int64 document index + 1 (so
+    that 0 stays padding), for the models that do not pass ``position_ids`` to the
+    attention function; else None. Never an N x N mask."""
     if local_size is not None:
         raise ValueError(f"attention implementation {name!r} does not support a sliding "
                          f"window (local_size={local_size}); set the model's sliding_window "
@@ -334,6 +347,10 @@ def _padding_mask(name, batch_size=None, q_length=None, kv_length=None, q_offset
                 f"attention mask before {name!r} sees it. Give the padding its own "
                 "position_ids run (a separate document, e.g. 0, 1, 2, ...) and label -100, "
                 "and drop the attention_mask")
+    docs = _packed_documents(mask_function)
+    if docs is not None:
+        docs = docs.to(torch.int64).expand(batch_size, kv_length) + 1
+        return docs if pad is None else torch.where(pad, docs, 0)
     return pad
 
 
@@ -446,12 +463,33 @@ def _segment_counts(doc, real):
     return counts.scatter_add_(1, local, w), local
 
 
-def _local_tokens(pos, real, cu_q, cu_k, need_len):
-    """_Tokens when this call holds whole sequences (one process, DeepSpeed ALST)."""
+def _mask_parts(mask, device):
+    """(real, docs) of a 2-D attention mask: a bool or 0/1 padding mask gives real =
+    mask != 0 and docs None; the packed mask of :func:`_padding_mask` (document index +
+    1, 0 for padding) gives its documents too."""
+    mask = mask.to(device)
+    if mask.dtype == torch.bool:
+        return mask, None
+    mask = mask.to(torch.int64)
+    return mask != 0, (mask if int(mask.max()) > 1 else None)
+
+
+def _local_tokens(pos, real, cu_q, cu_k, need_len, docs=None, own_pos=True):
+    """_Tokens when this call holds whole sequences (one process, DeepSpeed ALST).
+    ``docs``: (B, n) documents of transformers' packed mask (:func:`_mask_parts`): a
+    document also starts where it changes; without the model's position_ids
+    (``own_pos`` False) a token's position is then its index in its document."""
     if cu_q is not None or cu_k is not None:
         doc = _docs_from_cu(cu_q, cu_k, pos.shape[0], pos.shape[1], pos.device)
-    else:
+    elif docs is None:
         doc = _starts(pos).cumsum(1) - 1
+    else:
+        starts = _starts(pos)
+        starts[:, 1:] |= docs[:, 1:] != docs[:, :-1]
+        doc = starts.cumsum(1) - 1
+        if not own_pos:
+            index = arange(pos.shape[1], pos.device).expand_as(pos)
+            pos = index - torch.where(starts, index, 0).cummax(1).values
     last_doc, max_pos = torch.stack([doc[:, -1].max(), pos.max()]).tolist()   # one sync
     doc_len, max_len = None, 0
     if need_len:
@@ -658,7 +696,7 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
     if group is not None and (cu_seq_lens_q is not None or cu_seq_lens_k is not None):
         raise ValueError("cu_seq_lens_q/cu_seq_lens_k are not supported with a "
                          "sequence-parallel group; pass packed documents through position_ids")
-    real = pos = local_error = row = None
+    real = docs = pos = local_error = row = None
     try:        # per-rank data: under a group, an error here is raised on every rank
         if group is not None:
             row = _agreement_row(opts, seed, strategy, B, n)
@@ -666,7 +704,7 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
             if tuple(attention_mask.shape) != (B, n):
                 raise ValueError(f"attention_mask must have shape (B, N) = {(B, n)}, got "
                                  f"{tuple(attention_mask.shape)}")
-            real = attention_mask.to(device=q.device, dtype=torch.bool)
+            real, docs = _mask_parts(attention_mask, q.device)
         pos = _positions(position_ids, B, n, q.device)
     except ValueError as e:
         if group is None:
@@ -675,7 +713,8 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
     need_len = opts.mode == "hash" and opts.bucket_size is not None
     with torch.no_grad():
         if group is None:
-            tok = _local_tokens(pos, real, cu_seq_lens_q, cu_seq_lens_k, need_len)
+            tok = _local_tokens(pos, real, cu_seq_lens_q, cu_seq_lens_k, need_len, docs,
+                                own_pos=position_ids is not None)
         else:
             tok = _sharded_tokens(pos, real, group, need_len, B, n, local_error, row)
         fast = (group is None and opts.mode == "hash" and not opts.local_heads

@@ -202,6 +202,44 @@ def test_packed_documents_equal_separate_runs(names, kind):
     assert_close_rel(by_cu, packed[:1], name="cu_seq_lens", **F64)
 
 
+def _no_position_ids_model(family, attn):
+    """A tiny model whose attention layers do not receive position_ids (GPTBigCode:
+    learned positions, Persimmon: RoPE): only transformers' packed mask tells the
+    documents apart."""
+    import transformers as tr
+    torch.manual_seed(base_seed())
+    if family == "gpt_bigcode":
+        cfg = tr.GPTBigCodeConfig(vocab_size=53, n_embd=32, n_layer=2, n_head=4,
+                                  multi_query=True, attn_pdrop=0.0, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+                                  attn_implementation=attn, use_cache=False)
+        return tr.GPTBigCodeForCausalLM(cfg).double()
+    cfg = tr.PersimmonConfig(vocab_size=53, hidden_size=32, intermediate_size=40,
+                             num_hidden_layers=2, num_attention_heads=4, bos_token_id=None,
+                             eos_token_id=None, attn_implementation=attn, use_cache=False)
+    return tr.PersimmonForCausalLM(cfg).double()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["gpt_bigcode", "persimmon"])
+@pytest.mark.parametrize("kind", ["hash_local", "qk", "qk1"])
+def test_packed_documents_without_position_ids_in_attention(names, family, kind):
+    """Models that do not pass position_ids to the attention function: the documents
+    come from transformers' packed-sequence mask (through the registered mask function),
+    so packed documents still give each document's logits run alone (and keep_rate=1.0
+    gives sdpa's, which packs too)."""
+    m = _no_position_ids_model(family, names[kind])
+    idx = torch.randint(0, 53, (2, 19))
+    pos = torch.cat([torch.arange(8), torch.arange(11)])[None].expand(2, 19)
+    packed = m(input_ids=idx, position_ids=pos).logits
+    alone = torch.cat([m(input_ids=idx[:, :8]).logits, m(input_ids=idx[:, 8:]).logits], 1)
+    assert_close_rel(packed, alone, name=f"{family} packed", **F64)
+    if kind == "qk1":
+        sdpa = _no_position_ids_model(family, "sdpa")
+        assert_close_rel(packed, sdpa(input_ids=idx, position_ids=pos).logits,
+                         name=f"{family} packed vs sdpa", **F64)
+
+
 @pytest.mark.timeout(120)
 def test_ids_span_documents_and_local_windows(names):
     """Many documents with long positions (local window ids beyond n_buckets): still
