@@ -48,7 +48,8 @@ Sequence parallelism, two ways:
   ValueError there (give padding its own ``position_ids`` run and label -100 instead).
 * The library's own (``group=`` at registration, or ``sp_group=`` per call): every rank
   runs the model on its contiguous shard of the sequence with GLOBAL ``position_ids``
-  (as ``UlyssesSPDataLoaderAdapter`` makes them), and attention runs through
+  (as ``UlyssesSPDataLoaderAdapter`` makes them; a model that does not pass
+  ``position_ids`` to its attention function raises ValueError), and attention runs through
   :func:`dist_sparse_attn.parallel.sequence_parallel_attention` (default strategy
   "bucket", which takes any head count). For :class:`HFCausalLM`, :func:`parallelize`
   sets the group and strategy once.
@@ -705,6 +706,11 @@ def _attention(opts, name, module, query, key, value, attention_mask, *, dropout
                 raise ValueError(f"attention_mask must have shape (B, N) = {(B, n)}, got "
                                  f"{tuple(attention_mask.shape)}")
             real, docs = _mask_parts(attention_mask, q.device)
+        if group is not None and position_ids is None:
+            raise ValueError(f"attention implementation {name!r} with a sequence-parallel group "
+                             f"needs each shard's GLOBAL position_ids, and "
+                             f"{type(module).__name__} did not pass position_ids to its "
+                             "attention function")
         pos = _positions(position_ids, B, n, q.device)
     except ValueError as e:
         if group is None:

@@ -589,6 +589,10 @@ def _bucket_errors_case(rank):
     assert m(input_ids=ids, position_ids=pos).logits.shape == (1, 10, 61)
     with pytest.raises(ValueError, match="registered by"):     # sdpa has no sharded form
         dsa_hf.parallelize(_llama("sdpa"), dist.group.WORLD)
+    # a model whose attention gets no position_ids: the shards' global positions are
+    # unknown (local ones would cut the sequence into one document per shard)
+    with pytest.raises(ValueError, match="GLOBAL position_ids"):
+        _no_position_ids_model("gpt_bigcode", name)(input_ids=ids % 53, position_ids=pos)
 
 
 def _alst_register(model, name):
