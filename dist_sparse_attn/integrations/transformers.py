@@ -329,6 +329,11 @@ def _padding_mask(name, batch_size=None, q_length=None, kv_length=None, q_offset
                          "(with padding and packed sequences) only, got the mask function "
                          f"{getattr(mask_function, '__qualname__', mask_function)!r} (a "
                          "sliding, chunked, bidirectional or custom mask)")
+    if q_length is not None and kv_length is not None and q_length != kv_length:
+        raise ValueError(f"attention implementation {name!r} needs as many keys as queries "
+                         f"(no KV-cache decoding), got {q_length} queries and {kv_length} "
+                         "keys (a static or filled cache); generate with "
+                         "attn_implementation='sdpa'")
     pad = None
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] != kv_length:

@@ -379,6 +379,14 @@ def test_unsupported_features_raise(names):
         fn(layer, q, k, k, torch.ones(1, 1, 9, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="KV-cache"):
         fn(layer, q[:, :, -1:], k, k, None)
+    # generation with a padded prompt: a static cache makes the mask longer than the
+    # prompt, a dynamic one grows past the queries; both are the KV-cache error
+    pad = torch.ones(1, 9, dtype=torch.long)
+    pad[0, :2] = 0
+    for kw in (dict(use_cache=True, cache_implementation="static"), dict(use_cache=True)):
+        with pytest.raises(ValueError, match="KV-cache"):
+            m.generate(input_ids=idx, attention_mask=pad, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0, **kw)
     layer.is_causal = False
     with pytest.raises(ValueError, match="causal"):
         fn(layer, q, k, k, None)
