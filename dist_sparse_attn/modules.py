@@ -41,6 +41,10 @@ def dense_causal_sdpa(q, k, v, backend: str = "auto", *, softmax_scale=None):
     ``backend`` names an SDPA backend (:data:`SDPA_BACKENDS`); "auto" lets PyTorch pick.
     ``softmax_scale``: default 1 / sqrt(D)."""
     g = q.shape[2] // k.shape[2]    # repeat kv heads for GQA (enable_gqa is not on every torch)
+    if softmax_scale is not None and softmax_scale <= 0:
+        # the same scores as scale * q.k; PyTorch's CPU flash kernel returns NaN for a
+        # scale <= 0
+        q, softmax_scale = q * softmax_scale, 1.0
     args = (q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2),
             v.repeat_interleave(g, 2).transpose(1, 2))                        # (B, h, N, D)
     kw = {} if softmax_scale is None else {"scale": softmax_scale}

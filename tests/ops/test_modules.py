@@ -152,9 +152,11 @@ def test_dense_sdpa_and_none():
     B, N, H, Hkv, D = 2, 33, 4, 2, 8
     q, k, v = rand_qkv(B, N, N, H, Hkv, D, dtype=torch.float64)
     zq, zk = torch.zeros(B, N, H, dtype=torch.long), torch.zeros(B, N, Hkv, dtype=torch.long)
-    for backend in ("auto", "math"):
-        sdpa = dsa.SparseAttention("dense", sdpa_backend=backend, softmax_scale=0.3)
-        torch.testing.assert_close(sdpa(q, k, v), _ref(q, k, v, zq, zk, softmax_scale=0.3),
+    # a zero or negative scale too (PyTorch's CPU flash kernel gives NaN for those)
+    for backend, scale in (("auto", 0.3), ("math", 0.3), ("auto", -0.7), ("auto", 0.0),
+                           ("math", -0.7)):
+        sdpa = dsa.SparseAttention("dense", sdpa_backend=backend, softmax_scale=scale)
+        torch.testing.assert_close(sdpa(q, k, v), _ref(q, k, v, zq, zk, softmax_scale=scale),
                                    rtol=1e-10, atol=1e-12)
     if not q.is_cuda:       # PyTorch has no CPU kernel for these: a ValueError naming them
         for backend in ("cudnn", "efficient"):
