@@ -128,7 +128,8 @@ class GPTConfig:
     Needs ``compile="off"``."""
     sdpa_backend: str = setting("auto", choices=tuple(SDPA_BACKENDS))
     """attention="dense": the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
-    "efficient" or "math" (the dense baselines of the benchmarks)."""
+    "efficient" or "math" (the dense baselines of the benchmarks). family="hf": "auto"
+    only (transformers' "sdpa" lets PyTorch choose)."""
     compile: str = setting("off", choices=COMPILE_MODES)
     """"off", or "blocks": ``torch.compile`` (default mode, no CUDA graphs, static shapes)
     of each block's per-token work around the attention call -- ln_1, the qkv projection,
@@ -186,7 +187,7 @@ class GPTConfig:
             bad = [f"{name}={getattr(self, name)!r}" for name, off in (
                 ("attention", "none"), ("bucket_cap", 0.0), ("offload_checkpoints", False),
                 ("loss_chunk", 0), ("mlp_chunk", 0), ("compile", "off"), ("dropout", 0.0),
-                ("bias", False), ("cuda_graph", False))
+                ("bias", False), ("cuda_graph", False), ("sdpa_backend", "auto"))
                 if (getattr(self, name) == off) == (name == "attention")]
             if bad:
                 raise ValueError(f"family='hf' (a transformers Llama) does not support "

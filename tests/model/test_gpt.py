@@ -364,6 +364,9 @@ def test_config_validation():
             GPTConfig(mlp_chunk=bad)
     with pytest.raises(ValueError, match="needs compile='off'"):
         GPTConfig(mlp_chunk=64, compile="blocks")
+    # the Llama's dense attention is transformers' "sdpa", which picks its own backend
+    with pytest.raises(ValueError, match="family='hf' .* sdpa_backend='cudnn'"):
+        GPTConfig(family="hf", attention="dense", sdpa_backend="cudnn")
 
 
 def test_local_heads_buckets_and_semantics():
