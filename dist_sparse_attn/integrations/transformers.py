@@ -33,8 +33,8 @@ What the attention function does with transformers' arguments:
 * Under autocast the attention runs in the dtype of q/k/v (bf16 from autocast
   projections), with float32 accumulation; the LSH projections in float32.
 * Refused with ValueError, never ignored: attention dropout > 0, ``softcap``,
-  ``sliding_window``, attention sinks (``s_aux``/``sinks``), position biases,
-  non-causal attention (``is_causal=False``, encoders), custom or 4-D attention masks,
+  ``sliding_window``, attention sinks (``s_aux``/``sinks``), position biases, the keys
+  of a model's own sparse-attention indexer (``indices``), non-causal attention (``is_causal=False``, encoders), custom or 4-D attention masks,
   and decoding with a KV cache (queries fewer than keys).
 
 Sequence parallelism, two ways:
@@ -88,7 +88,8 @@ _UNSET = object()
 # implementation does not have: a value other than None raises
 _UNSUPPORTED = {"softcap": "logit softcapping", "sliding_window": "a sliding window",
                 "s_aux": "attention sinks", "sinks": "attention sinks",
-                "position_bias": "a position bias", "block_indices": "block indices"}
+                "position_bias": "a position bias", "block_indices": "block indices",
+                "indices": "the keys a model's own indexer selects"}
 
 
 @dataclass(frozen=True)

@@ -372,7 +372,8 @@ def test_unsupported_features_raise(names):
     q, k = torch.randn(1, 6, 9, 8), torch.randn(1, 2, 9, 8)
     for kw, match in ((dict(softcap=30.0), "softcap"), (dict(sliding_window=4), "sliding"),
                       (dict(s_aux=torch.zeros(6)), "sinks"), (dict(is_causal=False), "causal"),
-                      (dict(dropout=0.1), "dropout")):
+                      (dict(dropout=0.1), "dropout"),
+                      (dict(indices=torch.zeros(1, 9, 4, dtype=torch.long)), "indexer")):
         with pytest.raises(ValueError, match=match):
             fn(layer, q, k, k, None, **kw)
     with pytest.raises(ValueError, match="4-D mask"):
