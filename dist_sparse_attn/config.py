@@ -131,9 +131,9 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr:g} must be <= train.lr={self.lr:g} "
                               "(the cosine schedule decays from lr to min_lr)")
-        if self.retrieval_mix > 0 and self.seq_len < RETRIEVAL_MIN_LEN - 1:
+        if self.retrieval_mix > 0 and self.seq_len < RETRIEVAL_MIN_LEN:
             raise ConfigError(f"train.retrieval_mix > 0 needs train.seq_len >= "
-                              f"{RETRIEVAL_MIN_LEN - 1} (a retrieval sequence), got {self.seq_len}")
+                              f"{RETRIEVAL_MIN_LEN} (a retrieval sequence), got {self.seq_len}")
         if self.retrieval_evaluated and self.retrieval_len < RETRIEVAL_MIN_LEN:
             raise ConfigError(f"retrieval-eval sequences must have >= {RETRIEVAL_MIN_LEN} tokens: "
                               f"train.retrieval_seq_len={self.retrieval_seq_len} (0 = seq_len "

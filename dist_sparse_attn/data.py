@@ -278,14 +278,17 @@ def train_batch(data: TokenData, tcfg, step: int, micro: int, dp_rank: int):
     """Micro-batch ``micro`` of optimizer step ``step`` for data-parallel rank ``dp_rank``:
     x, y (micro_batch, seq_len) int64 on the CPU, the same on every rank of a
     sequence-parallel group, a function of (seed, step, micro, dp_rank) only (exact
-    resume). A ``train.retrieval_mix`` fraction of the rows are retrieval sequences."""
+    resume). A ``train.retrieval_mix`` fraction of the rows are retrieval sequences of
+    seq_len tokens (:func:`retrieval_batch`, ending with the question "|KEY="): their
+    targets are the next tokens, and the last one is the planted digit, the answer
+    :func:`eval_retrieval` scores."""
     g = seeded_generator(tcfg.seed, 1, step, micro, dp_rank)
     x, y = data.batch("train", tcfg.seq_len, tcfg.micro_batch, generator=g)
     if tcfg.retrieval_mix > 0:
         swap = torch.rand(tcfg.micro_batch, generator=g) < tcfg.retrieval_mix
         if swap.any():
-            r, _, _ = retrieval_batch(int(swap.sum()), tcfg.seq_len + 1, generator=g)
-            x[swap], y[swap] = r[:, :-1], r[:, 1:]
+            r, value, _ = retrieval_batch(int(swap.sum()), tcfg.seq_len, generator=g)
+            x[swap], y[swap] = r, torch.cat([r[:, 1:], value[:, None]], 1)
     return x, y
 
 

@@ -169,3 +169,29 @@ def test_eval_retrieval_sequence_parallel_shards(seed):
             assert pos.tolist() == list(range(lo, hi))
         assert acc == (whole if rank == world - 1 else None), (rank, acc, whole)
     assert model.training       # eval() is undone
+
+
+def test_train_batch_retrieval_rows_target_the_answer(seed):
+    """train.retrieval_mix: a retrieval row of a training batch is a retrieval sequence
+    that ends with the question "|KEY=", and its last target is the planted digit (the
+    answer :func:`eval_retrieval` scores), so the model is trained on the task; the other
+    targets are the next tokens."""
+    from dist_sparse_attn.config import TrainConfig
+    from dist_sparse_attn.data import train_batch
+    data = TokenData(torch.randint(97, 123, (5000,)))
+    tcfg = TrainConfig(seq_len=40, micro_batch=8, retrieval_mix=0.5, seed=seed)
+    rows = 0
+    for step in range(4):
+        x, y = train_batch(data, tcfg, step, 0, 0)
+        assert x.shape == y.shape == (8, 40)
+        for b in range(8):
+            text = bytes(x[b].tolist())
+            if b"|" not in text:           # a corpus row
+                continue
+            rows += 1
+            p = text.index(b"|")
+            key = text[p + 1:p + 4]
+            assert text.endswith(b"|" + key + b"="), text
+            assert int(y[b, -1]) == text[p + 5], (text, bytes(y[b].tolist()))
+            assert torch.equal(y[b, :-1], x[b, 1:])
+    assert rows > 0
