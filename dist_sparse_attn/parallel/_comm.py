@@ -165,6 +165,8 @@ DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.floa
 DEVICE_CODES = {"cpu": 0, "cuda": 1}
 BACKEND_CODES = {"torch": 0, "triton": 1}
 MODE_CODES = {"bucketed": 0, "hash": 1, "qk": 2, "dense": 3, "none": 4}
+# fixed codes: a strategy function called directly must differ from another one too
+STRATEGY_CODES = {"bucket": 0, "ulysses": 1, "allgather": 2}
 
 
 def float_bits(x: float) -> int:
@@ -316,7 +318,7 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
             overlap_chunks = 1
         row = torch.tensor(
             [B, H, k.shape[2], D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 2), n,
-             -1, int(causal), int(include_self), list(strategies).index(strategy),
+             -1, int(causal), int(include_self), STRATEGY_CODES[strategy],
              MODE_CODES[mode], -1 if n_buckets is None else int(n_buckets),
              -1 if seed is None else int(seed), float_bits(softmax_scale_for(D, softmax_scale)),
              BACKEND_CODES[ran], overlap_chunks], dtype=torch.int64)

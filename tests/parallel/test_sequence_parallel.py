@@ -185,6 +185,13 @@ def _check_disagreements(rank, n, gen):
     expect("mode", lambda: spha(q, q, q, 4, **kw) if rank == 0 else spa(q, q, q, kb, kb, **kw))
     # the bucket strategy's overlap chunks
     expect("overlap_chunks", lambda: spa(q, q, q, kb, kb, overlap_chunks=on1(1, 2), **kw))
+    # the strategy functions called directly (public too): a different one on rank 1
+    from dist_sparse_attn.parallel import (allgather_attention, bucket_parallel_attention,
+                                           ulysses_attention)
+    for a, b in ((bucket_parallel_attention, allgather_attention),
+                 (ulysses_attention, allgather_attention),
+                 (bucket_parallel_attention, ulysses_attention)):
+        expect("strategy", lambda: on1(a, b)(q, q, q, kb, kb, **kw))
     # a local error of another type on rank 1 only (here an invalid chunk count):
     # rank 1 raises it, rank 0 learns of it instead of waiting in the next collective
     with pytest.raises(ValueError, match="overlap_chunks" if rank == 1 else "rank"):
