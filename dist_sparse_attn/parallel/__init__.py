@@ -86,8 +86,10 @@ def sequence_parallel_attention(q, k, v, q_buckets, k_buckets, *, group=None, st
     Raises ValueError on every rank of the group when any rank's inputs are invalid
     or an argument that must agree differs between ranks: B, H, Hkv, D, dtype, device
     type, causal, include_self, strategy, the softmax scale in use, the backend that
-    runs, the bucket strategy's overlap chunks (and n_buckets and seed for
-    :func:`sequence_parallel_hash_attention`). Checked with one small all_gather.
+    runs, the bucket strategy's overlap chunks, whether the inputs need gradients (with
+    gradients enabled: any of q, k, v requiring them; k or v for "allgather"), and
+    n_buckets and seed for :func:`sequence_parallel_hash_attention`. Checked with one
+    small all_gather.
     """
     return _dispatch(q, k, v, q_buckets, k_buckets, group=group, strategy=strategy,
                      causal=causal, include_self=include_self, softmax_scale=softmax_scale,

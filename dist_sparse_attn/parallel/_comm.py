@@ -260,7 +260,20 @@ class Meta(NamedTuple):
 # the row gathered by validate_and_gather_meta; None = differs legitimately between ranks
 _META_NAMES = ("B", "H", "Hkv", "D", "dtype", "device", None, None, "causal", "include_self",
                "strategy", "mode", "n_buckets", "seed", "softmax_scale", "backend",
-               "overlap_chunks")
+               "overlap_chunks", "whether the inputs need gradients")
+
+
+def needs_gradients(q, k, v, strategy: str) -> int:
+    """1 when this call's backward runs collectives (for ``strategy``), else 0: with
+    gradients enabled, any of q, k, v requiring them ("bucket", "ulysses": q, k and v
+    travel through the same exchanges) or k or v requiring them ("allgather": the
+    gathered keys' gradients are all-reduced). Every rank must agree, or the backward of
+    some ranks waits for collectives the others never run."""
+    if not torch.is_grad_enabled():
+        return 0
+    if strategy == "allgather":
+        return int(k.requires_grad or v.requires_grad)
+    return int(q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def strategy_meta(meta, q, k, v, q_buckets, k_buckets, *, group, strategy, causal,
@@ -283,9 +296,10 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
 
     Every argument that must be the same on every rank is compared: B, H, Hkv, D, dtype,
     device type, causal, include_self, strategy, mode ("bucketed", "hash", "qk"),
-    n_buckets and seed (hash mode), the softmax scale in use, the backend that runs and
+    n_buckets and seed (hash mode), the softmax scale in use, the backend that runs,
     the bucket strategy's overlap chunks (``overlap_chunks``: validated for every
-    strategy, compared for "bucket" only, the one that uses it). Any difference, or an
+    strategy, compared for "bucket" only, the one that uses it) and whether the backward
+    runs collectives (:func:`needs_gradients`). Any difference, or an
     invalid input on any rank, raises a ValueError on every rank (``local_error``: an
     error the caller already met on this rank, e.g. while hashing, raised here after the
     gather in the same way).
@@ -321,7 +335,8 @@ def validate_and_gather_meta(q, k, v, q_buckets, k_buckets, *, group, strategy, 
              -1, int(causal), int(include_self), STRATEGY_CODES[strategy],
              MODE_CODES[mode], -1 if n_buckets is None else int(n_buckets),
              -1 if seed is None else int(seed), float_bits(softmax_scale_for(D, softmax_scale)),
-             BACKEND_CODES[ran], overlap_chunks], dtype=torch.int64)
+             BACKEND_CODES[ran], overlap_chunks, needs_gradients(q, k, v, strategy)],
+            dtype=torch.int64)
         if dist.get_backend(group) == "nccl":
             row = row.to(q.device)
         if q_buckets.numel() + k_buckets.numel():

@@ -192,6 +192,20 @@ def _check_disagreements(rank, n, gen):
                  (ulysses_attention, allgather_attention),
                  (bucket_parallel_attention, ulysses_attention)):
         expect("strategy", lambda: on1(a, b)(q, q, q, kb, kb, **kw))
+    # inputs that need gradients on one rank only: its backward would wait for collectives
+    # the other rank never runs (q, k, v for "bucket" and "ulysses"; k, v for "allgather",
+    # whose backward all-reduces the gathered keys' gradients)
+    qg = q.clone().requires_grad_()
+    for strategy in ("bucket", "ulysses", "allgather"):
+        expect("need gradients", lambda: spa(q, on1(q, qg), q, kb, kb, strategy=strategy, **kw))
+    expect("need gradients", lambda: spa(qg, q, q, kb, kb, overlap_chunks=2, **kw)
+           if rank == 0 else spa(q, q, q, kb, kb, overlap_chunks=2, **kw))
+    with torch.set_grad_enabled(rank == 0):
+        expect("need gradients", lambda: spa(qg, qg, qg, kb, kb, **kw))
+    # "allgather" with gradients for q on one rank only: its backward runs no collective
+    o = spa(on1(q, qg), q, q, kb, kb, strategy="allgather", **kw)
+    if rank == 1:
+        o.sum().backward()
     # a local error of another type on rank 1 only (here an invalid chunk count):
     # rank 1 raises it, rank 0 learns of it instead of waiting in the next collective
     with pytest.raises(ValueError, match="overlap_chunks" if rank == 1 else "rank"):
