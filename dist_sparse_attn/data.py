@@ -266,6 +266,23 @@ def load_data(tcfg) -> TokenData:
     return data
 
 
+def data_fingerprint(data: TokenData, samples: int = 4096) -> tuple:
+    """What the ranks of a run compare to know they read the same corpus: the splits'
+    lengths and a SHA-256 of ``samples`` tokens at evenly spaced indices (cheap on a
+    large memory-mapped ``.bin``)."""
+    import hashlib
+    out = []
+    for split in ("train", "val"):
+        tokens = data.splits[split]
+        n = len(tokens)
+        idx = np.unique(np.linspace(0, n - 1, num=min(samples, n)).astype(np.int64))
+        picked = tokens[torch.from_numpy(idx)] if isinstance(tokens, torch.Tensor) \
+            else tokens[idx]
+        values = np.asarray(picked, dtype=np.int64)
+        out += [n, hashlib.sha256(values.tobytes()).hexdigest()]
+    return tuple(out)
+
+
 def seeded_generator(*key) -> torch.Generator:
     """A CPU generator seeded by a tuple of ints (stable across runs and processes)."""
     h = 1469598103934665603
@@ -300,4 +317,5 @@ def val_batch(data: TokenData, tcfg, i: int, dp_rank: int):
 
 __all__ = ["stdlib_files", "stdlib_corpus", "bytes_to_tokens", "load_text", "load_bin",
            "TokenData", "shard_bounds", "shard_sequence", "retrieval_batch", "eval_retrieval",
-           "load_tokens", "load_data", "seeded_generator", "train_batch", "val_batch"]
+           "load_tokens", "load_data", "data_fingerprint", "seeded_generator", "train_batch",
+           "val_batch"]

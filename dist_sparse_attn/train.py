@@ -48,7 +48,7 @@ from .checkpoint import checkpoint_layout, resolve_checkpoint
 from .config import (ConfigError, TrainConfig, check_compile, check_config,
                      check_fresh_out_dir, check_out_dir, deepspeed_config, find_file,
                      load_config, sequence_parallel_from_json)
-from .data import load_data
+from .data import data_fingerprint, load_data
 from .distributed import agree, init_distributed, launch_rank, launch_world, peer_failure
 from .model import GPTConfig
 from .trainer import Trainer, describe_run
@@ -200,8 +200,18 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
         layout = _layout(mcfg, tcfg, world, sp_json)
         ds = deepspeed_config(tcfg, layout, cuda)
         check_compile(mcfg, ds, layout["sp"], cuda)
-        data = load_data(tcfg)
-        # from here on a check may fail on some ranks only: agree makes all of them stop
+        # from here on a check may fail on some ranks only: agree makes all of them stop.
+        # Every rank reads the data itself (on several nodes, each its own copy): the
+        # ranks of a sequence-parallel group shard the same sequences, so the corpora
+        # must be the same
+        data = agree(load_data, tcfg, error=ConfigError)
+        prints = [None] * world
+        dist.all_gather_object(prints, data_fingerprint(data))
+        if any(p != prints[0] for p in prints):
+            raise ConfigError(f"train.data {tcfg.data!r} differs between ranks (train/val "
+                              f"tokens per rank: {[(p[0], p[2]) for p in prints]}, or their "
+                              "contents): every rank must read the same corpus (the same "
+                              "file on every node; 'stdlib' needs the same Python version)")
         tag = None
         if args.resume:
             tag, meta = agree(resolve_checkpoint, os.path.join(tcfg.out_dir, "checkpoints"),

@@ -1053,6 +1053,35 @@ def test_bad_checkpoints_stop_every_rank(work, config, finished):
     assert before["steps"] == CKPT_STEPS      # untouched
 
 
+@pytest.mark.timeout(600)
+def test_data_that_differs_between_ranks_stops_every_rank(work, config):
+    """Every rank reads train.data itself (on several nodes: its own copy). A file that
+    one rank lacks, or one whose tokens differ on one rank (the ranks of a sequence-parallel
+    group would shard different sequences), makes every rank exit 2 with one line saying
+    why (the test starts the ranks, see _ranks_by_hand: here rank 1 is given another
+    path, as a node without the file or with another copy would see it)."""
+    text = bytes(range(32, 127)) * 200
+    (work / "corpus_a.txt").write_bytes(text)
+    (work / "corpus_b.txt").write_bytes(text[:-1] + b"!")
+    specs, cases = [], []
+    for name, other, want in (("data_missing", work / "no_such_corpus.txt", "no file"),
+                              ("data_differs", work / "corpus_b.txt", "differs between ranks")):
+        out = work / name
+        for r, (cmd, _, env) in enumerate(_ranks_by_hand(2, ["--config", str(config), "--out",
+                                                             str(out)])):
+            data = work / "corpus_a.txt" if r == 0 else other
+            specs.append((cmd + ["--set", f"train.data={data}"], f"{out}.rank{r}", env))
+        cases.append(want)
+    jobs = run_jobs(specs, timeout_s=200)
+    for i, want in enumerate(cases):
+        ranks = jobs[2 * i:2 * i + 2]
+        assert [j.rc for j in ranks] == [2, 2], "\n---\n".join(j.tail() for j in ranks)
+        errors = [l for j in ranks for l in j.log.splitlines() if "configuration error" in l]
+        assert len(errors) == 1 and want in errors[0], "\n---\n".join(j.tail() for j in ranks)
+        for j in ranks:
+            assert "Traceback" not in j.log and "[train] step" not in j.log, j.tail()
+
+
 @pytest.mark.timeout(300)
 def test_bad_config_and_out_dir_without_dry_run(work, config):
     """Without --dry-run: model.n_layer=0 (otherwise a block-less model would train), an output
