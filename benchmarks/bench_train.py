@@ -280,9 +280,12 @@ def config_sets(name: str, seq_len: int, world: int, cpu: bool, max_buckets: int
         if m.group(1) == "dsu":
             strategy = "ds-ulysses"
         eff = "auto" if cpu and backend in ("flash", "cudnn") else backend
+        if world > 1 and strategy != "ds-ulysses":     # the library's kernels, not SDPA
+            eff = "auto"
         info.update(kind="dense", baseline=True, sdpa_backend=eff)
         if eff != backend:
-            info["note"] = f"sdpa {backend}->auto on CPU"
+            info["note"] = f"sdpa {backend}->auto" + (" on CPU" if world == 1 or
+                                                      strategy == "ds-ulysses" else "")
         sets = ["model.attention=dense", f"model.sdpa_backend={eff}"]
     elif re.fullmatch(r"hash\d+(-loc\d+)?", base):
         nb_text, _, loc = base[4:].partition("-loc")

@@ -319,6 +319,12 @@ def check_config(mcfg: GPTConfig, tcfg: TrainConfig, world: int) -> dict:
         raise ConfigError(f"retrieval-eval sequences of {tcfg.retrieval_len} tokens "
                           f"(train.retrieval_seq_len) are shorter than the sequence-parallel "
                           f"size {sp}")
+    if sp > 1 and mcfg.sdpa_backend != "auto" and tcfg.sp_strategy != "ds-ulysses":
+        raise ConfigError(f"model.sdpa_backend={mcfg.sdpa_backend!r} is not used by "
+                          f"train.sp_strategy={tcfg.sp_strategy!r} (sp={sp}): the library's "
+                          "strategies run dense attention on their own kernels; use "
+                          "train.sp_strategy='ds-ulysses' (DeepSpeed-Ulysses over SDPA) or "
+                          "model.sdpa_backend='auto'")
     if sp > 1 and tcfg.sp_strategy in ("ulysses", "ds-ulysses"):
         if mcfg.n_kv_head % sp or mcfg.n_head % sp:
             raise ConfigError(f"sp_strategy={tcfg.sp_strategy!r} splits heads over the "

@@ -128,8 +128,9 @@ class GPTConfig:
     Needs ``compile="off"``."""
     sdpa_backend: str = setting("auto", choices=tuple(SDPA_BACKENDS))
     """attention="dense": the SDPA backend, "auto" (PyTorch's choice), "flash", "cudnn",
-    "efficient" or "math" (the dense baselines of the benchmarks). family="hf": "auto"
-    only (transformers' "sdpa" lets PyTorch choose)."""
+    "efficient" or "math" (the dense baselines of the benchmarks), on one device or under
+    the training's sp_strategy "ds-ulysses" (the library's strategies run its own
+    kernels). Any other value than "auto" needs attention="dense" and family="gpt"."""
     compile: str = setting("off", choices=COMPILE_MODES)
     """"off", or "blocks": ``torch.compile`` (default mode, no CUDA graphs, static shapes)
     of each block's per-token work around the attention call -- ln_1, the qkv projection,
@@ -180,6 +181,10 @@ class GPTConfig:
         if self.bucket_cap and (self.bucket_cap < 1 or self.attention != "hash"):
             raise ValueError(f"bucket_cap={self.bucket_cap} must be 0 (off) or >= 1 (times the "
                              f"mean bucket size), with attention='hash'")
+        if self.sdpa_backend != "auto" and (self.attention != "dense" or self.family == "hf"):
+            raise ValueError(f"sdpa_backend={self.sdpa_backend!r} applies to attention='dense' "
+                             f"of family='gpt' only (nothing else runs SDPA), got attention="
+                             f"{self.attention!r}, family={self.family!r}")
         if self.offload_checkpoints and not self.activation_checkpointing:
             raise ValueError("offload_checkpoints needs activation_checkpointing=True (what it "
                              "offloads are the checkpointed blocks' inputs)")

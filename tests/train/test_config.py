@@ -283,6 +283,28 @@ def test_gptconfig_rejects(kw, text):
     assert str(e.value) == text
 
 
+def test_sdpa_backend_where_it_would_be_ignored(config, tmp_path, capsys, clean_env):
+    """model.sdpa_backend picks the SDPA kernel of dense attention on one device and of
+    sp_strategy='ds-ulysses'; a choice that nothing would read is an error, not a silent
+    no-op: with attention 'hash' (or family 'hf'), and with dense attention sharded by a
+    library strategy (which runs the library's kernels)."""
+    with pytest.raises(ValueError, match="sdpa_backend='math' applies to attention='dense'"):
+        GPTConfig(attention="hash", sdpa_backend="math")
+    with pytest.raises(ValueError, match="sdpa_backend='math'"):
+        GPTConfig(family="hf", attention="dense", sdpa_backend="math")
+    dense = ["model.attention=dense", "model.sdpa_backend=math"]
+    rc, cap = dry_run(capsys, config, "--world-size", "2", out=tmp_path / "o", sets=dense)
+    assert_one_line_error(rc, cap, "model.sdpa_backend='math' is not used by "
+                                   "train.sp_strategy='bucket'")
+    for ok in (["--world-size", "1"], ["--world-size", "2"]):
+        sets = dense + (["train.sp_strategy=ds-ulysses"] if ok[1] == "2" else [])
+        rc, cap = dry_run(capsys, config, *ok, out=tmp_path / "o", sets=sets)
+        assert rc == 0, cap.err
+    rc, cap = dry_run(capsys, config, "--world-size", "2", out=tmp_path / "o",
+                      sets=["model.attention=dense"])
+    assert rc == 0, cap.err
+
+
 @pytest.mark.parametrize("kw,text", [
     (dict(lr=-1.0), "train.lr must be a number > 0, got -1.0"),
     (dict(timeout_min=0), "train.timeout_min must be a number > 0, got 0"),
