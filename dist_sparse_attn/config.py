@@ -106,6 +106,7 @@ class TrainConfig:
     checkpoint_interval: int = setting(0, ge=0)
     """Save a DeepSpeed checkpoint every this many steps (and at the end); 0 = only at the end."""
     save_checkpoint: bool = setting(True)
+    """False: save no checkpoint at all (then checkpoint_interval must be 0)."""
     seed: int = setting(1337, ge=0)
     out_dir: str = setting("runs/default", nonempty=True)
     overwrite: bool = setting(False)
@@ -131,6 +132,9 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr:g} must be <= train.lr={self.lr:g} "
                               "(the cosine schedule decays from lr to min_lr)")
+        if self.checkpoint_interval and not self.save_checkpoint:
+            raise ConfigError(f"train.checkpoint_interval={self.checkpoint_interval} saves "
+                              "nothing with train.save_checkpoint=false: set one of them")
         if self.retrieval_mix > 0 and self.seq_len < RETRIEVAL_MIN_LEN:
             raise ConfigError(f"train.retrieval_mix > 0 needs train.seq_len >= "
                               f"{RETRIEVAL_MIN_LEN} (a retrieval sequence), got {self.seq_len}")

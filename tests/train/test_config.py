@@ -203,6 +203,8 @@ SET_ERRORS = {
     "train.out_dir=": "train.out_dir must be a non-empty string, got ''",
     # relations between fields
     "train.min_lr=0.1": "train.min_lr=0.1 must be <= train.lr=0.003",
+    "train.checkpoint_interval=2 train.save_checkpoint=false":
+        "train.checkpoint_interval=2 saves nothing with train.save_checkpoint=false",
     "model.seq_len=128": "model.seq_len=128 differs from train.seq_len=256",
     "model.vocab_size=100": "model.vocab_size must be >= 256",
 }
@@ -210,7 +212,7 @@ SET_ERRORS = {
 
 @pytest.mark.parametrize("item", sorted(SET_ERRORS))
 def test_bad_override(item, config, tmp_path, capsys, clean_env):
-    rc, cap = dry_run(capsys, config, out=tmp_path / "out", sets=[item])
+    rc, cap = dry_run(capsys, config, out=tmp_path / "out", sets=item.split(" "))
     assert_one_line_error(rc, cap, SET_ERRORS[item])
     assert not (tmp_path / "out").exists()
 
