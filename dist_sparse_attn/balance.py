@@ -21,7 +21,8 @@ result is exactly ``bucketed_attention`` with the new bucket ids.
 Positions are the token indexes (the default positions ``arange(N)``); with ``group``
 the inputs are this rank's contiguous shard of a sequence sharded in rank order (as in
 :mod:`dist_sparse_attn.parallel`), and the counts of the lower ranks' keys are added
-(one all_reduce to agree on the bucket range, one all_gather of per-bucket counts).
+(one small all_gather to check the ranks' arguments and agree on the bucket range, one
+all_gather of per-bucket counts).
 """
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
         k_buckets: (B, Nk, Hkv) integer, negative = dropped.
         max_size: the most keys one (batch, kv head, bucket) keeps, an int >= 1.
         group: None (one device), or the process group the sequence is sharded over
-            (this rank's contiguous shard; every rank of the group must call).
+            (this rank's contiguous shard; every rank of the group must call, with the
+            same B, H, Hkv and max_size: otherwise, or when one rank's arguments are
+            invalid, every rank raises a ValueError).
         n_bins: None, or the caller's promise that every bucket id is below ``n_bins``
             (not checked: that would need a host sync). Without it the largest id is read
             back (one host synchronisation); the result is the same either way.
@@ -51,43 +54,35 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
     Returns (q_buckets, k_buckets) int64 of the same shapes: new ids in
     ``[0, (max bucket + 1) * pieces)``, negative where the input was negative.
     """
-    for name, b in (("q_buckets", q_buckets), ("k_buckets", k_buckets)):
-        if not isinstance(b, torch.Tensor) or b.dim() != 3 or b.dtype.is_floating_point \
-                or b.dtype == torch.bool or b.dtype.is_complex:
-            raise ValueError(f"{name} must be an integer tensor (B, N, heads), got "
-                             f"{getattr(b, 'dtype', type(b).__name__)} "
-                             f"{tuple(getattr(b, 'shape', ()))}")
-    B, Nq, H = q_buckets.shape
-    Bk, Nk, Hkv = k_buckets.shape
-    if Bk != B or Hkv < 1 or H % Hkv:
-        raise ValueError(f"q_buckets (B, N, H) = {tuple(q_buckets.shape)} and k_buckets "
-                         f"{tuple(k_buckets.shape)} need the same B and H % Hkv == 0")
-    if k_buckets.device != q_buckets.device:
-        raise ValueError(f"k_buckets.device {k_buckets.device} differs from "
-                         f"q_buckets.device {q_buckets.device}")
-    if not _is_count(max_size):
-        raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
+    if group is None:
+        _check_args(q_buckets, k_buckets, max_size, n_bins)
+        nbins = int(n_bins) if n_bins is not None else _max_id(q_buckets, k_buckets) + 1
+        total_k = k_buckets.shape[1]
+    else:
+        # ONE small all_gather of every rank's facts: an invalid input, or a shape or
+        # max_size that differs between ranks, raises a ValueError on every rank (alone,
+        # a rank would leave the others waiting, or mismatch their count exchange)
+        from .parallel._comm import check_same, gather_rows
+        row = error = None
+        try:
+            _check_args(q_buckets, k_buckets, max_size, n_bins)
+            nb = int(n_bins) if n_bins is not None else _max_id(q_buckets, k_buckets) + 1
+            row = torch.tensor([nb, k_buckets.shape[1], *q_buckets.shape[::2],
+                                k_buckets.shape[2], int(max_size)], dtype=torch.int64)
+        except ValueError as e:
+            error = e
+        rows = gather_rows(row, 6, group, what="cap_buckets", local_error=error)
+        check_same(rows, (None, None, "B", "H", "Hkv", "max_size"), what="cap_buckets")
+        nbins, total_k = int(rows[:, 0].max()), int(rows[:, 1].sum())
+        rank = dist.get_rank(group)
     max_size = int(max_size)
-    if n_bins is not None and not _is_count(n_bins):
-        raise ValueError(f"n_bins must be None or an int >= 1, got {n_bins!r}")
+    B, Nq, H = q_buckets.shape
+    Nk, Hkv = k_buckets.shape[1:]
     g = H // Hkv
     dev = q_buckets.device
     kb = k_buckets.long().permute(0, 2, 1).reshape(B * Hkv, Nk).contiguous()  # (Sk, Nk)
     qb = q_buckets.long().permute(0, 2, 1).reshape(B * Hkv, g * Nq).contiguous()  # (Sk, g*Nq)
     q_idx = torch.arange(Nq, device=dev).repeat(g)                          # (g*Nq,)
-
-    # ---- the bucket range and the keys of lower ranks (sharded) ---------------------------
-    if n_bins is not None:
-        nbins = int(n_bins)
-    else:
-        nbins = int(max(int(kb.max()) if kb.numel() else -1,
-                        int(qb.max()) if qb.numel() else -1)) + 1
-    total_k = Nk
-    if group is not None:
-        rank = dist.get_rank(group)
-        t = torch.tensor([nbins, Nk], dtype=torch.int64, device=dev)
-        every = _all_gather(t, group)                                         # (P, 2)
-        nbins, total_k = int(every[:, 0].max()), int(every[:, 1].sum())
     nbins = max(nbins, 1)
     pieces = _pieces(total_k, max_size)
     if nbins * pieces >= _ID_LIMIT:
@@ -125,6 +120,33 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
     new_k = new_k.view(B, Hkv, Nk).permute(0, 2, 1)                          # (B, Nk, Hkv)
     new_q = new_q.view(B, Hkv, g, Nq).permute(0, 3, 1, 2).reshape(B, Nq, H)   # (B, Nq, H)
     return new_q.contiguous(), new_k.contiguous()
+
+
+def _check_args(q_buckets, k_buckets, max_size, n_bins):
+    """ValueErrors for :func:`cap_buckets`'s arguments."""
+    for name, b in (("q_buckets", q_buckets), ("k_buckets", k_buckets)):
+        if not isinstance(b, torch.Tensor) or b.dim() != 3 or b.dtype.is_floating_point \
+                or b.dtype == torch.bool or b.dtype.is_complex:
+            raise ValueError(f"{name} must be an integer tensor (B, N, heads), got "
+                             f"{getattr(b, 'dtype', type(b).__name__)} "
+                             f"{tuple(getattr(b, 'shape', ()))}")
+    B, Nq, H = q_buckets.shape
+    Bk, Nk, Hkv = k_buckets.shape
+    if Bk != B or Hkv < 1 or H % Hkv:
+        raise ValueError(f"q_buckets (B, N, H) = {tuple(q_buckets.shape)} and k_buckets "
+                         f"{tuple(k_buckets.shape)} need the same B and H % Hkv == 0")
+    if k_buckets.device != q_buckets.device:
+        raise ValueError(f"k_buckets.device {k_buckets.device} differs from "
+                         f"q_buckets.device {q_buckets.device}")
+    if not _is_count(max_size):
+        raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
+    if n_bins is not None and not _is_count(n_bins):
+        raise ValueError(f"n_bins must be None or an int >= 1, got {n_bins!r}")
+
+
+def _max_id(q_buckets, k_buckets) -> int:
+    """The largest bucket id of either tensor (-1 for none): one host synchronisation."""
+    return max(int(t.max()) if t.numel() else -1 for t in (q_buckets, k_buckets))
 
 
 def _is_count(x) -> bool:

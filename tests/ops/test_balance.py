@@ -126,15 +126,48 @@ def _sharded_case(rank, seed):
     assert torch.equal(got[0], want[0][:, lo:hi]) and torch.equal(got[1], want[1][:, lo:hi])
 
 
+def _disagreeing_case(rank):
+    """Sharded arguments that differ on the last rank (B, heads, max_size) or are invalid
+    there: every rank raises a ValueError (the same exchange shapes on every rank; no rank
+    aborts, waits, or returns ids computed from another rank's mismatched counts), and
+    the group is still in step afterwards."""
+    import torch.distributed as dist
+    last = rank == len(LENGTHS) - 1
+    n = LENGTHS[rank]
+    qb, kb = torch.zeros(2, n, 4, dtype=torch.long), torch.zeros(2, n, 2, dtype=torch.long)
+    group = dist.group.WORLD
+    for name, q, k, size in (("B", qb[:1] if last else qb, kb[:1] if last else kb, 7),
+                             ("Hkv", qb, kb[..., :1] if last else kb, 7),
+                             ("max_size", qb, kb, 5 if last else 7)):
+        with pytest.raises(ValueError, match=f"{name} differs between ranks"):
+            cap_buckets(q, k, size, group=group)
+    with pytest.raises(ValueError, match="q_buckets" if last else r"invalid inputs on rank\(s\) \[2\]"):
+        cap_buckets(qb.float() if last else qb, kb, 7, group=group)
+    _sharded_case(rank, 0)
+
+
 def _worker(rank, world, port, seed, outdir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
-    record_cases(["sharded"], lambda i, name: _sharded_case(rank, seed), rank, outdir)
+    record_cases(["sharded", "disagreeing"],
+                 lambda i, name: _sharded_case(rank, seed) if name == "sharded"
+                 else _disagreeing_case(rank), rank, outdir)
 
 
 @pytest.mark.timeout(150)
-def test_cap_sharded_equals_single_device(tmp_path, seed):
-    results = run_workers(_worker, len(LENGTHS), tmp_path, ["sharded"], timeout_s=120,
-                          extra_args=(seed,))
-    assert_ranks_ok(results, len(LENGTHS), "sharded")
+@pytest.mark.parametrize("case", ["sharded", "disagreeing"])
+def test_cap_sharded(tmp_path_factory, seed, case):
+    results = _results(tmp_path_factory, seed)
+    assert_ranks_ok(results, len(LENGTHS), case)
+
+
+_RESULTS = {}
+
+
+def _results(tmp_path_factory, seed):
+    if seed not in _RESULTS:
+        _RESULTS[seed] = run_workers(_worker, len(LENGTHS), tmp_path_factory.mktemp("cap"),
+                                     ["sharded", "disagreeing"], timeout_s=120,
+                                     extra_args=(seed,))
+    return _RESULTS[seed]
