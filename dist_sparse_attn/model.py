@@ -192,7 +192,7 @@ class GPTConfig:
             bad = [f"{name}={getattr(self, name)!r}" for name, off in (
                 ("attention", "none"), ("bucket_cap", 0.0), ("offload_checkpoints", False),
                 ("loss_chunk", 0), ("mlp_chunk", 0), ("compile", "off"), ("dropout", 0.0),
-                ("bias", False), ("cuda_graph", False), ("sdpa_backend", "auto"))
+                ("bias", False), ("cuda_graph", False))
                 if (getattr(self, name) == off) == (name == "attention")]
             if bad:
                 raise ValueError(f"family='hf' (a transformers Llama) does not support "

@@ -365,7 +365,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="needs compile='off'"):
         GPTConfig(mlp_chunk=64, compile="blocks")
     # the Llama's dense attention is transformers' "sdpa", which picks its own backend
-    with pytest.raises(ValueError, match="family='hf' .* sdpa_backend='cudnn'"):
+    with pytest.raises(ValueError, match="sdpa_backend='cudnn' .* family='hf'"):
         GPTConfig(family="hf", attention="dense", sdpa_backend="cudnn")
 
 
