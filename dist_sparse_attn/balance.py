@@ -62,7 +62,7 @@ def cap_buckets(q_buckets: torch.Tensor, k_buckets: torch.Tensor, max_size: int,
         # ONE small all_gather of every rank's facts: an invalid input, or a shape or
         # max_size that differs between ranks, raises a ValueError on every rank (alone,
         # a rank would leave the others waiting, or mismatch their count exchange)
-        from .parallel._comm import check_same, gather_rows
+        from ._collective import check_same, gather_rows
         row = error = None
         try:
             _check_args(q_buckets, k_buckets, max_size, n_bins)

@@ -4,7 +4,8 @@ layers, so data flows one way and there is no import cycle.
 
 Layers, bottom up (a unit is a top-level module or subpackage of ``dist_sparse_attn``):
 
-    0  _index           int64 positions that stay int64 under torch.compile
+    0  _index, _collective   int64 positions that stay int64 under torch.compile; the
+                     agreement of ranks (small all_gathers of one row per rank)
     1  _validation, schema, reference, layout, balance, graphs
     2  plan             the attention plan over sorted streams
     3  kernels          the backend registry and every device step (attention, sort, LSH)
@@ -35,7 +36,7 @@ import sys
 import pytest
 
 LAYERS = [
-    {"_index"},
+    {"_index", "_collective"},
     {"_validation", "schema", "reference", "layout", "balance", "graphs"},
     {"plan"},
     {"kernels"},
