@@ -4,7 +4,8 @@ After the sort a stream is a run of buckets, each run ordered by position, with
 dropped tokens (negative buckets) moved to the end. Per block of rows we keep
 the bucket and position ranges of its *valid* tokens; with sorted buckets the
 key blocks that can interact with a query block form one contiguous range,
-found by binary search (`torch.searchsorted`), in O(N / block) per stream.
+found by binary search (`torch.searchsorted`), in O(nb log nb) per stream
+(nb = N / block blocks).
 """
 from __future__ import annotations
 

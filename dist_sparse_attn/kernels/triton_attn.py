@@ -1,6 +1,7 @@
 """Triton sparse flash attention over the sorted (bucket, position) layout.
 
-Four kernels per call direction:
+Kernels (the forward launches the gather and ``_fwd_kernel``; the backward the gather
+and the two backward kernels):
 
 * ``_gather_kernel``   copies the rows of q and of k, v into sorted order, each
                        stream contiguous (S, N, D); one launch for both sides. In the
@@ -8,6 +9,8 @@ Four kernels per call direction:
 * ``_fwd_kernel``      one program per (query block, query stream)
 * ``_bwd_dkdv_kernel`` one program per (key block, kv stream): dK, dV
 * ``_bwd_dq_kernel``   one program per (query block, query stream): dQ
+* ``_ranges_kernel``   the block ranges of a tile shape (the searches of
+                       ``layout.kv_ranges`` / ``q_ranges``), once per plan and tile shape
 
 Every tile a program reads is then a contiguous block of rows: a plain block load
 or, on Hopper (sm_90+) where it measured faster, a TMA tensor-descriptor load.

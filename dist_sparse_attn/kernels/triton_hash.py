@@ -3,20 +3,27 @@
 One program hashes a block of tokens of one (batch, head) stream. For each
 factor of the scheme (one factor ``argmax([xR ; -xR])`` for the classic scheme)
 it projects the rows on that factor's rotation columns, a tile of columns at a
-time (float32, IEEE dot, accumulated over tiles of the head dim), keeps a
-running first maximum over the tiles, and combines the sub-buckets in mixed
-radix (then merges fine buckets where the scheme says so). It writes either the
-bucket ids (B, N, heads) or directly the sort keys ``bucket << 32 | (pos + 2**31)``
-of the stream layout (S, N) that ``layout.bucket_keys`` would compute, saving
-the float copy, the projections, the argmaxes and the key arithmetic as
-separate launches. The dots run over (BLOCK_N, 16) row tiles and (16, 32)
-rotation tiles into a (BLOCK_N, 32) projection tile, so register use does not
-grow with the head dim or the bucket count (a dot over the whole head dim
-made the FMA lowering hold every row's K values: 255 registers and spills at
-D = 64 with 64-column factors). The fused backend (``kernels.Backend.lsh``) runs
-this kernel for every CUDA tensor outside ``torch.compile`` tracing, for
-``hashing.lsh_buckets`` and ``hash_sparse_attention`` alike, so both see identical
-buckets.
+time, keeps a running first maximum over the tiles, and combines the sub-buckets
+in mixed radix (then merges fine buckets where the scheme says so). It writes
+either the bucket ids (B, N, heads) or directly the sort keys
+``bucket << 32 | (pos + 2**31)`` of the stream layout (S, N) that
+``layout.bucket_keys`` would compute, saving the float copy, the projections, the
+argmaxes and the key arithmetic as separate launches.
+
+Projections, two paths, both of float32 accuracy:
+
+* bfloat16 rows with D <= 128 on a GPU: tensor-core dots of the whole head dim in one
+  bf16 tile against the float32 rotation split into three bf16 parts (hi + mid + lo,
+  exact products, float32 accumulation; ``_sub_bucket_split``).
+* otherwise float32 IEEE dots over (BLOCK_N, 16) row tiles and (16, 32) rotation
+  tiles into a (BLOCK_N, 32) projection tile, accumulated over tiles of the head dim,
+  so register use does not grow with the head dim or the bucket count (a dot over the
+  whole head dim made the FMA lowering hold every row's K values: 255 registers and
+  spills at D = 64 with 64-column factors).
+
+The fused backend (``kernels.Backend.lsh``) runs this kernel for every CUDA tensor
+outside ``torch.compile`` tracing, for ``hashing.lsh_buckets`` and
+``hash_sparse_attention`` alike, so both see identical buckets.
 """
 from __future__ import annotations
 
