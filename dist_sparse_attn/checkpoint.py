@@ -2,12 +2,13 @@
 
 A checkpoint ``OUT/checkpoints/<tag>/`` holds DeepSpeed's per-rank files and
 :data:`CHECKPOINT_META`, written after every rank's files are on disk: the parallel
-layout, ZeRO stage, precision and parameter shapes of the run that saved it, the step,
-and every file's size and SHA-256. ``OUT/checkpoints/latest`` names the newest
+layout, ZeRO stage, precision and parameter shapes of the run that saved it, its whole
+resolved configuration, the step, and every file's size and SHA-256. ``OUT/checkpoints/latest`` names the newest
 complete checkpoint and is written last. :func:`resolve_checkpoint` verifies a
 checkpoint against the run about to load it, with every rank hashing a share of the
 files, and raises :class:`~dist_sparse_attn.config.ConfigError` (one line) for a missing,
-incomplete, corrupt or incompatible one.
+incomplete, corrupt or incompatible one, or one whose model computed something else
+than the run about to load it (unless that run allows it).
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import os
 
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import MODEL_SHAPES, ConfigError, check_model_changes
 from .distributed import raise_if_any
 
 CHECKPOINT_META = "dsa_checkpoint.json"
 """Written into each checkpoint directory after every rank's files: the parallel layout,
-the parameter shapes, the step, and each file's size and SHA-256."""
-_SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "bias")
+the parameter shapes, the step, each file's size and SHA-256, and (key ``"config"``) the
+resolved configuration of the run that saved it."""
 _TAG_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -35,7 +36,7 @@ def checkpoint_layout(mcfg, layout: dict, ds: dict) -> dict:
     return {"world": None if sp is None or dp is None else sp * dp, "sp": sp, "dp": dp,
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
             "bf16": bool(ds.get("bf16", {}).get("enabled", False)),
-            "model": {f: getattr(mcfg, f) for f in _SHAPE_FIELDS}}
+            "model": {f: getattr(mcfg, f) for f in MODEL_SHAPES}}
 
 
 def checkpoint_files(tag_dir: str) -> list:
@@ -68,10 +69,15 @@ def _tags(ckpt_dir: str) -> str:
     return ", ".join(have) or "none"
 
 
-def resolve_checkpoint(ckpt_dir: str, tag: str, expect: dict, share=(0, 1)) -> tuple[str, dict]:
+def resolve_checkpoint(ckpt_dir: str, tag: str, expect: dict, share=(0, 1), config=None,
+                       allow_model_change: bool = False) -> tuple[str, dict]:
     """Check the checkpoint ``tag`` ("latest" or a tag) of ``ckpt_dir`` before loading it.
 
     ``expect``: :func:`checkpoint_layout` of this run (None values are not compared).
+    ``config``: this run's :func:`~dist_sparse_attn.config.run_config`; when given and the
+    checkpoint records the configuration it was saved with (key ``"config"``), a model
+    that computes something else is refused unless ``allow_model_change``
+    (:func:`~dist_sparse_attn.config.check_model_changes`).
     Every file's size is checked; the SHA-256 of the files ``i`` with ``i % world ==
     rank`` (``share = (rank, world)``; all of them for ``(0, 1)``), so the ranks of a
     job verify a checkpoint together (:func:`~dist_sparse_attn.distributed.agree`).
@@ -124,6 +130,8 @@ def resolve_checkpoint(ckpt_dir: str, tag: str, expect: dict, share=(0, 1)) -> t
         if expect.get(key) is not None and saved[key] != expect[key]:
             raise ConfigError(f"--resume: checkpoint {tag} was saved with {what} = "
                               f"{saved[key]}, this run has {expect[key]}")
+    if config is not None and isinstance(meta.get("config"), dict):
+        check_model_changes(meta["config"], config, allow_model_change, f"checkpoint {tag}")
     for name, value in (expect.get("model") or {}).items():
         if saved["model"].get(name) != value:
             raise ConfigError(f"--resume: checkpoint {tag} was saved with model.{name}="
@@ -146,8 +154,9 @@ def resolve_checkpoint(ckpt_dir: str, tag: str, expect: dict, share=(0, 1)) -> t
 def save_checkpoint(engine, ckpt_dir: str, tag: str, layout: dict, step: int,
                     client_state: dict):
     """Collective: a DeepSpeed checkpoint (every rank writes its part), then, once all
-    parts are on disk, :data:`CHECKPOINT_META` (``layout``, the step and every file's size
-    and SHA-256, hashed by the ranks in turn) and only then ``latest``: a checkpoint that
+    parts are on disk, :data:`CHECKPOINT_META` (``layout``: :func:`checkpoint_layout`,
+    with the run's configuration under ``"config"``; the step and every file's size and
+    SHA-256, hashed by the ranks in turn) and only then ``latest``: a checkpoint that
     ``latest`` names is complete and can be verified before loading."""
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False, client_state=client_state)

@@ -602,6 +602,104 @@ def check_compile(mcfg: GPTConfig, ds: dict, sp: int = 1, cuda: bool = True):
                           f"sequence parallelism (sp={sp}) use model.compile='blocks'")
 
 
+# ---------------------------------------------------------------------------------------------
+# resuming with another configuration
+# ---------------------------------------------------------------------------------------------
+
+MODEL_SEMANTICS = ("family", "intermediate_size", "vocab_size", "n_layer", "n_head",
+                   "n_kv_head", "n_embd", "bias", "dropout", "attention", "n_buckets",
+                   "hash_seed", "local_heads", "local_window", "bucket_cap", "qk_keep_rate",
+                   "rope_base")
+"""The :class:`~dist_sparse_attn.model.GPTConfig` fields that change what the model
+computes (its parameters, its attention pattern, its hashing, its dropout). A
+``--resume`` whose value differs from the checkpoint's is a :class:`ConfigError` naming
+every such field with both values, unless ``--allow-model-change`` is given
+(:func:`check_model_changes`); those that set the parameter shapes cannot be changed
+even then (the checkpoint would not load)."""
+MODEL_SHAPES = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "bias")
+"""The model fields every checkpoint records and a resume must match, with or without
+``--allow-model-change`` (:func:`dist_sparse_attn.checkpoint.checkpoint_layout`): the
+parameters' shapes and the attention's head split."""
+MODEL_EXECUTION = ("seq_len", "activation_checkpointing", "offload_checkpoints",
+                   "loss_chunk", "mlp_chunk", "sdpa_backend", "compile", "cuda_graph",
+                   "compile_backend")
+"""The other GPTConfig fields: how the same function is computed (memory, kernels,
+compilation), and ``seq_len``, which only mirrors ``train.seq_len`` (no part of the model
+depends on it). Like every ``[train]`` field and the DeepSpeed JSON, they may change on
+resume; the changes are listed in a notice (:func:`config_changes`)."""
+ABSENT = type("Absent", (), {"__repr__": lambda self: "(absent)"})()
+"""In :func:`config_changes`: the key is not in that record."""
+
+
+def run_config(mcfg: GPTConfig, tcfg: TrainConfig, ds: dict, world) -> dict:
+    """The resolved configuration of a run, as ``config.json`` and each checkpoint's
+    record hold it (JSON values: a tuple is a list)."""
+    return json.loads(json.dumps({"model": dataclasses.asdict(mcfg),
+                                  "train": dataclasses.asdict(tcfg),
+                                  "deepspeed": ds, "world": world}))
+
+
+def _flat(prefix: str, value, out: dict):
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """``(key, old value, new value)`` for every field of the sections ``model``, ``train``
+    and ``deepspeed`` (nested keys joined by dots) that differs between two
+    :func:`run_config` records, in their order. A [model] or [train] field that ``old``
+    lacks (a field added since it was saved) counts as its default; a key only one side
+    has is :data:`ABSENT` on the other. ``deepspeed.train_batch_size`` is left out (it is
+    micro_batch x grad_accum x dp, each compared on its own)."""
+    defaults = {sec: {f.name: f.default for f in dataclasses.fields(cls)}
+                for sec, cls in _classes().items()}
+    changes = []
+    for sec in ("model", "train", "deepspeed"):
+        a, b = {}, {}
+        _flat(sec, dict(old.get(sec) or {}), a)
+        _flat(sec, dict(new.get(sec) or {}), b)
+        for name, value in defaults.get(sec, {}).items():
+            a.setdefault(f"{sec}.{name}", json.loads(json.dumps(value)))
+        a.pop("deepspeed.train_batch_size", None)
+        b.pop("deepspeed.train_batch_size", None)
+        for key in list(a) + [k for k in b if k not in a]:
+            va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+            if va != vb:
+                changes.append((key, va, vb))
+    return changes
+
+
+def describe_change(key: str, old, new) -> str:
+    """``key: old -> new``, the values as Python literals ("(absent)": not in that record)."""
+    return f"{key}: {old!r} -> {new!r}"
+
+
+def check_model_changes(old: dict, new: dict, allow: bool, what: str):
+    """Raise :class:`ConfigError` if the model of the :func:`run_config` record ``new``
+    computes something else than that of ``old`` (a :data:`MODEL_SEMANTICS` field differs),
+    naming every such field with both values; ``allow`` (``--allow-model-change``)
+    accepts them, except those that set the parameter shapes. ``what`` names the
+    checkpoint in the message."""
+    changed = [(k, a, b) for k, a, b in config_changes(old, new)
+               if k.startswith("model.") and k[len("model."):] in MODEL_SEMANTICS]
+    listed = "; ".join(describe_change(*c) for c in changed)
+    shapes = [k for k, _, _ in changed if k[len("model."):] in MODEL_SHAPES]
+    if shapes:
+        raise ConfigError(f"--resume: {what} holds parameters of another shape ("
+                          f"{', '.join(shapes)}): {listed}. They cannot be loaded into this "
+                          "model, with or without --allow-model-change: resume with the "
+                          "checkpoint's values")
+    if changed and not allow:
+        raise ConfigError(f"--resume: this run's model computes something else than the one "
+                          f"{what} was trained as: {listed}. Resume with the checkpoint's "
+                          "values, start a new run (another train.out_dir), or pass "
+                          "--allow-model-change to go on training these weights as the "
+                          "changed model")
+
+
 def earlier_run(path: str) -> list[str]:
     """The outputs of an earlier run in out_dir ``path`` that a fresh run would replace
     or mix with: its checkpoints directory (when not empty) and its metrics.jsonl."""
@@ -662,6 +760,8 @@ def check_out_dir(path: str, create: bool):
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_preset", "check_config",
            "check_model_and_train", "read_deepspeed_json", "sequence_parallel_from_json",
            "deepspeed_config", "check_deepspeed_json", "check_compile", "check_out_dir",
-           "check_fresh_out_dir", "earlier_run",
+           "check_fresh_out_dir", "earlier_run", "run_config", "config_changes",
+           "describe_change", "check_model_changes", "MODEL_SEMANTICS", "MODEL_SHAPES", "ABSENT",
+           "MODEL_EXECUTION",
            "find_file", "PRESETS", "PRECISIONS", "DEEPSPEED_GRADIENT_CLIPPING", "ATTENTIONS",
            "SP_STRATEGIES"]

@@ -23,8 +23,16 @@ from it (:func:`dist_sparse_attn.config.deepspeed_config`):
 
 Outputs in ``out_dir``: ``metrics.jsonl`` (one JSON per log/eval line; also written to
 the monitors the DeepSpeed JSON enables: TensorBoard, CSV, W&B), ``summary.json``,
-``loss.png``, ``config.json`` (the resolved configuration) and ``checkpoints/``
-(:mod:`dist_sparse_attn.checkpoint`). The progress line shows the loss, tokens/s, MFU
+``loss.png``, ``config.json`` (the resolved configuration; after a resume also the
+checkpoint it continues, what changed since, and every earlier segment's configuration)
+and ``checkpoints/`` (:mod:`dist_sparse_attn.checkpoint`).
+
+Resume: ``--resume`` compares the configuration the checkpoint recorded with this run's
+(every rank): a model that computes something else
+(:data:`~dist_sparse_attn.config.MODEL_SEMANTICS`) is a ConfigError unless
+``--allow-model-change``; any other change (the schedule, ``[train]``, the DeepSpeed
+JSON, how the model is computed) is listed once by rank 0 as ``old -> new``
+(:func:`resume_notice`). The progress line shows the loss, tokens/s, MFU
 (:mod:`dist_sparse_attn.metrics`) and, on CUDA, allocated memory.
 
 Errors: a configuration, data file, output directory or checkpoint that cannot work is a
@@ -35,7 +43,6 @@ a collective, :func:`dist_sparse_attn.distributed.agree`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -44,14 +51,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .checkpoint import checkpoint_layout, resolve_checkpoint
-from .config import (ConfigError, TrainConfig, check_compile, check_config,
-                     check_fresh_out_dir, check_out_dir, deepspeed_config, find_file,
-                     load_config, sequence_parallel_from_json)
+from .checkpoint import checkpoint_layout, resolve_checkpoint, write_atomic
+from .config import (ABSENT, MODEL_SEMANTICS, ConfigError, TrainConfig, check_compile,
+                     check_config, check_fresh_out_dir, check_out_dir, config_changes,
+                     deepspeed_config, describe_change, find_file, load_config, run_config,
+                     sequence_parallel_from_json)
 from .data import data_fingerprint, load_data
 from .distributed import agree, init_distributed, launch_rank, launch_world, peer_failure
 from .model import GPTConfig
-from .trainer import Trainer, describe_run
+from .trainer import Trainer, describe_run, lr_at
 
 NEEDS_DEEPSPEED = "training needs DeepSpeed: pip install 'dist_sparse_attn[train]'"
 
@@ -66,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TAG",
                    help="continue from a checkpoint in OUT/checkpoints: the latest, or TAG "
                         "(e.g. step0000100)")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="with --resume: accept a model that computes something else than the "
+                        "checkpoint's (model.attention, n_buckets, hash_seed, dropout, ...: "
+                        "config.MODEL_SEMANTICS); without it such a change is an error. "
+                        "Parameter shapes can never change")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the configuration (and with --resume the checkpoint), print "
                         "the plan, do not train")
@@ -99,6 +112,9 @@ def configure(args) -> tuple[GPTConfig, TrainConfig, str | None]:
         if not args.out.strip():
             raise ConfigError("--out must name a directory, got an empty string")
         tcfg.out_dir = args.out
+    if args.allow_model_change and not args.resume:
+        raise ConfigError("--allow-model-change goes with --resume (a fresh run has no "
+                          "earlier model to compare with)")
     if args.world_size is not None and not args.dry_run:
         raise ConfigError("--world-size N goes with --dry-run; a launched run takes its "
                           "world size from the launcher")
@@ -149,10 +165,11 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
     check_out_dir(tcfg.out_dir, create=False)
     check_fresh_out_dir(tcfg, bool(args.resume), remove=False)
     resumed = None
+    config = run_config(mcfg, tcfg, ds, world if known else None)
     if args.resume:
         expect = checkpoint_layout(mcfg, layout if known else {"sp": None, "dp": None}, ds)
         resumed = resolve_checkpoint(os.path.join(tcfg.out_dir, "checkpoints"), args.resume,
-                                     expect)
+                                     expect, (0, 1), config, args.allow_model_change)
     if not rank0:
         return 0
     print(describe_run(mcfg, tcfg, layout, ds, world, cuda), flush=True)
@@ -167,6 +184,8 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
               flush=True)
     if resumed:
         tag, meta = resumed
+        for line in resume_notice(tag, meta, config):
+            print(line, flush=True)
         print(f"[train] resume: checkpoint {tag} at step {meta['step']} (verified)"
               + ("" if meta["step"] < tcfg.steps else
                  f"; nothing to do: run already at step {meta['step']} of {tcfg.steps}"),
@@ -175,15 +194,82 @@ def _dry_run(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool, rank
     return 0
 
 
-def _prepare_out_dir(mcfg, tcfg, ds, world, resume: bool):
+_LR_FIELDS = ("lr", "min_lr", "warmup", "steps")
+
+
+def resume_changes(meta: dict, config: dict) -> list | None:
+    """The differences between the configuration a checkpoint was saved with (its
+    record's ``"config"``) and this run's :func:`~dist_sparse_attn.config.run_config`, as
+    :func:`~dist_sparse_attn.config.config_changes`; None when the checkpoint records none
+    (saved by an older version of this package)."""
+    saved = meta.get("config")
+    return config_changes(saved, config) if isinstance(saved, dict) else None
+
+
+def resume_notice(tag: str, meta: dict, config: dict) -> list[str]:
+    """The lines a resume prints (rank 0, once) about what changed since checkpoint
+    ``tag`` was saved: ``key: old -> new`` for each field, the model changes that
+    ``--allow-model-change`` let through marked as such, and the learning rate of the
+    next step when its schedule changed. Empty when nothing changed."""
+    changes = resume_changes(meta, config)
+    step = meta["step"]
+    if changes is None:
+        return [f"[train] resume: checkpoint {tag} records no configuration (saved by an "
+                "older version): only its layout and parameter shapes were compared with "
+                "this run's"]
+    if not changes:
+        return []
+    lines = [f"[train] resume: configuration changed since checkpoint {tag} (step {step}) "
+             f"was saved ({len(changes)} field{'s' if len(changes) > 1 else ''}):"]
+    for key, old, new in changes:
+        model_change = key.startswith("model.") and key[len("model."):] in MODEL_SEMANTICS
+        lines.append("[train]   " + describe_change(key, old, new)
+                     + (" (a model change, allowed by --allow-model-change)"
+                        if model_change else ""))
+    if any(key in (f"train.{f}" for f in _LR_FIELDS) for key, _, _ in changes):
+        saved = meta["config"]["train"]
+        try:
+            before = lr_at(step, argparse.Namespace(**{f: saved[f] for f in _LR_FIELDS}))
+            after = lr_at(step, argparse.Namespace(**{f: config["train"][f]
+                                                      for f in _LR_FIELDS}))
+            lines.append(f"[train]   learning rate of step {step + 1}: {before:.6g} -> "
+                         f"{after:.6g} (warmup, then cosine decay from train.lr to "
+                         "train.min_lr at train.steps)")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass        # a record without these fields: the lines above say what changed
+    return lines
+
+
+def _earlier_segments(path: str) -> list:
+    """The configurations of the earlier segments of the run in config.json ``path``
+    (oldest first, each as its config.json held it): its own list of them, then itself.
+    A file that is not a JSON object is kept as its text."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    try:
+        prev = json.loads(text)
+    except ValueError:
+        prev = None
+    if not isinstance(prev, dict):
+        return [{"unparsed_config_json": text}]
+    earlier = prev.pop("earlier_segments", [])
+    return (earlier if isinstance(earlier, list) else [earlier]) + [prev]
+
+
+def _prepare_out_dir(config: dict, tcfg, resumed: dict | None):
     """Rank 0: the output directory exists and is writable, holds no earlier run when
     this one is fresh (or ``train.overwrite`` deleted it), config.json holds the
-    resolved configuration."""
+    resolved configuration of this segment of the run (``resumed``: None for a fresh
+    run, else the checkpoint it continues and what changed since it was saved), and,
+    on a resume, those of the earlier segments under ``"earlier_segments"``."""
     check_out_dir(tcfg.out_dir, create=True)
-    check_fresh_out_dir(tcfg, resume, remove=True)
-    with open(os.path.join(tcfg.out_dir, "config.json"), "w") as f:
-        json.dump({"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
-                   "deepspeed": ds, "world": world}, f, indent=1)
+    check_fresh_out_dir(tcfg, resumed is not None, remove=True)
+    path = os.path.join(tcfg.out_dir, "config.json")
+    earlier = _earlier_segments(path) if resumed is not None else []
+    write_atomic(path, json.dumps({**config, "resumed_from": resumed,
+                                   "earlier_segments": earlier}, indent=1))
 
 
 def _error_line(e) -> str:
@@ -212,11 +298,21 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
                               f"tokens per rank: {[(p[0], p[2]) for p in prints]}, or their "
                               "contents): every rank must read the same corpus (the same "
                               "file on every node; 'stdlib' needs the same Python version)")
-        tag = None
+        tag, resumed = None, None
+        config = run_config(mcfg, tcfg, ds, world)
         if args.resume:
             tag, meta = agree(resolve_checkpoint, os.path.join(tcfg.out_dir, "checkpoints"),
                               args.resume, checkpoint_layout(mcfg, layout, ds), (rank, world),
-                              error=ConfigError)
+                              config, args.allow_model_change, error=ConfigError)
+            if rank0:
+                for line in resume_notice(tag, meta, config):
+                    print(line, flush=True)
+            changes = resume_changes(meta, config)
+            resumed = {"checkpoint": tag, "step": meta["step"],
+                       "changes": None if changes is None else [
+                           {"field": k, **({} if a is ABSENT else {"old": a}),
+                            **({} if b is ABSENT else {"new": b})} for k, a, b in changes],
+                       "model_change_allowed": bool(args.allow_model_change)}
             if meta["step"] >= tcfg.steps:      # a finished run: leave its outputs alone
                 if rank0:
                     print(f"[train] nothing to do: run already at step {meta['step']} of "
@@ -225,8 +321,8 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
                 dist.barrier()
                 dist.destroy_process_group()
                 return 0
-        agree(lambda: _prepare_out_dir(mcfg, tcfg, ds, world, bool(args.resume))
-              if rank0 else None, error=ConfigError)
+        agree(lambda: _prepare_out_dir(config, tcfg, resumed) if rank0 else None,
+              error=ConfigError)
         trainer = Trainer(mcfg, tcfg, layout, ds, cuda, tag, data)
         if rank0:
             print(describe_run(mcfg, tcfg, layout, ds, world, cuda, trainer), flush=True)

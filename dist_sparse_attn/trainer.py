@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import checkpoint_layout, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, run_config
 from .data import (TokenData, eval_retrieval, load_data, seeded_generator, shard_bounds,
                    train_batch, val_batch)
 from .integrations.ds_groups import SequenceParallelMPU
@@ -177,7 +177,10 @@ class Trainer:
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.backward_scale = float(self.sp) if zero == 3 and self.sp > 1 else 1.0
         self.ckpt_dir = os.path.join(tcfg.out_dir, "checkpoints")
-        self.layout = checkpoint_layout(mcfg, layout, ds_config)
+        # what each checkpoint records: the layout a resume must match, and the whole
+        # configuration, which a resume compares with its own (train.resume_config_changes)
+        self.layout = {**checkpoint_layout(mcfg, layout, ds_config),
+                       "config": run_config(mcfg, tcfg, ds_config, self.world)}
         self.device_name = torch.cuda.get_device_name() if cuda else "cpu"
         self.flops_per_token = flops_per_token(mcfg, self.n_params, tcfg.seq_len)
         self.peak_tflops = tcfg.peak_tflops or peak_tflops(self.device_name if cuda else None)

@@ -690,3 +690,82 @@ def test_preset_names_resolve_from_any_directory(tmp_path, capsys, clean_env):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.toml").write_text(SMALL)
     assert find_file("configs/tiny.toml") == "configs/tiny.toml"
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming with another configuration (the end-to-end cases are in test_train.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_every_model_field_is_classified_for_resume():
+    """Every GPTConfig field either changes what the model computes (a resume refuses a
+    change unless --allow-model-change) or only how it is computed (a notice): a field
+    added to GPTConfig without a decision fails here."""
+    from dist_sparse_attn.config import MODEL_EXECUTION, MODEL_SEMANTICS, MODEL_SHAPES
+    names = [f.name for f in dataclasses.fields(GPTConfig)]
+    both = set(MODEL_SEMANTICS) & set(MODEL_EXECUTION)
+    assert not both, both
+    assert sorted(MODEL_SEMANTICS + MODEL_EXECUTION) == sorted(names)
+    assert set(MODEL_SHAPES) <= set(MODEL_SEMANTICS)
+
+
+def _run_config(**model):
+    from dist_sparse_attn.config import run_config
+    base = dict(n_layer=2, n_head=4, n_embd=64, attention="hash", n_buckets=4)
+    return run_config(GPTConfig(**{**base, **model}), TrainConfig(), {"zero_optimization":
+                                                                     {"stage": 1}}, 2)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("attention", "qk"), ("n_buckets", 8), ("hash_seed", 7), ("local_heads", 2),
+    ("local_window", 64), ("bucket_cap", 2.0), ("dropout", 0.1), ("rope_base", 500.0)])
+def test_model_change_on_resume_is_refused(field, value):
+    from dist_sparse_attn.config import check_model_changes
+    old, new = _run_config(), _run_config(**{field: value})
+    with pytest.raises(ConfigError) as e:
+        check_model_changes(old, new, False, "checkpoint step0000002")
+    msg = str(e.value)
+    assert f"model.{field}: {old['model'][field]!r} -> {value!r}" in msg, msg
+    assert "--allow-model-change" in msg and "step0000002" in msg, msg
+    check_model_changes(old, new, True, "checkpoint step0000002")       # allowed
+
+
+def test_model_change_names_every_field_and_shapes_stay_refused():
+    from dist_sparse_attn.config import check_model_changes
+    old = _run_config()
+    with pytest.raises(ConfigError) as e:
+        check_model_changes(old, _run_config(attention="qk", qk_keep_rate=0.3), False, "x")
+    assert "model.attention: 'hash' -> 'qk'" in str(e.value), str(e.value)
+    assert "model.qk_keep_rate: 0.5 -> 0.3" in str(e.value), str(e.value)
+    with pytest.raises(ConfigError) as e:       # parameter shapes: never, flag or not
+        check_model_changes(old, _run_config(n_layer=3, attention="qk"), True, "x")
+    assert "model.n_layer: 2 -> 3" in str(e.value) and "'hash' -> 'qk'" in str(e.value)
+    # how the model is computed may change
+    check_model_changes(old, _run_config(loss_chunk=64, activation_checkpointing=True),
+                        False, "x")
+
+
+def test_config_changes_lists_train_model_and_deepspeed_fields():
+    from dist_sparse_attn.config import ABSENT, config_changes, run_config
+    m = GPTConfig(n_layer=2, n_head=4, n_embd=64)
+    old = run_config(m, TrainConfig(steps=100, lr=3e-3), {"gradient_clipping": 1.0,
+                                                           "train_batch_size": 2}, 1)
+    new = run_config(GPTConfig(n_layer=2, n_head=4, n_embd=64, mlp_chunk=32),
+                     TrainConfig(steps=300, lr=1e-3),
+                     {"gradient_clipping": 0.5, "train_batch_size": 4, "wandb": {"on": 1}}, 2)
+    assert config_changes(old, new) == [
+        ("model.mlp_chunk", 0, 32), ("train.steps", 100, 300), ("train.lr", 3e-3, 1e-3),
+        ("deepspeed.gradient_clipping", 1.0, 0.5), ("deepspeed.wandb.on", ABSENT, 1)]
+    assert config_changes(old, old) == []
+    # a field the old record lacks (added since) counts as its default
+    del old["model"]["mlp_chunk"]
+    assert [c[0] for c in config_changes(old, new)][0] == "model.mlp_chunk"
+    # one the new record lacks (removed since) is shown as absent
+    del new["model"]["mlp_chunk"]
+    assert ("model.mlp_chunk", 0, ABSENT) in config_changes(old, new)
+
+
+def test_allow_model_change_needs_resume(config, tmp_path, capsys, clean_env):
+    rc = train.main(["--config", str(config), "--out", str(tmp_path / "o"), "--dry-run",
+                     "--allow-model-change"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--allow-model-change goes with --resume" in err, err

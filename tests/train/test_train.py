@@ -1053,6 +1053,91 @@ def test_bad_checkpoints_stop_every_rank(work, config, finished):
     assert before["steps"] == CKPT_STEPS      # untouched
 
 
+FINISHED_SETS = ["--set", "train.warmup=1", "--set", "train.retrieval_mix=0.5"]
+"""The [train] overrides of ``finished`` besides train.steps."""
+
+
+@pytest.mark.timeout(600)
+def test_resume_with_another_model_is_refused_or_allowed(work, config, finished, capsys,
+                                                         monkeypatch):
+    """Each checkpoint records the configuration of the run that saved it. A --resume
+    whose model computes something else (another attention, other hash rotations) stops
+    with one line naming every changed field with both values and the way out; with
+    --allow-model-change the plan lists them as allowed model changes."""
+    out = _copy(finished, work, "other_model")
+    changed = ["--resume", "--set", "model.attention=qk", "--set", "model.hash_seed=9"]
+    rc, cap = _dry_resume(capsys, monkeypatch, config, out, 2, *changed)
+    assert rc == 2, (cap.out, cap.err)
+    assert len(cap.err.splitlines()) == 1, cap.err
+    for text in ("checkpoint step0000002", "model.attention: 'hash' -> 'qk'",
+                 "model.hash_seed: 0 -> 9", "--allow-model-change"):
+        assert text in cap.err, cap.err
+    rc, cap = _dry_resume(capsys, monkeypatch, config, out, 2, *changed, "--allow-model-change")
+    assert rc == 0, (cap.out, cap.err)
+    lines = cap.out.splitlines()
+    for text in ("model.attention: 'hash' -> 'qk' (a model change, allowed",
+                 "model.hash_seed: 0 -> 9 (a model change, allowed"):
+        assert sum(text in line for line in lines) == 1, cap.out
+    # a shape change stays refused, with the flag too
+    rc, cap = _dry_resume(capsys, monkeypatch, config, out, 2, "--resume", "--set",
+                          "model.n_embd=32", "--allow-model-change")
+    assert rc == 2 and "model.n_embd: 64 -> 32" in cap.err, cap.err
+
+
+@pytest.mark.timeout(600)
+def test_resume_with_another_model_stops_every_rank(work, config, finished):
+    """Inside a launched job the comparison runs on every rank: each exits 2 by itself,
+    one line names the change, nothing trains and config.json is untouched."""
+    out = _copy(finished, work, "job_other_model")
+    before = (out / "config.json").read_bytes()
+    args = ["--config", str(config), "--out", str(out), "--set",
+            f"train.steps={CKPT_STEPS + 3}", *FINISHED_SETS, "--set", "model.n_buckets=8",
+            "--resume"]
+    specs = [(cmd, f"{out}.rank{r}", env)
+             for r, (cmd, _, env) in enumerate(_ranks_by_hand(2, args))]
+    ranks = run_jobs(specs, timeout_s=200)
+    tails = "\n---\n".join(j.tail() for j in ranks)
+    assert [j.rc for j in ranks] == [2, 2], tails
+    errors = [l for j in ranks for l in j.log.splitlines() if "configuration error" in l]
+    assert len(errors) == 1 and "model.n_buckets: 4 -> 8" in errors[0], tails
+    assert not any("Traceback" in j.log or "[train] step" in j.log for j in ranks), tails
+    assert (out / "config.json").read_bytes() == before
+
+
+@pytest.mark.timeout(600)
+def test_resume_with_a_new_schedule_prints_it_and_keeps_the_earlier_config(work, config,
+                                                                            finished):
+    """Extending a run (train.steps), lowering train.lr and evaluating more often on
+    resume is allowed: rank 0 prints each change once as ``old -> new`` with the next
+    step's learning rate, and config.json describes the new segment while keeping the
+    earlier one's under "earlier_segments" (it used to be overwritten)."""
+    out = _copy(finished, work, "extended")
+    before = json.loads((out / "config.json").read_text())
+    job = run_job("torchrun", out, config, "--set", f"train.steps={CKPT_STEPS + 2}",
+                  *FINISHED_SETS, "--set", "train.lr=1e-3", "--set", "train.eval_interval=1",
+                  "--resume").check()
+    lines = job.log.splitlines()
+    for text in ("configuration changed since checkpoint step0000002 (step 2)",
+                 "train.steps: 2 -> 4", "train.lr: 0.003 -> 0.001",
+                 "train.eval_interval: 0 -> 1", "learning rate of step 3: "):
+        assert sum(text in line for line in lines) == 1, (text, job.tail(60))
+    assert job.summary()["steps"] == CKPT_STEPS + 2
+    after = json.loads((out / "config.json").read_text())
+    assert after["train"]["steps"] == CKPT_STEPS + 2 and after["train"]["lr"] == 1e-3
+    # the earlier segment as its config.json held it (the list of segments is flat)
+    assert before.pop("earlier_segments") == [] and before["resumed_from"] is None, before
+    assert after["earlier_segments"] == [before], after["earlier_segments"]
+    assert before["train"]["steps"] == CKPT_STEPS and before["train"]["lr"] == 3e-3
+    resumed = after["resumed_from"]
+    assert (resumed["checkpoint"], resumed["step"]) == ("step0000002", CKPT_STEPS), resumed
+    assert resumed["changes"] == [
+        {"field": "train.steps", "old": CKPT_STEPS, "new": CKPT_STEPS + 2},
+        {"field": "train.lr", "old": 3e-3, "new": 1e-3},
+        {"field": "train.eval_interval", "old": 0, "new": 1},
+        # the copy resumes in another directory: said too
+        {"field": "train.out_dir", "old": str(finished.out), "new": str(out)}], resumed
+
+
 @pytest.mark.timeout(600)
 def test_data_that_differs_between_ranks_stops_every_rank(work, config):
     """Every rank reads train.data itself (on several nodes: its own copy). A file that
