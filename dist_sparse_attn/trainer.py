@@ -178,7 +178,7 @@ class Trainer:
         self.backward_scale = float(self.sp) if zero == 3 and self.sp > 1 else 1.0
         self.ckpt_dir = os.path.join(tcfg.out_dir, "checkpoints")
         # what each checkpoint records: the layout a resume must match, and the whole
-        # configuration, which a resume compares with its own (train.resume_config_changes)
+        # configuration, which a resume compares with its own (train.resume_changes)
         self.layout = {**checkpoint_layout(mcfg, layout, ds_config),
                        "config": run_config(mcfg, tcfg, ds_config, self.world)}
         self.device_name = torch.cuda.get_device_name() if cuda else "cpu"

@@ -1085,6 +1085,24 @@ def test_resume_with_another_model_is_refused_or_allowed(work, config, finished,
 
 
 @pytest.mark.timeout(600)
+def test_resume_of_a_checkpoint_without_a_recorded_config_says_so(work, config, finished,
+                                                                 capsys, monkeypatch):
+    """A checkpoint whose record holds no configuration (saved before checkpoints recorded
+    it) is still resumed on its layout and shapes, and the resume says that nothing else
+    was compared, instead of reporting 'no change'."""
+    out = _copy(finished, work, "no_recorded_config")
+    meta = out / "checkpoints" / "step0000002" / "dsa_checkpoint.json"
+    record = json.loads(meta.read_text())
+    del record["config"]
+    meta.write_text(json.dumps(record))
+    rc, cap = _dry_resume(capsys, monkeypatch, config, out, 2, "--resume", "--set",
+                          "model.attention=qk")
+    assert rc == 0, (cap.out, cap.err)
+    assert "checkpoint step0000002 records no configuration" in cap.out, cap.out
+    assert "only its layout and parameter shapes were compared" in cap.out, cap.out
+
+
+@pytest.mark.timeout(600)
 def test_resume_with_another_model_stops_every_rank(work, config, finished):
     """Inside a launched job the comparison runs on every rank: each exits 2 by itself,
     one line names the change, nothing trains and config.json is untouched."""
