@@ -204,6 +204,34 @@ def test_qk_sparse_fullgraph_matches_eager(compile_backend):
     _compare(fn, (q, k, v), _upstream(q, 2, lse=False), backend=compile_backend)
 
 
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("fn_name", ["bucketed", "hash", "qk"])
+def test_raw_lse_of_dropped_rows_gqa_no_self(fn_name, compile_backend):
+    """The three public functions under fullgraph compilation, GQA (H=4, Hkv=2), causal
+    with include_self=False (hash, bucketed), returning lse UNMASKED: dropped and empty
+    rows have lse -inf and get a nonzero upstream dlse. Outputs and q/k/v gradients
+    equal eager's, and no gradient is NaN (the other tests mask lse before using it)."""
+    q, k, v, qb, kb = _inputs(2, 40, 40, 4, 2, 16)
+    qb[:, :6] = -1                                  # whole rows dropped
+    q_keep, k_keep = qb >= 0, kb >= 0
+    calls = {
+        "bucketed": lambda q, k, v: dsa.bucketed_attention(
+            q, k, v, qb, kb, include_self=False, return_lse=True, backend="torch"),
+        "hash": lambda q, k, v: dsa.hash_sparse_attention(
+            q, k, v, 4, seed=21, include_self=False, return_lse=True, backend="torch"),
+        "qk": lambda q, k, v: dsa.qk_sparse_attention(
+            q, k, v, q_keep, k_keep, return_lse=True, backend="torch"),
+    }
+    fn = calls[fn_name]
+    o, lse = fn(q, k, v)        # eager first: the LSH rotations are cached before tracing
+    assert torch.isinf(lse).any() and not torch.isnan(lse).any()
+    upstream = _upstream(q, 4)
+    _compare(fn, (q, k, v), upstream, backend=compile_backend)
+    _, grads = _run(torch.compile(fn, backend=compile_backend, fullgraph=True), q, k, v,
+                    upstream=upstream)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 # ------------------------------------------------------------------- Triton
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
