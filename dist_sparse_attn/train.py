@@ -47,6 +47,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -348,24 +349,42 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
     return 0
 
 
+PEER_REPORT_DELAY_S = 20.0
+"""How long a rank other than 0 waits before it reports an error met before any process
+group exists (:func:`_report_early`)."""
+
+
+def _report_early(line: str) -> int:
+    """Report an error met before any process group exists, and return the exit code 2.
+
+    Every rank of a launched job meets the same configuration error, and only rank 0
+    prints it at once. The others wait :data:`PEER_REPORT_DELAY_S` first: launchers
+    (torchrun, the deepspeed launcher, mpirun) stop the whole job when the first rank
+    exits, and a rank that exited at once could have rank 0 killed before its line was
+    out. A rank still alive after the wait met an error rank 0 did not (e.g. its node
+    lacks DeepSpeed): it prints its own line, marked with its rank."""
+    rank = launch_rank()
+    if rank:
+        time.sleep(PEER_REPORT_DELAY_S)
+        line = f"[rank {rank}] {line}"
+    print(line, file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank0 = launch_rank() == 0      # before any process group: only rank 0 reports
+    rank0 = launch_rank() == 0      # before any process group: rank 0 reports (see below)
     try:
         mcfg, tcfg, sp_json = configure(args)
         cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
         if cuda and not torch.cuda.is_available():
             raise ConfigError("--device cuda but CUDA is not available")
         if importlib.util.find_spec("deepspeed") is None:
-            if rank0:
-                print(f"[train] {NEEDS_DEEPSPEED}", file=sys.stderr, flush=True)
-            return 2
+            return _report_early(f"[train] {NEEDS_DEEPSPEED}")
         if args.dry_run:
             return _dry_run(args, mcfg, tcfg, sp_json, cuda, rank0)
     except ConfigError as e:
-        if rank0:
-            print(_error_line(e), file=sys.stderr, flush=True)
-        return 2
+        return _report_early(_error_line(e))
     return _train(args, mcfg, tcfg, sp_json, cuda)
 
 

@@ -419,13 +419,22 @@ def test_world_size_needs_dry_run(config, tmp_path, capsys, clean_env):
     assert_one_line_error(rc, capsys.readouterr(), "--world-size")
 
 
-def test_only_rank_0_reports(config, tmp_path, capsys, clean_env):
-    """Inside a launched job (RANK set) only rank 0 prints the error; every rank exits 2."""
+def test_only_rank_0_reports(config, tmp_path, capsys, clean_env, monkeypatch):
+    """Inside a launched job (RANK set) rank 0 prints the error at once; every rank exits
+    2. The others first wait (a launcher stops the job at the first exit: it must not stop
+    rank 0 before its line is out), and print their own line, marked with their rank,
+    only if still alive (rank 0 then did not meet the error)."""
+    import time
+    monkeypatch.setattr(train, "PEER_REPORT_DELAY_S", 0.3)
     clean_env.setenv("RANK", "1")
     clean_env.setenv("WORLD_SIZE", "2")
+    t0 = time.monotonic()
     rc = train.main(["--config", str(config), "--set", "model.n_layer=0", "--device", "cpu"])
+    waited = time.monotonic() - t0
     cap = capsys.readouterr()
-    assert rc == 2 and cap.err == "" and cap.out == "", (rc, cap)
+    assert rc == 2 and cap.out == "" and waited >= 0.3, (rc, cap, waited)
+    assert cap.err.startswith("[rank 1] [train] configuration error") \
+        and cap.err.count("\n") == 1, cap.err
     clean_env.setenv("RANK", "0")
     rc = train.main(["--config", str(config), "--set", "model.n_layer=0", "--device", "cpu"])
     assert_one_line_error(rc, capsys.readouterr(), "model.n_layer")

@@ -121,7 +121,8 @@ def test_launch_script_trains(config, tmp_path):
 @pytest.mark.timeout(200)
 def test_launched_job_reports_once(config, tmp_path):
     """Started by a launcher directly (no pre-flight), each rank finds the error before any
-    process group exists: only rank 0 prints it."""
+    process group exists: only rank 0 prints it, and the launcher, which stops the job at
+    the first exit, never stops rank 0 before it has (the other ranks wait)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "launch/train.py", "--config", str(config), "--set", "model.n_layer=0",
            "--out", str(tmp_path / "o")]
