@@ -142,7 +142,10 @@ def main(argv=None):
             row = {"n_buckets": nb, "source": source}
             for key in per_layer[0]:
                 vals = [s[key] for s in per_layer]
-                row[key] = max(vals) if "max" in key else sum(vals) / len(vals)
+                # the fullest bucket over all layers; means (over heads, of the kept
+                # pairs) over all layers: every layer has the same LSH heads
+                row[key] = max(vals) if key in ("max_over_mean", "capped_max_over_mean") \
+                    else sum(vals) / len(vals)
             row["per_layer_max_over_mean"] = [s["max_over_mean"] for s in per_layer]
             rows.append(row)
     os.makedirs(a.out, exist_ok=True)
