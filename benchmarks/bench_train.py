@@ -663,7 +663,7 @@ def progress_line(r, runs) -> str:
             + (f" | {sp}" if sp else "")
             + (f" | {mem:.2f} GiB/GPU" if mem is not None else ""))
     if r["suite"] == "quality1":
-        dense = _quality_ref(runs)
+        dense = _quality_ref(runs, r)
         d = ""
         if dense and dense is not r and dense.get("final_eval_loss") and r.get("final_eval_loss"):
             d = f" ({100 * (r['final_eval_loss'] / dense['final_eval_loss'] - 1):+.2f}% vs {dense['config']})"
@@ -673,9 +673,12 @@ def progress_line(r, runs) -> str:
     return line + f" (wall {r['wall_s']:.0f} s)"
 
 
-def _quality_ref(runs):
-    ok = [r for r in runs if r.get("baseline") and r.get("status") == "ok"]
-    ok.sort(key=lambda r: 0 if "cudnn" in r["config"] else 1)
+def _quality_ref(runs, r):
+    """The dense run ``r`` is compared with: a baseline of the same length and step count
+    (cuDNN first), or None."""
+    ok = [x for x in runs if x.get("baseline") and x.get("status") == "ok"
+          and x["seq_len"] == r["seq_len"] and x.get("steps") == r.get("steps")]
+    ok.sort(key=lambda x: 0 if "cudnn" in x["config"] else 1)
     return ok[0] if ok else None
 
 
@@ -812,8 +815,8 @@ def targets(res) -> list[dict]:
                 add(f"1 GPU 64k best sparse ({best['config']}) / dense-cudnn tokens/s",
                     best["tokens_per_s"] / c64["tokens_per_s"], 5.0)
     elif suite == "quality1":
-        ref = _quality_ref(runs)
         for r in runs:
+            ref = _quality_ref(runs, r)
             if ref and r is not ref and r.get("status") == "ok" and r.get("final_eval_loss"):
                 rel = r["final_eval_loss"] / ref["final_eval_loss"] - 1
                 out.append({"target": f"{r['config']} eval loss vs {ref['config']} at {r['steps']} "
@@ -878,11 +881,13 @@ def table(res) -> str:
             row += [fmt(r.get("peak_mem_gib_per_gpu"), ".2f"), fmt(r.get("wall_s"), ".0f"), _note(r)]
             lines.append("| " + " | ".join(row) + " |")
     elif suite == "quality1":
-        ref = _quality_ref(runs)
+        refs = [_quality_ref(runs, r) for r in runs]     # a dense run of the same N and steps
+        names = sorted({x["config"] for x in refs if x}) or ["dense"]
         hdr = ["N", "config", "status", "steps", "final train loss", "final eval loss",
-               f"Δ eval vs {ref['config'] if ref else 'dense'}", "retrieval acc", "step ms", "tokens/s", "note"]
+               f"Δ eval vs {'/'.join(names)} (same N, steps)", "retrieval acc", "step ms",
+               "tokens/s", "note"]
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-        for r in runs:
+        for r, ref in zip(runs, refs):
             ok = r.get("status") == "ok"
             rel = (r["final_eval_loss"] / ref["final_eval_loss"] - 1) if (ok and ref and r.get("final_eval_loss")) else None
             row = [fmt_n(r["seq_len"]), r["config"], r.get("status", "?"), str(r["steps"]),

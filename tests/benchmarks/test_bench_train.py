@@ -110,3 +110,36 @@ def test_longest4_uses_expandable_segments_unless_set(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert all(j["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
                for j in BT.plan("longest4", args, cpu=False))
+
+
+def _quality_runs():
+    def run(config, n, loss, baseline=False, steps=200):
+        return dict(suite="quality1", config=config, seq_len=n, steps=steps, status="ok",
+                    baseline=baseline, kind="dense" if baseline else "hash",
+                    final_eval_loss=loss, final_train_loss=loss, tokens_per_s=1.0,
+                    median_step_ms=1.0, world=1, wall_s=1.0, id=f"{config}_N{n}")
+    return [run("dense-cudnn", 16384, 1.5, True), run("hash16-loc4", 16384, 1.5),
+            run("dense-cudnn", 32768, 2.0, True), run("hash16-loc4", 32768, 2.2),
+            run("dense-cudnn", 32768, 1.0, True, steps=600),
+            run("hash16-loc4", 32768, 1.1, steps=600)]
+
+
+def test_quality_reference_is_the_dense_run_of_the_same_length_and_steps():
+    """quality1 at several lengths (or with earlier runs kept): each run's eval loss is
+    compared with the dense run of its own N and step count, never with another N's."""
+    runs = _quality_runs()
+    res = {"suite": "quality1", "runs": runs,
+           "settings": {"configs": ["dense-cudnn", "hash16-loc4"], "world": 1, "steps": 200}}
+    got = {t["target"]: t["value"] for t in BT.targets(res)}
+    want = {(16384, 200): 0.0, (32768, 200): 0.1, (32768, 600): 0.1}
+    assert len(got) == 3
+    for (n, steps), rel in want.items():
+        key = [k for k in got if k.startswith("hash16-loc4 eval loss vs dense-cudnn")
+               and f"at {steps} steps, N={BT.fmt_n(n)}" in k]
+        assert len(key) == 1 and abs(got[key[0]] - rel) < 1e-9, (n, steps, got)
+    table = BT.table(res)
+    assert "| 32k | hash16-loc4 | ok | 200 |" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("| 32k | hash16-loc4 | ok | 200 |"))
+    assert "+10.00%" in row, row
+    line = BT.progress_line(runs[3], runs)
+    assert "+10.00% vs dense-cudnn" in line, line
