@@ -500,7 +500,7 @@ def read_metrics(path: str):
 
 def run_one(job: dict, args, deadline: float) -> dict:
     """Run one job (a dict from plan()) with a wall-clock limit; return its record."""
-    rec = {k: job[k] for k in ("suite", "config", "seq_len", "world", "steps", "id")}
+    rec = {k: job[k] for k in RUN_KEYS}
     rec.update(job["info"])
     os.makedirs(job["out_dir"], exist_ok=True)
     for stale in ("summary.json", "metrics.jsonl"):
@@ -621,9 +621,21 @@ def plan(suite: str, args, cpu: bool) -> list[dict]:
         for s in all_sets:
             cmd += ["--set", s]
         jobs.append(dict(suite=suite, config=c, seq_len=n, world=world, steps=steps, id=rid,
-                         info=info, out_dir=out_dir, log=os.path.join(args.out, suite, rid + ".log"),
+                         extra_sets=extra_sets(args, suite), preset=preset, info=info,
+                         out_dir=out_dir, log=os.path.join(args.out, suite, rid + ".log"),
                          cmd=cmd, env=env, timeout=timeout))
     return jobs
+
+
+# what a run record copies from its job: a kept run is matched with a planned one by
+# (id, steps), and counts as the same measurement only with the same overrides
+RUN_KEYS = ("suite", "config", "seq_len", "world", "steps", "id", "extra_sets", "preset")
+
+
+def same_overrides(a: dict, b: dict) -> bool:
+    """Whether two runs (or a run and a job) ran with the same --extra-set overrides and
+    preset (a record from before they were recorded matches only another such record)."""
+    return a.get("extra_sets") == b.get("extra_sets") and a.get("preset") == b.get("preset")
 
 
 def baselines_of(runs) -> list[str]:
@@ -643,7 +655,7 @@ def speedups(r, runs) -> dict:
         if b == r["config"]:
             continue
         base = [x for x in runs if x["config"] == b and x["seq_len"] == r["seq_len"]
-                and x.get("status") == "ok" and x.get("tokens_per_s")]
+                and x.get("status") == "ok" and x.get("tokens_per_s") and same_overrides(x, r)]
         if base:
             out[b] = r["tokens_per_s"] / base[0]["tokens_per_s"]
     return out
@@ -677,7 +689,8 @@ def _quality_ref(runs, r):
     """The dense run ``r`` is compared with: a baseline of the same length and step count
     (cuDNN first), or None."""
     ok = [x for x in runs if x.get("baseline") and x.get("status") == "ok"
-          and x["seq_len"] == r["seq_len"] and x.get("steps") == r.get("steps")]
+          and x["seq_len"] == r["seq_len"] and x.get("steps") == r.get("steps")
+          and same_overrides(x, r)]
     ok.sort(key=lambda x: 0 if "cudnn" in x["config"] else 1)
     return ok[0] if ok else None
 
@@ -696,10 +709,12 @@ def run_suite(suite: str, args, cpu: bool, t_start: float) -> dict:
                 old = json.load(f).get("runs", [])
         except (OSError, json.JSONDecodeError):
             old = []
-        planned = {(j["id"], j["steps"]) for j in jobs}
+        planned = {(j["id"], j["steps"]): j for j in jobs}
         for r in old:
             key = (r.get("id"), r.get("steps"))
-            if key not in planned or (args.resume and r.get("status") == "ok"):
+            # --resume reuses an ok run only if it ran with this invocation's overrides
+            if key not in planned or (args.resume and r.get("status") == "ok"
+                                      and same_overrides(r, planned[key])):
                 kept.append(r)
                 if key in planned:
                     done_ids.add(key)
@@ -739,7 +754,7 @@ def run_suite(suite: str, args, cpu: bool, t_start: float) -> dict:
         if reason is None and left < args.min_run_s:
             reason = f"budget: {max(0, left):.0f} s left < --min-run-s {args.min_run_s:.0f}"
         if reason:
-            rec = {k: job[k] for k in ("suite", "config", "seq_len", "world", "steps", "id")}
+            rec = {k: job[k] for k in RUN_KEYS}
             rec.update(job["info"], status="skipped", reason=reason)
             result["runs"].append(rec)
             continue
@@ -878,7 +893,7 @@ def table(res) -> str:
             if s.get("world", 1) > 1:
                 row.append(fmt_rate(r.get("tokens_per_s_per_gpu")) if ok else "-")
             row += [("**1.00**" if b == r["config"] and ok else fmt(sp.get(b), ".2f")) for b in bases]
-            row += [fmt(r.get("peak_mem_gib_per_gpu"), ".2f"), fmt(r.get("wall_s"), ".0f"), _note(r)]
+            row += [fmt(r.get("peak_mem_gib_per_gpu"), ".2f"), fmt(r.get("wall_s"), ".0f"), _note(r, s)]
             lines.append("| " + " | ".join(row) + " |")
     elif suite == "quality1":
         refs = [_quality_ref(runs, r) for r in runs]     # a dense run of the same N and steps
@@ -894,7 +909,7 @@ def table(res) -> str:
                    fmt(r.get("final_train_loss"), ".4f"), fmt(r.get("final_eval_loss"), ".4f"),
                    fmt(None if rel is None else 100 * rel, "+.2f") + ("%" if rel is not None else ""),
                    fmt(r.get("retrieval_accuracy"), ".3f"), fmt(r.get("median_step_ms")),
-                   fmt_rate(r.get("tokens_per_s")), _note(r)]
+                   fmt_rate(r.get("tokens_per_s")), _note(r, s)]
             lines.append("| " + " | ".join(row) + " |")
         rs = next((r for r in runs if r.get("status") == "ok"), None)
         if rs:
@@ -913,7 +928,7 @@ def table(res) -> str:
                    fmt(r.get("median_step_ms")) if ok else "-", fmt(floor_ratio(r, runs), ".2f"),
                    fmt_rate(r.get("tokens_per_s")) if ok else "-",
                    fmt_rate(r.get("tokens_per_s_per_gpu")) if ok else "-",
-                   fmt(r.get("peak_mem_gib_per_gpu"), ".2f"), fmt(r.get("wall_s"), ".0f"), _note(r)]
+                   fmt(r.get("peak_mem_gib_per_gpu"), ".2f"), fmt(r.get("wall_s"), ".0f"), _note(r, s)]
             lines.append("| " + " | ".join(row) + " |")
         okr = [r for r in runs if r.get("status") == "ok" and r.get("kind") != "floor"]
         if okr:
@@ -938,13 +953,16 @@ def floor_ratio(r, runs):
     for f in runs:
         if f.get("kind") == "floor" and f["seq_len"] == r["seq_len"] \
                 and bool(f.get("offload")) == bool(r.get("offload")) \
-                and f.get("status") == "ok" and f.get("median_step_ms"):
+                and f.get("status") == "ok" and f.get("median_step_ms") and same_overrides(f, r):
             return r["median_step_ms"] / f["median_step_ms"]
     return None
 
 
-def _note(r) -> str:
+def _note(r, settings=None) -> str:
     parts = [r.get("note") or ""]
+    if settings is not None and "extra_sets" in r \
+            and r["extra_sets"] != settings.get("extra_sets", []):
+        parts.append("extra --set: " + (" ".join(r["extra_sets"]) or "none"))
     if r.get("status") != "ok":
         parts.append((r.get("reason") or "")[:160])
     return "; ".join(p for p in parts if p).replace("|", "/").replace("\n", " ")

@@ -143,3 +143,52 @@ def test_quality_reference_is_the_dense_run_of_the_same_length_and_steps():
     assert "+10.00%" in row, row
     line = BT.progress_line(runs[3], runs)
     assert "+10.00% vs dense-cudnn" in line, line
+
+
+def _ok_run(config, n, ms, **extra):
+    return dict(suite="speed1", config=config, seq_len=n, world=1, steps=5, id=f"{config}_N{n}",
+                status="ok", median_step_ms=ms, tokens_per_s=n / (ms * 1e-3), wall_s=1.0,
+                **BT.config_sets(config, n, 1, cpu=True)[1], **extra)
+
+
+def test_resume_does_not_reuse_a_run_measured_with_other_overrides(tmp_path, monkeypatch):
+    """--resume skips a planned run only when the earlier one ran with the same --extra-set
+    overrides and preset: a run without model.compile=model is not reported as the
+    compiled one (it is run again)."""
+    out = tmp_path / "bt"
+    out.mkdir()
+    args = ["--suite", "speed1", "--device", "cpu", "--seqlens", "512", "--steps", "5",
+            "--configs", "dense-cudnn", "--out", str(out), "--resume"]
+    old = _ok_run("dense-cudnn", 512, 10.0)
+    old.update(extra_sets=[], preset=BT.SUITES["speed1"]["preset"])
+    (out / "train_speed1.json").write_text(json.dumps({"suite": "speed1", "runs": [old]}))
+    ran = []
+
+    def fake_run_one(job, a, deadline):
+        ran.append(job["id"])
+        return dict(_ok_run(job["config"], job["seq_len"], 20.0), extra_sets=job["extra_sets"],
+                    preset=job["preset"])
+    monkeypatch.setattr(BT, "run_one", fake_run_one)
+    monkeypatch.setattr(BT, "plot", lambda res, png: False)
+    assert BT.main(args) == 0 and ran == []              # same overrides: reused
+    assert BT.main(args + ["--extra-set", "model.compile=model"]) == 0
+    assert ran == ["dense-cudnn_N512"]                   # other overrides: measured again
+    runs = json.loads((out / "train_speed1.json").read_text())["runs"]
+    assert [(r["median_step_ms"], r["extra_sets"]) for r in runs] == [(20.0, ["model.compile=model"])]
+
+
+def test_speedups_compare_runs_of_the_same_overrides():
+    """A run kept from an invocation with other --extra-set overrides is not the baseline
+    of this one's runs, and its table row says which overrides it ran with."""
+    base_eager = _ok_run("dense-cudnn", 512, 10.0, extra_sets=[], preset="p")
+    hash_compiled = _ok_run("hash16", 512, 5.0, extra_sets=["model.compile=model"], preset="p")
+    base_compiled = _ok_run("dense-cudnn", 512, 8.0, extra_sets=["model.compile=model"],
+                            preset="p")
+    assert BT.speedups(hash_compiled, [base_eager, hash_compiled]) == {}
+    assert BT.speedups(hash_compiled, [base_eager, hash_compiled, base_compiled]) == \
+        {"dense-cudnn": 8.0 / 5.0}
+    res = {"suite": "speed1", "runs": [base_eager, hash_compiled],
+           "settings": {"configs": ["dense-cudnn", "hash16"], "world": 1, "steps": 5,
+                        "extra_sets": ["model.compile=model"], "preset": "p"}}
+    row = next(ln for ln in BT.table(res).splitlines() if ln.startswith("| 512 | dense-cudnn |"))
+    assert "extra --set: none" in row, row
