@@ -192,3 +192,19 @@ def test_speedups_compare_runs_of_the_same_overrides():
                         "extra_sets": ["model.compile=model"], "preset": "p"}}
     row = next(ln for ln in BT.table(res).splitlines() if ln.startswith("| 512 | dense-cudnn |"))
     assert "extra --set: none" in row, row
+
+
+def test_sparse_targets_never_credit_the_attention_free_floor():
+    """The '64k best sparse / dense-cudnn' target (speed1) and the '128k best sparse SP'
+    target (speed4) are about sparse attention: a floor run (no attention at all) in the
+    same suite is not the 'best sparse' config."""
+    runs = [_ok_run("dense-cudnn", 65536, 751.1), _ok_run("hash64", 65536, 168.9),
+            _ok_run("floor-graph", 65536, 100.0)]
+    res = {"suite": "speed1", "runs": runs, "settings": {"world": 1}}
+    (t,) = [t for t in BT.targets(res) if "64k best sparse" in t["target"]]
+    assert "(hash64)" in t["target"] and t["value"] == round(751.1 / 168.9, 3) and not t["met"]
+    runs4 = [dict(r, world=4, suite="speed4", **BT.config_sets(r["config"], 131072, 4, False)[1])
+             for r in (_ok_run("dsu-cudnn", 131072, 737.6), _ok_run("hash64", 131072, 220.5),
+                       _ok_run("floor", 131072, 50.0))]
+    (t,) = BT.targets({"suite": "speed4", "runs": runs4, "settings": {"world": 4}})
+    assert "(hash64)" in t["target"] and t["value"] == round(737.6 / 220.5, 3)
