@@ -64,3 +64,35 @@ def test_max_over_mean_and_classic_buckets():
     # n_buckets <= 64: the classic scheme is the library's
     assert torch.equal(BH.classic_buckets(x, 12, seed=4), __import__("dist_sparse_attn")
                        .lsh_buckets(x, 12, seed=4))
+
+
+def test_classic_timing_excludes_drawing_the_rotation(monkeypatch):
+    """The classic scheme is timed on its hashing alone, like the library's lsh_buckets
+    (whose rotations are drawn once and cached on the device): the timed call draws no
+    random rotation on the CPU and copies none to the device."""
+    import argparse
+    drawn = []
+
+    def fake_bench(fn, device, reps, grad_to_none=None):
+        orig, n = torch.randn, [0]
+
+        def counting(*a, **kw):
+            n[0] += 1
+            return orig(*a, **kw)
+        monkeypatch.setattr(torch, "randn", counting)
+        try:
+            fn()
+        finally:
+            monkeypatch.setattr(torch, "randn", orig)
+        drawn.append(n[0])
+        return 1.0
+    monkeypatch.setattr(BH, "_bench", fake_bench)
+    args = argparse.Namespace(tokens_per_bucket=16, heads=2, kv_heads=2, dim=16, reps=1,
+                              classic_max_n=10 ** 9)
+    row = BH.measure(512, args, torch.device("cpu"), torch.float32)
+    assert row["n_buckets"] == 32 and "classic_hash_ms" in row and len(drawn) == 4
+    assert drawn[-1] == 0, drawn
+    # the rotation drawn outside the timing is the one the classic scheme always used
+    x = torch.randn(1, 64, 2, 16)
+    assert torch.equal(BH.classic_buckets(x, 12, seed=4),
+                       BH.classic_buckets(x, 12, rot=BH.classic_rotation(2, 16, 12, seed=4)))
