@@ -37,6 +37,10 @@ from dist_sparse_attn.plan import make_plan, to_streams
 
 
 def _flops(B, H, N, D, mode):
+    """Dense causal attention FLOPs of ``mode`` ("fwd", "fwd+bwd"); None for any other
+    row (the FlexAttention block-mask build computes no attention)."""
+    if mode not in ("fwd", "fwd+bwd"):
+        return None
     f = 4 * B * H * N * N * D / 2
     return f * 3.5 if mode == "fwd+bwd" else f
 
@@ -46,6 +50,22 @@ def tile_flops(live_tiles: int, bm: int, bn: int, D: int, mode: str) -> float:
     forward; x3.5 for forward+backward (the backward's five products = 2.5 forwards)."""
     f = live_tiles * 4 * bm * bn * D
     return f * 3.5 if mode == "fwd+bwd" else f
+
+
+def row(B, H, D, N, method, mode, ms, sparsity, card, frac=None, base=None, tiles=None):
+    """(JSON row, table line) of one timing. tiles: (live tiles, bm, bn) of the forward
+    kernel, for the tile TFLOP/s; base: the flash time of the same mode."""
+    f = _flops(B, H, N, D, mode)
+    eff = f / (ms * 1e-3) / 1e12 if f is not None else None
+    tile_tf = tile_flops(*tiles, D, mode) / (ms * 1e-3) / 1e12 if tiles else None
+    r = dict(D=D, N=N, method=method, mode=mode, ms=ms, eff_tflops=eff,
+             tile_tflops=tile_tf, sparsity=sparsity, tile_fraction=frac, card=card,
+             speedup_vs_flash=(base / ms) if base else None)
+    sp = f"{base / ms:8.2f}" if base else f"{'':>8}"
+    fr = f"{frac:6.3f}" if frac is not None else f"{'':>6}"
+    ef = f"{eff:9.1f}" if eff is not None else f"{'':>9}"
+    tt = f"{tile_tf:9.1f}" if tile_tf is not None else f"{'':>9}"
+    return r, f"{D:>4} {N:>6} {method:<28} {mode:<8} {ms:9.3f} {ef} {sp} {fr} {tt}"
 
 
 def _time(fn, mode, inputs):
@@ -105,18 +125,9 @@ def run(args):
     print(hdr, flush=True)
 
     def record(D, N, method, mode, ms, sparsity, frac=None, base=None, tiles=None):
-        """tiles: (live tiles, bm, bn) of the forward kernel, for the tile TFLOP/s."""
-        eff = _flops(B, H, N, D, mode) / (ms * 1e-3) / 1e12
-        tile_tf = tile_flops(*tiles, D, mode) / (ms * 1e-3) / 1e12 if tiles else None
-        r = dict(D=D, N=N, method=method, mode=mode, ms=ms, eff_tflops=eff,
-                 tile_tflops=tile_tf, sparsity=sparsity, tile_fraction=frac, card=card,
-                 speedup_vs_flash=(base / ms) if base else None)
+        r, line = row(B, H, D, N, method, mode, ms, sparsity, card, frac, base, tiles)
         rows.append(r)
-        sp = f"{base / ms:8.2f}" if base else f"{'':>8}"
-        fr = f"{frac:6.3f}" if frac is not None else f"{'':>6}"
-        tt = f"{tile_tf:9.1f}" if tile_tf is not None else f"{'':>9}"
-        print(f"{D:>4} {N:>6} {method:<28} {mode:<8} {ms:9.3f} {eff:9.1f} {sp} {fr} {tt}",
-              flush=True)
+        print(line, flush=True)
 
     for D in args.dims:
         for N in args.seqlens:

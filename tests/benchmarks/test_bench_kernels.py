@@ -39,3 +39,20 @@ def test_dense_causal_tiles_are_the_causal_flops_plus_the_diagonal():
     assert bm == bn and live == B * H * nq * (nq + 1) // 2
     causal = BK._flops(B, H, N, D, "fwd")
     assert causal < BK.tile_flops(live, bm, bn, D, "fwd") <= causal * (1 + 1 / nq) + 1e-6
+
+
+def test_rows_effective_tflops_and_speedup():
+    """A row's effective TFLOP/s are dense causal FLOPs / time (hand-counted), its speed-up
+    the flash time of the same mode / its time; the block-mask build (no attention) gets
+    no TFLOP/s."""
+    B, H, D, N = 2, 16, 64, 32768
+    causal = 4 * B * H * N * N * D / 2                    # QK^T and PV, half the pairs
+    r, line = BK.row(B, H, D, N, "ours kernel hash nb=16", "fwd+bwd", 4.0, "hash16", "card",
+                     frac=0.04, base=52.0, tiles=(1000, 64, 64))
+    assert r["eff_tflops"] == pytest.approx(3.5 * causal / 4e-3 / 1e12)
+    assert r["speedup_vs_flash"] == 13.0
+    assert r["tile_tflops"] == pytest.approx(3.5 * 1000 * 4 * 64 * 64 * D / 4e-3 / 1e12)
+    assert f"{r['eff_tflops']:9.1f}" in line and "   13.00" in line
+    r, line = BK.row(B, H, D, N, "flex mask build hash nb=16", "build", 35.0, "hash16", "card")
+    assert r["eff_tflops"] is None and r["tile_tflops"] is None
+    assert line.split()[-1] == "35.000", line
