@@ -428,10 +428,11 @@ class GPT(nn.Module):
         """Logits and loss.
 
         Args:
-            idx: (B, N) int64 tokens: the whole sequence, or after :func:`parallelize`
+            idx: (B, N) integer tokens: the whole sequence, or after :func:`parallelize`
                 this rank's contiguous shard (ranks in group order hold consecutive
                 slices).
-            targets: (B, N) int64 next tokens (same sharding as idx), or None.
+            targets: (B, N) integer next tokens (same sharding as idx; -1: ignored), or
+                None.
             positions: (N,) or (B, N) global positions for RoPE (and the attention's
                 position rules: block-local windows, the qk rule). Default ``arange(N)``;
                 after :func:`parallelize` this shard's offset + arange, the offset found
@@ -537,6 +538,12 @@ class GPT(nn.Module):
                                      f"values in [{lo}, {hi}]")
 
     def _forward(self, idx, targets, positions):
+        # any integer dtype _check_inputs accepts: the embedding takes int32/int64 ids only,
+        # the cross-entropy int64 targets only (int32 targets raised a RuntimeError there)
+        if idx.dtype not in (torch.int32, torch.int64):
+            idx = idx.long()
+        if targets is not None and targets.dtype != torch.int64:
+            targets = targets.long()
         B, N = idx.shape
         if positions is None:   # sharded: this shard's, found once for every layer
             positions = self.transformer.h[0].attn.core_attn.shard_positions(N, idx.device)

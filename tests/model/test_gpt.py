@@ -241,6 +241,26 @@ def test_loss_chunk_same_loss_and_grads(ckpt):
                                    atol=0)
 
 
+@pytest.mark.parametrize("chunk", [0, 8], ids=["whole", "loss_chunk"])
+def test_integer_dtypes_of_idx_and_targets(chunk):
+    """Any integer dtype the input check accepts gives the int64 result: int32 targets
+    (and int16 / uint8 ids, which the embedding refuses) used to raise a RuntimeError
+    deep inside the loss or the embedding."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(attention="hash", loss_chunk=chunk, **TINY)).double()
+    idx = torch.randint(0, 256, (2, 20))
+    tgt = idx.roll(-1, 1)
+    tgt[:, -2:] = -1
+    want = model(idx, tgt)
+    for dt in (torch.int32, torch.int16, torch.uint8):
+        t = tgt.clamp(min=0) if dt == torch.uint8 else tgt      # uint8 holds no -1
+        w = want if dt != torch.uint8 else model(idx, t)
+        logits, loss = model(idx.to(dt), t.to(dt))
+        torch.testing.assert_close(loss, w[1], rtol=0, atol=0, msg=str(dt))
+        if chunk == 0:
+            torch.testing.assert_close(logits, w[0], rtol=0, atol=0, msg=str(dt))
+
+
 def test_loss_chunk_never_materialises_the_logits(seed):
     """Forward + backward of the loss: unchunked, some op makes the (N, vocab) logits;
     with loss_chunk no tensor reaches that size (attention="none": the attention's own
