@@ -324,13 +324,15 @@ class Trainer:
                 torch.cuda.synchronize()
             clock.take()            # collections outside the step (eval, logging) not counted
             t0 = time.perf_counter()
-            if t.profile and self.step == first + t.warmup_steps_excluded:
+            profiled = t.profile and self.step == first + t.warmup_steps_excluded
+            if profiled:
                 loss = self._profiled_step()
             else:
                 loss = self.train_step()    # the all_reduce inside synchronises the ranks
             dt = time.perf_counter() - t0
             gc_ms, _ = clock.take()
-            if self.step - first > t.warmup_steps_excluded:
+            # the profiled step (the profiler slows it) is not a timed step either
+            if self.step - first > t.warmup_steps_excluded and not profiled:
                 step_times.append(dt)
                 gc_times.append(gc_ms)
             last_loss = loss
@@ -384,6 +386,7 @@ class Trainer:
             "steps": self.step, "steps_this_run": self.step - first,
             "final_train_loss": last_loss, "final_eval_loss": eval_loss,
             "retrieval_accuracy": retrieval, "wall_s": wall,
+            "timed_steps": len(step_times),
             "median_step_ms": med * 1e3 if med else None,
             "mean_step_ms": statistics.fmean(step_times) * 1e3 if step_times else None,
             "gc_ms_per_step": statistics.fmean(gc_times) if gc_times else None,

@@ -464,6 +464,8 @@ def test_profile_written(attention_runs):
     table = Path(attention_runs["hash"].out, "profile_rank0.txt").read_text()
     assert "aten::" in table and "BucketedAttentionFunction" in table, table[:2000]
     assert "By allocated memory (self_cpu_memory_usage)" in table, table[-2000:]
+    # the profiled step (after the 2 excluded warmup steps) is not a timed step
+    assert attention_runs["hash"].summary()["timed_steps"] == SHORT - 2 - 1
 
 
 @pytest.mark.timeout(600)
