@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import statistics
 import sys
 import time
@@ -180,7 +181,8 @@ def allowed_pairs(q_buckets, k_buckets, *, causal=True, include_self=True) -> in
 def check_small(device: torch.device, backend: str) -> float:
     """Compare every API entry point with the float64 oracle on a small GQA case.
 
-    Prints the max abs errors of outputs and gradients; returns the largest.
+    Prints the max abs errors of outputs and gradients; returns the largest (``inf``
+    when an output or gradient is not finite: a NaN error must not read as a pass).
     """
     gen = torch.Generator().manual_seed(1234)
     B, N, H, Hkv, D = 2, 257, 4, 2, 64
@@ -218,7 +220,8 @@ def check_small(device: torch.device, backend: str) -> float:
             o.backward(do)
             outs.append([o.detach()] + [t.grad.clone() for t in (q, k, v)])
         errs = [(a - b).abs().max().item() for a, b in zip(*outs)]
-        worst = max(worst, *errs)
+        # max() drops a NaN after a number (nan > x is False): count it as infinite
+        worst = max(worst, *(e if math.isfinite(e) else math.inf for e in errs))
         print(f"  {name:<24} max |err|  o {errs[0]:.1e}  dq {errs[1]:.1e}  "
               f"dk {errs[2]:.1e}  dv {errs[3]:.1e}", flush=True)
     return worst
