@@ -297,3 +297,60 @@ def test_pyproject_matches_the_tomllib_fallback():
     assert any(r.replace(" ", "") == 'tomli>=1.1;python_version<"3.11"' for r in reqs), reqs
     assert not os.path.exists(os.path.join(REPO, "setup.cfg"))
     assert project["scripts"]["dsa-train"] == "dist_sparse_attn.train:main"
+
+
+# ---------------------------------------------------------------------------------------------
+# mpirun.sh with several hosts
+# ---------------------------------------------------------------------------------------------
+
+FAKE_MPIRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$*" > "$FAKE_LOG"
+"""
+
+
+def _fake_mpirun_bin(tmp_path):
+    """A folder with ``python`` (this interpreter) and an ``mpirun`` that records its
+    arguments: mpirun.sh takes the mpirun beside $PY."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    py = bin_dir / "python"
+    py.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    mpirun = bin_dir / "mpirun"
+    mpirun.write_text(FAKE_MPIRUN)
+    for f in (py, mpirun):
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    return py
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("hosts, nproc, expect", [
+    ("node-a:2,node-b:2", None, 4),        # every slot of every host, not this node's count
+    ("node-a:3,node-b", None, 4),          # a host without a count is one process
+    ("node-a:2,node-b:2", "2", 2),         # NPROC given: the total the user chose
+])
+def test_mpirun_script_counts_the_processes_of_every_host(config, tmp_path, hosts, nproc,
+                                                          expect):
+    """MPICH's ``-n`` is the total over ``-hosts``, which it fills in order: with this
+    node's process count alone the later hosts would get nothing."""
+    py = _fake_mpirun_bin(tmp_path)
+    log = tmp_path / "mpirun.log"
+    env = _env(PY=str(py), MPI_HOSTS=hosts, FAKE_LOG=str(log))
+    if nproc is None:
+        env.pop("NPROC")
+    else:
+        env["NPROC"] = nproc
+    rc, stdout, stderr = _run(["bash", "launch/mpirun.sh", str(config), "--out",
+                               str(tmp_path / "o")], env)
+    assert rc == 0, (stdout, stderr)
+    args = log.read_text().split()
+    assert args[:4] == ["-n", str(expect), "-hosts", hosts], args
+
+
+def test_mpirun_script_refuses_a_bad_host_list(config, tmp_path):
+    py = _fake_mpirun_bin(tmp_path)
+    log = tmp_path / "mpirun.log"
+    env = _env(PY=str(py), MPI_HOSTS="node-a:two", FAKE_LOG=str(log))
+    env.pop("NPROC")
+    rc, stdout, stderr = _run(["bash", "launch/mpirun.sh", str(config)], env)
+    assert rc == 2 and "MPI_HOSTS" in stderr, (rc, stderr)
+    assert not log.exists()
