@@ -2,10 +2,31 @@
 # process count. Sets ROOT, PY, BIN, CONFIG (first argument if it is not an option;
 # it is shifted off the caller's arguments), NGPU, NPROC (default: every GPU, else 2)
 # and puts the repository on PYTHONPATH.
+# The interpreter: $PY when set (an error if it cannot be run), else the python of the
+# venv that launch/setup.sh made ($VENV, default .venv, relative to the repository), else
+# python3 from PATH (said on stderr).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
+if [ -n "${PY:-}" ]; then
+    if ! command -v "$PY" >/dev/null 2>&1; then
+        echo "[launch] PY=$PY is not an executable interpreter" >&2
+        exit 2
+    fi
+    PY="$(command -v "$PY")"
+else
+    case "${VENV:-.venv}" in
+        /*) PY="${VENV:-.venv}/bin/python" ;;
+        *)  PY="$ROOT/${VENV:-.venv}/bin/python" ;;
+    esac
+    if [ ! -x "$PY" ]; then
+        if [ -n "${VENV:-}" ]; then
+            echo "[launch] VENV=$VENV has no bin/python (make it with: VENV=$VENV bash launch/setup.sh)" >&2
+            exit 2
+        fi
+        echo "[launch] no $PY (bash launch/setup.sh makes it): using python3 from PATH" >&2
+        PY=python3
+    fi
+fi
 BIN="$(dirname "$PY")"
 CONFIG="configs/tiny.toml"
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then CONFIG="$1"; shift; fi

@@ -354,3 +354,38 @@ def test_mpirun_script_refuses_a_bad_host_list(config, tmp_path):
     rc, stdout, stderr = _run(["bash", "launch/mpirun.sh", str(config)], env)
     assert rc == 2 and "MPI_HOSTS" in stderr, (rc, stderr)
     assert not log.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the interpreter of the launch scripts
+# ---------------------------------------------------------------------------------------------
+
+def test_launch_script_refuses_an_interpreter_it_cannot_run(tmp_path):
+    """An explicit PY (or VENV) that does not exist is an error, not a silent switch to
+    whatever python3 PATH has."""
+    env = _env(PY=str(tmp_path / "no" / "python"))
+    rc, stdout, stderr = _run(["bash", "launch/torchrun.sh", "--dry-run"], env, timeout=60)
+    assert rc == 2 and stderr.splitlines() == [
+        f"[launch] PY={tmp_path / 'no' / 'python'} is not an executable interpreter"], stderr
+    env = _env(VENV=str(tmp_path / "novenv"))
+    env.pop("PY")
+    rc, stdout, stderr = _run(["bash", "launch/torchrun.sh", "--dry-run"], env, timeout=60)
+    assert rc == 2 and "VENV=" in stderr and len(stderr.splitlines()) == 1, stderr
+
+
+@pytest.mark.timeout(200)
+def test_launch_script_uses_the_venv_setup_made(config, tmp_path):
+    """VENV (launch/setup.sh's folder of the venv) chooses the launchers' interpreter too."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "python.log"
+    py = venv / "bin" / "python"
+    py.write_text(f'#!/usr/bin/env bash\necho "$@" >> "{log}"\nexec "{sys.executable}" "$@"\n')
+    py.chmod(py.stat().st_mode | stat.S_IXUSR)
+    env = _env(VENV=str(venv))
+    env.pop("PY")
+    rc, stdout, stderr = _run(["bash", "launch/torchrun.sh", str(config), "--dry-run",
+                               "--out", str(tmp_path / "o")], env)
+    assert rc == 0, stderr
+    assert "dry run: configuration is valid" in stdout, stdout
+    assert "launch/train.py --config" in log.read_text(), log.read_text()
