@@ -10,12 +10,26 @@
 # and every node needs this repository (same path) and its .venv. MASTER_ADDR is the
 # first host; MASTER_PORT (default 29500) must be open between the nodes. NCCL picks
 # the network; set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if it picks the wrong one.
+#
+# A HOSTFILE that cannot be read, or lists no slots, stops here (exit 2): the deepspeed
+# launcher itself would only log a warning and train on this node's devices alone.
+# A relative HOSTFILE is relative to the directory the script is started from.
 set -euo pipefail
+if [ -n "${HOSTFILE:-}" ] && [[ "$HOSTFILE" != /* ]]; then HOSTFILE="$PWD/$HOSTFILE"; fi
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 DS="$(dirname "$PY")/deepspeed"; [ -x "$DS" ] || DS=deepspeed
 if [ -n "${HOSTFILE:-}" ]; then
+    if [ ! -f "$HOSTFILE" ] || [ ! -r "$HOSTFILE" ]; then
+        echo "[launch] HOSTFILE=$HOSTFILE is not a readable file" >&2
+        exit 2
+    fi
     # world size: the slots of the hostfile's hosts ("hostname slots=N" lines)
-    preflight "$(awk '!/^[[:space:]]*#/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) { sub("slots=", "", $i); n += $i } } END { if (n) print n }' "$HOSTFILE" 2>/dev/null)" "$@"
+    SLOTS="$(awk '!/^[[:space:]]*#/ { for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) { sub("slots=", "", $i); n += $i } } END { if (n) print n }' "$HOSTFILE")"
+    if [ -z "$SLOTS" ]; then
+        echo "[launch] HOSTFILE=$HOSTFILE lists no 'hostname slots=N' line" >&2
+        exit 2
+    fi
+    preflight "$SLOTS" "$@"
     exec "$DS" --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
         launch/train.py --config "$CONFIG" "$@"
 fi

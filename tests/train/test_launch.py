@@ -308,14 +308,14 @@ printf '%s\\n' "$*" > "$FAKE_LOG"
 """
 
 
-def _fake_mpirun_bin(tmp_path):
-    """A folder with ``python`` (this interpreter) and an ``mpirun`` that records its
-    arguments: mpirun.sh takes the mpirun beside $PY."""
+def _fake_mpirun_bin(tmp_path, launcher="mpirun"):
+    """A folder with ``python`` (this interpreter) and a ``launcher`` (mpirun, deepspeed)
+    that records its arguments: the scripts take the launcher beside $PY."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     py = bin_dir / "python"
     py.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
-    mpirun = bin_dir / "mpirun"
+    mpirun = bin_dir / launcher
     mpirun.write_text(FAKE_MPIRUN)
     for f in (py, mpirun):
         f.chmod(f.stat().st_mode | stat.S_IXUSR)
@@ -389,3 +389,41 @@ def test_launch_script_uses_the_venv_setup_made(config, tmp_path):
     assert rc == 0, stderr
     assert "dry run: configuration is valid" in stdout, stdout
     assert "launch/train.py --config" in log.read_text(), log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# deepspeed.sh with a hostfile
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [None, "# only a comment\nnode-a\n"])
+def test_deepspeed_script_refuses_a_hostfile_it_cannot_use(config, tmp_path, content):
+    """A missing hostfile (or one without slots) is an error: the deepspeed launcher
+    would only warn and train on this node alone."""
+    py = _fake_mpirun_bin(tmp_path, "deepspeed")
+    log = tmp_path / "deepspeed.log"
+    hostfile = tmp_path / "hosts"
+    if content is not None:
+        hostfile.write_text(content)
+    env = _env(PY=str(py), HOSTFILE=str(hostfile), FAKE_LOG=str(log))
+    rc, stdout, stderr = _run(["bash", "launch/deepspeed.sh", str(config)], env, timeout=60)
+    assert rc == 2 and "HOSTFILE" in stderr and len(stderr.splitlines()) == 1, (rc, stderr)
+    assert not log.exists()
+
+
+@pytest.mark.timeout(200)
+def test_deepspeed_script_reads_a_relative_hostfile_from_the_callers_directory(config,
+                                                                              tmp_path):
+    py = _fake_mpirun_bin(tmp_path, "deepspeed")
+    log = tmp_path / "deepspeed.log"
+    (tmp_path / "hosts").write_text("node-a slots=2\nnode-b slots=2\n")
+    env = _env(PY=str(py), HOSTFILE="hosts", FAKE_LOG=str(log))
+    script = os.path.join(REPO, "launch", "deepspeed.sh")
+    rc, stdout, stderr = _run(["bash", script, str(config), "--out", str(tmp_path / "o")],
+                              env, cwd=tmp_path)
+    assert rc == 0, (stdout, stderr)
+    args = log.read_text().split()
+    assert args[:2] == ["--hostfile", str(tmp_path / "hosts")], args
+    # the pre-flight checked the layout for the hostfile's 4 slots
+    rc, stdout, stderr = _run(["bash", script, str(config), "--out", str(tmp_path / "o"),
+                               "--set", "train.sequence_parallel=3"], env, cwd=tmp_path)
+    assert rc == 2 and "world size 4" in stderr, (rc, stderr)
