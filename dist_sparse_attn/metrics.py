@@ -149,10 +149,28 @@ class MetricsWriter:
             else None
 
     def restart(self, history: list):
-        """Rewrite the metrics file with ``history`` (a resumed run's records so far)."""
-        if self.rank == 0:
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
+        """Rewrite the metrics file with ``history`` (a resumed run's records so far).
+
+        Records the file holds beyond it (steps logged after the checkpoint, before a
+        crash, or the later steps of a run resumed from an older checkpoint) are not
+        lost: the file as it was is first renamed to ``metrics.replaced-at-step<N>.jsonl``
+        (N the step resumed from; ``-<k>`` added when that name is taken)."""
+        if self.rank != 0:
+            return
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                old = f.read()
+            if old != text and old.strip():
+                step = history[-1].get("step", 0) if history else 0
+                base = os.path.join(os.path.dirname(self.path),
+                                    f"metrics.replaced-at-step{step}")
+                kept, k = base + ".jsonl", 1
+                while os.path.exists(kept):
+                    kept, k = f"{base}-{k}.jsonl", k + 1
+                os.replace(self.path, kept)
+        with open(self.path, "w") as f:
+            f.write(text)
 
     def write(self, record: dict):
         if self.rank != 0:

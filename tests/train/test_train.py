@@ -407,6 +407,34 @@ def test_resume_reproduces_losses(work, config, ds_run):
     # steps 1-10 come from the checkpoint's history, 11-30 are recomputed: bit-identical
     assert got == want, {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
     assert s["final_eval_loss"] == ds_run.summary()["final_eval_loss"]
+    # the records of steps 11-30 that the resume replaced are kept, as they were
+    kept = copy / "metrics.replaced-at-step10.jsonl"
+    assert kept.read_text() == Path(ds_run.out, "metrics.jsonl").read_text()
+
+
+def test_metrics_restart_keeps_what_it_replaces(tmp_path):
+    """MetricsWriter.restart (a resume) rewrites metrics.jsonl with the checkpoint's
+    records; a file that held anything else is kept first, under a name not yet taken.
+    Other ranks write nothing."""
+    from dist_sparse_attn.metrics import MetricsWriter
+    m = MetricsWriter(str(tmp_path), 0)
+    recs = [{"step": s, "loss": 5.0 - s} for s in (1, 2, 3)]
+    for r in recs:
+        m.write(r)
+    full = (tmp_path / "metrics.jsonl").read_text()
+    m.restart(recs)                             # the same records: nothing to keep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    m.restart(recs[:2])
+    assert (tmp_path / "metrics.replaced-at-step2.jsonl").read_text() == full
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    m.write(recs[2])
+    m.restart(recs[:2])                         # the name is taken: another one
+    assert (tmp_path / "metrics.replaced-at-step2-1.jsonl").read_text() == full
+    MetricsWriter(str(tmp_path), 1).restart([])
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    m.restart([])
+    assert (tmp_path / "metrics.replaced-at-step0.jsonl").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 @pytest.mark.timeout(120)
