@@ -159,8 +159,14 @@ def save_checkpoint(engine, ckpt_dir: str, tag: str, layout: dict, step: int,
     SHA-256, hashed by the ranks in turn) and only then ``latest``: a checkpoint that
     ``latest`` names is complete and can be verified before loading."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False, client_state=client_state)
     tag_dir = os.path.join(ckpt_dir, tag)
+    # saving over an existing tag (a run resumed from an older checkpoint): its record
+    # goes first, so that a save cut short reads as incomplete, not as files that
+    # differ from their record
+    if rank == 0 and os.path.exists(os.path.join(tag_dir, CHECKPOINT_META)):
+        os.remove(os.path.join(tag_dir, CHECKPOINT_META))
+    dist.barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False, client_state=client_state)
     dist.barrier()
     names = [n for n in checkpoint_files(tag_dir) if n != CHECKPOINT_META]
     mine = {n: file_record(os.path.join(tag_dir, n))

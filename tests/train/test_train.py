@@ -1018,6 +1018,40 @@ BAD_CHECKPOINTS = {
 }
 
 
+def test_save_over_a_tag_cut_short_reads_as_incomplete(tmp_path):
+    """Saving over an existing checkpoint tag (a run resumed from an older checkpoint)
+    drops the tag's record first: a save that dies halfway leaves a checkpoint that the
+    resume calls incomplete, not one whose files merely differ from an old record."""
+    import torch.distributed as dist
+
+    from dist_sparse_attn.checkpoint import resolve_checkpoint, save_checkpoint
+    from dist_sparse_attn.config import ConfigError
+
+    class Engine:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_checkpoint(self, ckpt_dir, tag, save_latest, client_state):
+            os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+            Path(ckpt_dir, tag, "mp_rank_00_model_states.pt").write_bytes(os.urandom(64))
+            if self.fail:
+                raise RuntimeError("the node went away")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        ckpt = str(tmp_path / "checkpoints")
+        layout = {"world": 1, "sp": 1, "dp": 1, "zero_stage": 1, "bf16": False, "model": {}}
+        save_checkpoint(Engine(False), ckpt, "step0000002", layout, 2, {})
+        assert resolve_checkpoint(ckpt, "latest", {})[0] == "step0000002"
+        with pytest.raises(RuntimeError, match="went away"):
+            save_checkpoint(Engine(True), ckpt, "step0000002", layout, 2, {})
+        with pytest.raises(ConfigError, match="is incomplete"):
+            resolve_checkpoint(ckpt, "latest", {})
+    finally:
+        dist.destroy_process_group()
+
+
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
