@@ -266,21 +266,40 @@ def load_data(tcfg) -> TokenData:
     return data
 
 
-def data_fingerprint(data: TokenData, samples: int = 4096) -> tuple:
-    """What the ranks of a run compare to know they read the same corpus: the splits'
-    lengths and a SHA-256 of ``samples`` tokens at evenly spaced indices (cheap on a
-    large memory-mapped ``.bin``)."""
-    import hashlib
-    out = []
+def sampled_tokens(data: TokenData, samples: int = 4096) -> dict:
+    """Split name -> int64 array of ``samples`` of its tokens at evenly spaced indices
+    (cheap on a large memory-mapped ``.bin``)."""
+    out = {}
     for split in ("train", "val"):
         tokens = data.splits[split]
-        n = len(tokens)
-        idx = np.unique(np.linspace(0, n - 1, num=min(samples, n)).astype(np.int64))
+        idx = np.unique(np.linspace(0, len(tokens) - 1,
+                                    num=min(samples, len(tokens))).astype(np.int64))
         picked = tokens[torch.from_numpy(idx)] if isinstance(tokens, torch.Tensor) \
             else tokens[idx]
-        values = np.asarray(picked, dtype=np.int64)
-        out += [n, hashlib.sha256(values.tobytes()).hexdigest()]
+        out[split] = np.asarray(picked, dtype=np.int64)
+    return out
+
+
+def data_fingerprint(data: TokenData, samples: int = 4096) -> tuple:
+    """What the ranks of a run compare to know they read the same corpus: the splits'
+    lengths and a SHA-256 of :func:`sampled_tokens`."""
+    import hashlib
+    out = []
+    for split, values in sampled_tokens(data, samples).items():
+        out += [len(data.splits[split]), hashlib.sha256(values.tobytes()).hexdigest()]
     return tuple(out)
+
+
+def check_vocab(data: TokenData, vocab_size: int, what: str, samples: int = 4096):
+    """ConfigError when :func:`sampled_tokens` hold an id the model has no embedding for
+    (``vocab_size``): a tokenizer's ``.bin`` with a byte-level vocabulary, or a ``.bin``
+    that is not uint16. A sample, not every token: a clear error for a mismatch of the
+    two, before the first step fails inside the embedding (a device assert on CUDA)."""
+    top = max(int(v.max()) for v in sampled_tokens(data, samples).values() if v.size)
+    if top >= vocab_size:
+        raise ConfigError(f"train.data {what!r} holds token id {top}, but model.vocab_size is "
+                          f"{vocab_size}: set model.vocab_size to the vocabulary of the data's "
+                          "tokenizer (a .bin holds uint16 ids)")
 
 
 def seeded_generator(*key) -> torch.Generator:
@@ -317,5 +336,5 @@ def val_batch(data: TokenData, tcfg, i: int, dp_rank: int):
 
 __all__ = ["stdlib_files", "stdlib_corpus", "bytes_to_tokens", "load_text", "load_bin",
            "TokenData", "shard_bounds", "shard_sequence", "retrieval_batch", "eval_retrieval",
-           "load_tokens", "load_data", "data_fingerprint", "seeded_generator", "train_batch",
-           "val_batch"]
+           "load_tokens", "load_data", "sampled_tokens", "data_fingerprint", "check_vocab",
+           "seeded_generator", "train_batch", "val_batch"]

@@ -57,7 +57,7 @@ from .config import (ABSENT, MODEL_SEMANTICS, ConfigError, TrainConfig, check_co
                      check_config, check_fresh_out_dir, check_out_dir, config_changes,
                      deepspeed_config, describe_change, find_file, load_config, run_config,
                      sequence_parallel_from_json)
-from .data import data_fingerprint, load_data
+from .data import check_vocab, data_fingerprint, load_data
 from .distributed import agree, init_distributed, launch_rank, launch_world, peer_failure
 from .model import GPTConfig
 from .trainer import Trainer, describe_run, lr_at
@@ -299,6 +299,7 @@ def _train(args, mcfg: GPTConfig, tcfg: TrainConfig, sp_json, cuda: bool) -> int
                               f"tokens per rank: {[(p[0], p[2]) for p in prints]}, or their "
                               "contents): every rank must read the same corpus (the same "
                               "file on every node; 'stdlib' needs the same Python version)")
+        check_vocab(data, mcfg.vocab_size, tcfg.data)       # the same data on every rank
         tag, resumed = None, None
         config = run_config(mcfg, tcfg, ds, world)
         if args.resume:

@@ -1230,13 +1230,18 @@ def test_data_that_differs_between_ranks_stops_every_rank(work, config):
     text = bytes(range(32, 127)) * 200
     (work / "corpus_a.txt").write_bytes(text)
     (work / "corpus_b.txt").write_bytes(text[:-1] + b"!")
+    # token ids of a tokenizer with a larger vocabulary than the model's (256 here)
+    (work / "wide_ids.bin").write_bytes(b"\xe8\x03" * 20000)      # uint16 1000
     specs, cases = [], []
-    for name, other, want in (("data_missing", work / "no_such_corpus.txt", "no file"),
-                              ("data_differs", work / "corpus_b.txt", "differs between ranks")):
+    for name, first, other, want in (
+            ("data_missing", None, work / "no_such_corpus.txt", "no file"),
+            ("data_differs", None, work / "corpus_b.txt", "differs between ranks"),
+            ("data_ids_past_vocab", work / "wide_ids.bin", work / "wide_ids.bin",
+             "holds token id 1000, but model.vocab_size is 256")):
         out = work / name
         for r, (cmd, _, env) in enumerate(_ranks_by_hand(2, ["--config", str(config), "--out",
                                                              str(out)])):
-            data = work / "corpus_a.txt" if r == 0 else other
+            data = (first or work / "corpus_a.txt") if r == 0 else other
             specs.append((cmd + ["--set", f"train.data={data}"], f"{out}.rank{r}", env))
         cases.append(want)
     jobs = run_jobs(specs, timeout_s=200)
