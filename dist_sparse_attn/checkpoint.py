@@ -3,8 +3,8 @@
 A checkpoint ``OUT/checkpoints/<tag>/`` holds DeepSpeed's per-rank files and
 :data:`CHECKPOINT_META`, written after every rank's files are on disk: the parallel
 layout, ZeRO stage, precision and parameter shapes of the run that saved it, its whole
-resolved configuration, the step, and every file's size and SHA-256. ``OUT/checkpoints/latest`` names the newest
-complete checkpoint and is written last. :func:`resolve_checkpoint` verifies a
+resolved configuration, the step, and every file's size and SHA-256.
+``OUT/checkpoints/latest`` names the newest complete checkpoint and is written last. :func:`resolve_checkpoint` verifies a
 checkpoint against the run about to load it, with every rank hashing a share of the
 files, and raises :class:`~dist_sparse_attn.config.ConfigError` (one line) for a missing,
 incomplete, corrupt or incompatible one, or one whose model computed something else

@@ -677,14 +677,18 @@ def describe_change(key: str, old, new) -> str:
     return f"{key}: {old!r} -> {new!r}"
 
 
+def is_model_change(key: str) -> bool:
+    """Whether a :func:`config_changes` key names a :data:`MODEL_SEMANTICS` field."""
+    return key.startswith("model.") and key[len("model."):] in MODEL_SEMANTICS
+
+
 def check_model_changes(old: dict, new: dict, allow: bool, what: str):
     """Raise :class:`ConfigError` if the model of the :func:`run_config` record ``new``
     computes something else than that of ``old`` (a :data:`MODEL_SEMANTICS` field differs),
     naming every such field with both values; ``allow`` (``--allow-model-change``)
     accepts them, except those that set the parameter shapes. ``what`` names the
     checkpoint in the message."""
-    changed = [(k, a, b) for k, a, b in config_changes(old, new)
-               if k.startswith("model.") and k[len("model."):] in MODEL_SEMANTICS]
+    changed = [(k, a, b) for k, a, b in config_changes(old, new) if is_model_change(k)]
     listed = "; ".join(describe_change(*c) for c in changed)
     shapes = [k for k, _, _ in changed if k[len("model."):] in MODEL_SHAPES]
     if shapes:
@@ -761,7 +765,8 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "read_preset", "check_co
            "check_model_and_train", "read_deepspeed_json", "sequence_parallel_from_json",
            "deepspeed_config", "check_deepspeed_json", "check_compile", "check_out_dir",
            "check_fresh_out_dir", "earlier_run", "run_config", "config_changes",
-           "describe_change", "check_model_changes", "MODEL_SEMANTICS", "MODEL_SHAPES", "ABSENT",
+           "describe_change", "is_model_change", "check_model_changes", "MODEL_SEMANTICS",
+           "MODEL_SHAPES", "ABSENT",
            "MODEL_EXECUTION",
            "find_file", "PRESETS", "PRECISIONS", "DEEPSPEED_GRADIENT_CLIPPING", "ATTENTIONS",
            "SP_STRATEGIES"]

@@ -53,9 +53,9 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import checkpoint_layout, resolve_checkpoint, write_atomic
-from .config import (ABSENT, MODEL_SEMANTICS, ConfigError, TrainConfig, check_compile,
-                     check_config, check_fresh_out_dir, check_out_dir, config_changes,
-                     deepspeed_config, describe_change, find_file, load_config, run_config,
+from .config import (ABSENT, ConfigError, TrainConfig, check_compile, check_config,
+                     check_fresh_out_dir, check_out_dir, config_changes, deepspeed_config,
+                     describe_change, find_file, is_model_change, load_config, run_config,
                      sequence_parallel_from_json)
 from .data import check_vocab, data_fingerprint, load_data
 from .distributed import agree, init_distributed, launch_rank, launch_world, peer_failure
@@ -223,10 +223,9 @@ def resume_notice(tag: str, meta: dict, config: dict) -> list[str]:
     lines = [f"[train] resume: configuration changed since checkpoint {tag} (step {step}) "
              f"was saved ({len(changes)} field{'s' if len(changes) > 1 else ''}):"]
     for key, old, new in changes:
-        model_change = key.startswith("model.") and key[len("model."):] in MODEL_SEMANTICS
         lines.append("[train]   " + describe_change(key, old, new)
                      + (" (a model change, allowed by --allow-model-change)"
-                        if model_change else ""))
+                        if is_model_change(key) else ""))
     if any(key in (f"train.{f}" for f in _LR_FIELDS) for key, _, _ in changes):
         saved = meta["config"]["train"]
         try:

@@ -34,8 +34,9 @@ What the attention function does with transformers' arguments:
   projections), with float32 accumulation; the LSH projections in float32.
 * Refused with ValueError, never ignored: attention dropout > 0, ``softcap``,
   ``sliding_window``, attention sinks (``s_aux``/``sinks``), position biases, the keys
-  of a model's own sparse-attention indexer (``indices``), non-causal attention (``is_causal=False``, encoders), custom or 4-D attention masks,
-  and decoding with a KV cache (queries fewer than keys).
+  of a model's own sparse-attention indexer (``indices``), non-causal attention
+  (``is_causal=False``, encoders), custom or 4-D attention masks, and decoding with a
+  KV cache (queries fewer than keys).
 
 Sequence parallelism, two ways:
 
